@@ -1,0 +1,45 @@
+//! `knockq check`: a readable summary of a valid configuration.
+
+use std::fmt::Write;
+use std::path::Path;
+
+use crate::config::Config;
+
+pub fn summary(path: &Path, config: &Config) -> String {
+    let mut out = String::new();
+    let count = config.policies.len();
+    let plural = if count == 1 { "policy" } else { "policies" };
+    let queues = config.queue.numbers();
+    let _ = writeln!(
+        out,
+        "{}: valid, {count} {plural}, queues {}..={}, reject with {:?}, at most {} tracked sources",
+        path.display(),
+        queues.start,
+        queues.end - 1,
+        config.verdict.reject_with,
+        config.limits.max_sources,
+    );
+    for policy in &config.policies {
+        let ports = |ports: &[u16]| ports.iter().map(u16::to_string).collect::<Vec<_>>().join(" ");
+        let _ = write!(
+            out,
+            "policy {}: knock {} (at most {} between knocks{}) to open {}",
+            policy.name,
+            ports(&policy.sequence),
+            humantime::format_duration(policy.step_timeout),
+            if policy.strict { ", other ports reset" } else { "" },
+            ports(&policy.open_ports),
+        );
+        match policy.grant_timeout {
+            Some(timeout) => {
+                let _ = write!(out, " for {}", humantime::format_duration(timeout));
+            }
+            None => out.push_str(" until closed"),
+        }
+        if let Some(close) = policy.close_port {
+            let _ = write!(out, "; knock {close} to close");
+        }
+        out.push('\n');
+    }
+    out
+}

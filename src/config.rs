@@ -1,0 +1,422 @@
+//! The TOML configuration: serde structs that refuse unknown keys, and the
+//! checks that need the whole file. Every error names the file, the line and
+//! the key, on one line.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+use toml::Spanned;
+
+use crate::engine::PolicySet;
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub queue: QueueConfig,
+    pub verdict: VerdictConfig,
+    pub limits: LimitsConfig,
+    pub policies: Vec<Policy>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueueConfig {
+    /// First NFQUEUE number.
+    pub num: u16,
+    /// Number of queues, one worker thread each.
+    #[serde(deserialize_with = "queue_count")]
+    pub count: u16,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        QueueConfig { num: 0, count: 1 }
+    }
+}
+
+impl QueueConfig {
+    pub fn numbers(&self) -> Range<u16> {
+        self.num..self.num + self.count
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VerdictConfig {
+    pub reject_with: RejectWith,
+}
+
+/// How the kernel answers a rejected SYN.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RejectWith {
+    #[default]
+    IcmpHostProhibited,
+    IcmpPortUnreachable,
+    IcmpAdminProhibited,
+    TcpReset,
+    Drop,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    #[serde(deserialize_with = "at_least_one")]
+    pub max_sources: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_sources: 1_000_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Policy {
+    pub name: String,
+    pub sequence: Vec<u16>,
+    pub step_timeout: Duration,
+    pub open_ports: Vec<u16>,
+    pub close_port: Option<u16>,
+    /// `None`: open until the close knock.
+    pub grant_timeout: Option<Duration>,
+    pub strict: bool,
+}
+
+/// Longest sequence accepted; the engine counts stages in a byte.
+pub const MAX_SEQUENCE_LEN: usize = 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{}: cannot read: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}{}: {}{message}", path.display(), Line(*line), Key(key))]
+    Invalid {
+        path: PathBuf,
+        line: Option<usize>,
+        key: String,
+        message: String,
+    },
+}
+
+struct Line(Option<usize>);
+
+impl fmt::Display for Line {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(line) => write!(f, ":{line}"),
+            None => Ok(()),
+        }
+    }
+}
+
+struct Key<'a>(&'a str);
+
+impl fmt::Display for Key<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            "" => Ok(()),
+            key => write!(f, "{key}: "),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    queue: QueueConfig,
+    #[serde(default)]
+    verdict: VerdictConfig,
+    #[serde(default)]
+    limits: LimitsConfig,
+    #[serde(default, rename = "policy")]
+    policies: Vec<RawPolicy>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    name: Spanned<String>,
+    sequence: Spanned<Vec<Port>>,
+    #[serde(default = "default_step_timeout", deserialize_with = "duration")]
+    step_timeout: Duration,
+    open_ports: Spanned<Vec<Port>>,
+    close_port: Option<Spanned<Port>>,
+    #[serde(default, deserialize_with = "optional_duration")]
+    grant_timeout: Option<Duration>,
+    #[serde(default = "default_strict")]
+    strict: bool,
+}
+
+fn default_step_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn default_strict() -> bool {
+    true
+}
+
+/// A TCP port, 1..=65535.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+struct Port(u16);
+
+impl<'de> Deserialize<'de> for Port {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let n = i64::deserialize(d)?;
+        match u16::try_from(n) {
+            Ok(port) if port > 0 => Ok(Port(port)),
+            _ => Err(serde::de::Error::custom(format!(
+                "port {n} is outside 1..65535"
+            ))),
+        }
+    }
+}
+
+fn queue_count<'de, D: Deserializer<'de>>(d: D) -> Result<u16, D::Error> {
+    let n = u16::deserialize(d)?;
+    if !(1..=64).contains(&n) {
+        return Err(serde::de::Error::custom(format!(
+            "count {n} is outside 1..64"
+        )));
+    }
+    Ok(n)
+}
+
+fn at_least_one<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    match usize::deserialize(d)? {
+        0 => Err(serde::de::Error::custom("must be at least 1")),
+        n => Ok(n),
+    }
+}
+
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let text = String::deserialize(d)?;
+    match humantime::parse_duration(&text) {
+        Ok(d) if d.is_zero() => Err(serde::de::Error::custom(format!(
+            "duration \"{text}\" must be longer than zero"
+        ))),
+        Ok(d) => Ok(d),
+        Err(e) => Err(serde::de::Error::custom(format!(
+            "invalid duration \"{text}\": {e} (examples: \"10s\", \"500ms\", \"8h\")"
+        ))),
+    }
+}
+
+fn optional_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    duration(d).map(Some)
+}
+
+/// Reads and validates a configuration file.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse(&text, path)
+}
+
+/// Validates configuration text; `path` is only used in error messages.
+pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+    let errors = ErrorContext { text, path };
+    let document = toml::Deserializer::parse(text)
+        .map_err(|e| errors.at(e.span(), String::new(), e.message()))?;
+    let raw: RawConfig = serde_path_to_error::deserialize(document).map_err(|e| {
+        errors.at(e.inner().span(), key_path(e.path()), e.inner().message())
+    })?;
+    validate(raw, &errors)
+}
+
+/// `policy[0].sequence[1]`, without the wrapper fields `Spanned` adds.
+fn key_path(path: &serde_path_to_error::Path) -> String {
+    use serde_path_to_error::Segment;
+    let mut key = String::new();
+    for segment in path.iter() {
+        match segment {
+            Segment::Map { key: k } if k.starts_with("$__") => {}
+            Segment::Map { key: k } | Segment::Enum { variant: k } => {
+                if !key.is_empty() {
+                    key.push('.');
+                }
+                key.push_str(k);
+            }
+            Segment::Seq { index } => key.push_str(&format!("[{index}]")),
+            Segment::Unknown => {}
+        }
+    }
+    key
+}
+
+struct ErrorContext<'a> {
+    text: &'a str,
+    path: &'a Path,
+}
+
+impl ErrorContext<'_> {
+    fn at(&self, span: Option<Range<usize>>, key: String, message: &str) -> ConfigError {
+        let line = span.map(|span| {
+            let start = span.start.min(self.text.len());
+            self.text[..start].matches('\n').count() + 1
+        });
+        ConfigError::Invalid {
+            path: self.path.to_owned(),
+            line,
+            key,
+            message: message.to_owned(),
+        }
+    }
+
+    fn spanned<T>(&self, value: &Spanned<T>, key: String, message: String) -> ConfigError {
+        self.at(Some(value.span()), key, &message)
+    }
+}
+
+/// Where a port is used, to name the conflict in an error.
+#[derive(Clone, Copy)]
+enum PortUse<'a> {
+    Knock(&'a str),
+    Close(&'a str),
+    Open(&'a str),
+}
+
+impl fmt::Display for PortUse<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PortUse::Knock(policy) => write!(f, "a knock port of policy \"{policy}\""),
+            PortUse::Close(policy) => write!(f, "the close port of policy \"{policy}\""),
+            PortUse::Open(policy) => write!(f, "an open port of policy \"{policy}\""),
+        }
+    }
+}
+
+fn validate(raw: RawConfig, errors: &ErrorContext) -> Result<Config, ConfigError> {
+    if raw.policies.is_empty() {
+        return Err(errors.at(
+            None,
+            "policy".into(),
+            "no [[policy]] table: there is nothing to open",
+        ));
+    }
+    if raw.policies.len() > PolicySet::CAPACITY {
+        let key = format!("policy[{}]", PolicySet::CAPACITY);
+        let message = format!("at most {} policies are supported", PolicySet::CAPACITY);
+        return Err(errors.spanned(&raw.policies[PolicySet::CAPACITY].name, key, message));
+    }
+    if u32::from(raw.queue.num) + u32::from(raw.queue.count) > 1 << 16 {
+        return Err(errors.at(
+            None,
+            "queue".into(),
+            &format!(
+                "queues {}..{} go past 65535",
+                raw.queue.num,
+                u32::from(raw.queue.num) + u32::from(raw.queue.count) - 1
+            ),
+        ));
+    }
+
+    // Open ports may be shared; knock and close ports belong to one policy
+    // and are never opened, so every port has one meaning for the engine.
+    let mut open: HashMap<u16, &str> = HashMap::new();
+    for policy in &raw.policies {
+        for port in policy.open_ports.get_ref() {
+            open.entry(port.0).or_insert(policy.name.get_ref());
+        }
+    }
+    let mut claimed: HashMap<u16, PortUse> = HashMap::new();
+    let mut names: HashMap<&str, usize> = HashMap::new();
+    for (i, policy) in raw.policies.iter().enumerate() {
+        let name = policy.name.get_ref().as_str();
+        let key = |field: &str| format!("policy[{i}].{field}");
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            let message = format!("name \"{name}\" must be letters, digits, '-' or '_'");
+            return Err(errors.spanned(&policy.name, key("name"), message));
+        }
+        if let Some(first) = names.insert(name, i) {
+            let message = format!("policy name \"{name}\" is already used by policy[{first}]");
+            return Err(errors.spanned(&policy.name, key("name"), message));
+        }
+
+        let sequence = policy.sequence.get_ref();
+        if sequence.is_empty() {
+            let message = "the sequence is empty: give at least one knock port".to_owned();
+            return Err(errors.spanned(&policy.sequence, key("sequence"), message));
+        }
+        if sequence.len() > MAX_SEQUENCE_LEN {
+            let message = format!(
+                "the sequence has {} ports; at most {MAX_SEQUENCE_LEN} are supported",
+                sequence.len()
+            );
+            return Err(errors.spanned(&policy.sequence, key("sequence"), message));
+        }
+        if policy.open_ports.get_ref().is_empty() {
+            let message = "open_ports is empty: give at least one port to open".to_owned();
+            return Err(errors.spanned(&policy.open_ports, key("open_ports"), message));
+        }
+        for (step, port) in sequence.iter().enumerate() {
+            let port = port.0;
+            let conflict = if sequence[..step].iter().any(|p| p.0 == port) {
+                Some("a port that appears earlier in the same sequence".to_owned())
+            } else if let Some(owner) = open.get(&port) {
+                Some(PortUse::Open(owner).to_string())
+            } else if policy.close_port.as_ref().is_some_and(|c| c.get_ref().0 == port) {
+                Some(PortUse::Close(name).to_string())
+            } else {
+                claimed.get(&port).map(PortUse::to_string)
+            };
+            if let Some(conflict) = conflict {
+                let message = format!("knock port {port} is also {conflict}");
+                return Err(errors.spanned(&policy.sequence, key("sequence"), message));
+            }
+            claimed.insert(port, PortUse::Knock(name));
+        }
+        if let Some(close) = &policy.close_port {
+            let port = close.get_ref().0;
+            // Its own knock ports were checked against it above.
+            let conflict = open
+                .get(&port)
+                .map(|owner| PortUse::Open(owner))
+                .or_else(|| claimed.get(&port).copied());
+            if let Some(conflict) = conflict {
+                let message = format!("close port {port} is also {conflict}");
+                return Err(errors.spanned(close, key("close_port"), message));
+            }
+            claimed.insert(port, PortUse::Close(name));
+        }
+    }
+
+    let policies = raw
+        .policies
+        .into_iter()
+        .map(|raw| Policy {
+            name: raw.name.into_inner(),
+            sequence: raw.sequence.into_inner().into_iter().map(|p| p.0).collect(),
+            step_timeout: raw.step_timeout,
+            open_ports: raw.open_ports.into_inner().into_iter().map(|p| p.0).collect(),
+            close_port: raw.close_port.map(|p| p.into_inner().0),
+            grant_timeout: raw.grant_timeout,
+            strict: raw.strict,
+        })
+        .collect();
+    Ok(Config {
+        queue: raw.queue,
+        verdict: raw.verdict,
+        limits: raw.limits,
+        policies,
+    })
+}
+
+#[cfg(test)]
+mod tests;

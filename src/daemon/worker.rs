@@ -1,0 +1,130 @@
+//! One NFQUEUE worker: the whole per-packet path on one screen.
+//! Receive, parse, decide, verdict; every received packet gets exactly one
+//! verdict, the reject one unless the engine said accept.
+
+use std::io;
+use std::panic::{self, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use nfq::{Message, Queue};
+use tracing::{debug, warn};
+
+use super::{events, Clock};
+use crate::engine::{Decision, Engine, Event, Reason, Verdict};
+use crate::firewall::{ACCEPT_MARK, REJECT_MARK};
+use crate::packet;
+
+/// How long a receive waits before the worker checks for shutdown.
+pub const RECEIVE_TIMEOUT: Duration = Duration::from_millis(200);
+/// Unexpected receive errors in a row after which the worker gives up.
+const MAX_CONSECUTIVE_ERRORS: u32 = 100;
+
+pub struct Worker {
+    num: u16,
+    engine: Arc<Engine>,
+    clock: Clock,
+    shutdown: Arc<AtomicBool>,
+}
+
+impl Worker {
+    pub fn new(num: u16, engine: Arc<Engine>, clock: Clock, shutdown: Arc<AtomicBool>) -> Self {
+        Worker {
+            num,
+            engine,
+            clock,
+            shutdown,
+        }
+    }
+
+    pub fn run(self, mut queue: Queue) -> io::Result<()> {
+        let mut events: Vec<Event> = Vec::with_capacity(8);
+        let mut unusual = UnusualCounts::default();
+        let mut errors_in_a_row = 0;
+        while !self.shutdown.load(Ordering::Relaxed) {
+            let mut message = match queue.recv() {
+                Ok(message) => message,
+                Err(e) if is_transient(&e) => continue,
+                Err(e) => {
+                    errors_in_a_row += 1;
+                    warn!(queue = self.num, "receive failed: {e}");
+                    if errors_in_a_row >= MAX_CONSECUTIVE_ERRORS {
+                        return Err(e);
+                    }
+                    continue;
+                }
+            };
+            errors_in_a_row = 0;
+            let decision = self.decide(message.get_payload(), &mut events);
+            set_verdict(&mut message, decision.verdict);
+            if let Err(e) = queue.verdict(message) {
+                warn!(queue = self.num, "sending a verdict failed: {e}");
+            }
+            // Logged after the verdict is out: no I/O before it.
+            debug!(queue = self.num, verdict = ?decision.verdict, reason = decision.reason.as_str());
+            unusual.note(self.num, decision.reason);
+            events::log(&self.engine, events.drain(..));
+        }
+        if let Err(e) = queue.unbind(self.num) {
+            debug!(queue = self.num, "unbind: {e}");
+        }
+        Ok(())
+    }
+
+    fn decide(&self, payload: &[u8], events: &mut Vec<Event>) -> Decision {
+        let Some(syn) = packet::parse_syn(payload) else {
+            return Decision::reject(Reason::Unparsable);
+        };
+        // A bug must cost one packet its accept, never the worker: a dead
+        // worker leaves its queue to fill up and drop everything.
+        let now = self.clock.now();
+        panic::catch_unwind(AssertUnwindSafe(|| self.engine.decide(syn, now, events)))
+            .unwrap_or(Decision::reject(Reason::Failed))
+    }
+}
+
+/// The reject verdict is a mark and NF_REPEAT: the packet goes through the
+/// hook again and the mark rule rejects it the configured way.
+fn set_verdict(message: &mut Message, verdict: Verdict) {
+    match verdict {
+        Verdict::Accept => {
+            message.set_nfmark(ACCEPT_MARK);
+            message.set_verdict(nfq::Verdict::Accept);
+        }
+        Verdict::Reject => {
+            message.set_nfmark(REJECT_MARK);
+            message.set_verdict(nfq::Verdict::Repeat);
+        }
+    }
+}
+
+/// Errors that say nothing about the socket's health: the receive timeout,
+/// interrupted calls, a full socket buffer (the kernel dropped packets), and
+/// late errors about earlier verdicts.
+fn is_transient(e: &io::Error) -> bool {
+    matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted)
+        || matches!(e.raw_os_error(), Some(libc::ENOBUFS | libc::ENOENT | libc::EPERM | libc::EINVAL))
+}
+
+/// Counts packets that could not be decided normally, logged at 1, 2, 4, 8…
+/// so a flood of them cannot flood the log.
+#[derive(Default)]
+struct UnusualCounts {
+    unparsable: u64,
+    failed: u64,
+}
+
+impl UnusualCounts {
+    fn note(&mut self, queue: u16, reason: Reason) {
+        let (count, what) = match reason {
+            Reason::Unparsable => (&mut self.unparsable, "packets that are not TCP over IPv4/IPv6 rejected"),
+            Reason::Failed => (&mut self.failed, "packets rejected after a failure while deciding"),
+            _ => return,
+        };
+        *count += 1;
+        if count.is_power_of_two() {
+            warn!(queue, count = *count, "{what}");
+        }
+    }
+}

@@ -1,0 +1,270 @@
+//! The knock state machine. Pure: no I/O, no clock of its own. Callers pass
+//! the time of each packet, which makes every rule testable without sleeping
+//! and lets the simulator replay captures with their own timestamps.
+
+mod ports;
+mod source;
+mod table;
+
+#[cfg(test)]
+mod tests;
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use crate::config::{Config, Policy};
+
+pub use ports::{PolicySet, PortMap, PortRole};
+use source::SourceState;
+use table::SourceTable;
+
+/// Index of a policy in the configuration's policy list.
+pub type PolicyId = u8;
+
+/// A point on a monotonic clock, in milliseconds from an arbitrary origin.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Timestamp(u64);
+
+impl Timestamp {
+    pub const fn from_millis(ms: u64) -> Self {
+        Timestamp(ms)
+    }
+
+    pub const fn as_millis(self) -> u64 {
+        self.0
+    }
+
+    pub fn saturating_add(self, d: Duration) -> Self {
+        let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        Timestamp(self.0.saturating_add(ms))
+    }
+
+    /// Time from `earlier` to `self`, zero if `earlier` is later.
+    pub fn since(self, earlier: Timestamp) -> Duration {
+        Duration::from_millis(self.0.saturating_sub(earlier.0))
+    }
+}
+
+/// What the engine needs to know about a NEW TCP SYN.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Syn {
+    pub src: IpAddr,
+    pub dst_port: u16,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Accept,
+    Reject,
+}
+
+/// Why a packet got its verdict; a small fixed set, fit for metric labels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// The source holds a grant that opens this port.
+    Granted,
+    /// A knock port: always rejected so knock clients return at once.
+    Knock,
+    /// A close port: always rejected, revokes the grant.
+    Close,
+    /// Nothing opens this port for this source.
+    NoGrant,
+    /// The packet was not TCP over IPv4/IPv6 (decided by the I/O shell).
+    Unparsable,
+    /// Deciding panicked; the packet was rejected and the worker went on.
+    Failed,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Granted => "granted",
+            Reason::Knock => "knock",
+            Reason::Close => "close",
+            Reason::NoGrant => "no_grant",
+            Reason::Unparsable => "unparsable",
+            Reason::Failed => "failed",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Decision {
+    pub verdict: Verdict,
+    pub reason: Reason,
+}
+
+impl Decision {
+    pub const fn reject(reason: Reason) -> Self {
+        Decision {
+            verdict: Verdict::Reject,
+            reason,
+        }
+    }
+}
+
+/// A change of one source's state under one policy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Event {
+    pub src: IpAddr,
+    pub policy: PolicyId,
+    pub kind: EventKind,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    /// The next port of the sequence; `stage` ports are now matched.
+    Advanced { stage: u8 },
+    /// The port just knocked, again (a retransmitted SYN): nothing changes.
+    Duplicate,
+    /// The first port of the sequence while further along: back to stage 1.
+    Restarted,
+    /// Another port while in progress, under a strict policy.
+    Reset,
+    /// The step window passed before the next knock.
+    Expired,
+    /// The sequence was completed: the open ports are open for the source.
+    Granted,
+    /// The sequence was completed again while granted: the grant starts over.
+    Refreshed,
+    Revoked(RevokeReason),
+    /// Dropped to make room in a full table.
+    Evicted,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RevokeReason {
+    CloseKnock,
+    Timeout,
+}
+
+/// Receives the engine's events. The engine calls it while it holds a lock
+/// on part of the source table, so implementations must not block or do I/O:
+/// collect, count, and act on the events afterwards.
+pub trait EventSink {
+    fn event(&mut self, event: Event);
+}
+
+impl EventSink for Vec<Event> {
+    fn event(&mut self, event: Event) {
+        self.push(event);
+    }
+}
+
+/// The gate's whole state: policies, the port lookup, and the bounded table
+/// of sources that made progress or hold a grant. Shared by all workers.
+pub struct Engine {
+    policies: Vec<Policy>,
+    ports: PortMap,
+    sources: SourceTable,
+}
+
+impl Engine {
+    pub fn new(config: &Config) -> Self {
+        Engine {
+            policies: config.policies.clone(),
+            ports: PortMap::new(&config.policies),
+            sources: SourceTable::new(config.limits.max_sources),
+        }
+    }
+
+    pub fn policies(&self) -> &[Policy] {
+        &self.policies
+    }
+
+    /// Number of sources currently tracked.
+    pub fn tracked_sources(&self) -> usize {
+        self.sources.len()
+    }
+
+    /// Decides one NEW SYN at time `now`. The state change caused by the
+    /// packet is complete when this returns, so the next packet from the same
+    /// source already sees it.
+    pub fn decide(&self, syn: Syn, now: Timestamp, events: &mut impl EventSink) -> Decision {
+        let role = self.ports.role(syn.dst_port);
+        // Only the first port of a sequence starts tracking a stranger.
+        let starts = match role {
+            PortRole::Knock { step: 0, policy } => Some(policy),
+            _ => None,
+        };
+        let granted = self
+            .sources
+            .update(syn.src, starts.is_some(), now, events, |source, events| {
+                if let Some(policy) = starts {
+                    source.slot_or_insert(policy, now);
+                }
+                self.apply(syn.src, source, role, now, events)
+            })
+            .unwrap_or(false);
+        match role {
+            PortRole::Knock { .. } => Decision::reject(Reason::Knock),
+            PortRole::Close { .. } => Decision::reject(Reason::Close),
+            PortRole::Open { .. } if granted => Decision {
+                verdict: Verdict::Accept,
+                reason: Reason::Granted,
+            },
+            PortRole::Open { .. } | PortRole::Unrelated => Decision::reject(Reason::NoGrant),
+        }
+    }
+
+    /// Applies one SYN to every policy the source has state in. Returns
+    /// whether the source holds a grant that opens the SYN's port.
+    fn apply(
+        &self,
+        src: IpAddr,
+        source: &mut SourceState,
+        role: PortRole,
+        now: Timestamp,
+        events: &mut impl EventSink,
+    ) -> bool {
+        let mut granted = false;
+        for slot in source.slots_mut() {
+            let id = slot.policy;
+            let policy = &self.policies[usize::from(id)];
+            let mut emit = |kind| {
+                events.event(Event {
+                    src,
+                    policy: id,
+                    kind,
+                })
+            };
+            slot.settle(policy, now, &mut emit);
+            match role {
+                PortRole::Knock { policy: p, step } if p == id => {
+                    slot.knock(policy, step, now, &mut emit)
+                }
+                PortRole::Close { policy: p } if p == id => {
+                    slot.close(&mut emit);
+                    slot.other_syn(policy, &mut emit);
+                }
+                _ => {
+                    slot.other_syn(policy, &mut emit);
+                    if let PortRole::Open { policies } = role {
+                        granted |= policies.contains(id) && slot.is_granted();
+                    }
+                }
+            }
+        }
+        source.remove_empty_slots();
+        granted
+    }
+
+    /// Settles every tracked source at time `now`: ends timed-out progress
+    /// and grants and forgets sources with nothing left. Run periodically so
+    /// state does not wait for its source to come back.
+    pub fn expire(&self, now: Timestamp, events: &mut impl EventSink) {
+        self.sources.retain(|src, source| {
+            for slot in source.slots_mut() {
+                let id = slot.policy;
+                slot.settle(&self.policies[usize::from(id)], now, &mut |kind| {
+                    events.event(Event {
+                        src,
+                        policy: id,
+                        kind,
+                    })
+                });
+            }
+            source.remove_empty_slots();
+        });
+    }
+}

@@ -1,0 +1,159 @@
+//! Per-source state: one slot per policy the source has progress or a grant in.
+
+use smallvec::SmallVec;
+
+use super::{EventKind, PolicyId, RevokeReason, Timestamp};
+use crate::config::Policy;
+
+/// Everything known about one source address.
+#[derive(Debug)]
+pub struct SourceState {
+    /// When the source started being tracked; identifies this incarnation of
+    /// the entry in the eviction order.
+    pub tracked_since: Timestamp,
+    /// Nearly every source knocks under one policy: keep that one inline.
+    slots: SmallVec<[PolicyState; 1]>,
+}
+
+impl SourceState {
+    pub fn new(now: Timestamp) -> Self {
+        SourceState {
+            tracked_since: now,
+            slots: SmallVec::new(),
+        }
+    }
+
+    pub fn slots_mut(&mut self) -> impl Iterator<Item = &mut PolicyState> {
+        self.slots.iter_mut()
+    }
+
+    pub fn policies(&self) -> impl Iterator<Item = PolicyId> + '_ {
+        self.slots.iter().map(|slot| slot.policy)
+    }
+
+    pub fn slot_or_insert(&mut self, policy: PolicyId, now: Timestamp) {
+        if !self.slots.iter().any(|slot| slot.policy == policy) {
+            self.slots.push(PolicyState::new(policy, now));
+        }
+    }
+
+    pub fn remove_empty_slots(&mut self) {
+        self.slots.retain(|slot| !slot.is_empty());
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    /// A source holding any grant is never evicted for a stranger.
+    pub fn holds_grant(&self) -> bool {
+        self.slots.iter().any(PolicyState::is_granted)
+    }
+}
+
+/// One source's progress and grant under one policy.
+#[derive(Debug, Clone, Copy)]
+pub struct PolicyState {
+    pub policy: PolicyId,
+    /// Ports of the sequence matched so far; equal to the sequence length
+    /// right after completion, so a retransmitted last knock is a duplicate.
+    stage: u8,
+    /// Time of the last matched knock.
+    knocked_at: Timestamp,
+    /// `None`: no grant. `Some(end)`: open until `end` (possibly never).
+    grant_until: Option<Timestamp>,
+}
+
+impl PolicyState {
+    fn new(policy: PolicyId, now: Timestamp) -> Self {
+        PolicyState {
+            policy,
+            stage: 0,
+            knocked_at: now,
+            grant_until: None,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.stage == 0 && self.grant_until.is_none()
+    }
+
+    pub fn is_granted(&self) -> bool {
+        self.grant_until.is_some()
+    }
+
+    fn in_progress(&self, policy: &Policy) -> bool {
+        self.stage > 0 && usize::from(self.stage) < policy.sequence.len()
+    }
+
+    /// Ends progress whose step window has passed and grants whose time is up.
+    pub fn settle(&mut self, policy: &Policy, now: Timestamp, emit: &mut impl FnMut(EventKind)) {
+        if self.stage > 0 && now.since(self.knocked_at) > policy.step_timeout {
+            if self.in_progress(policy) {
+                emit(EventKind::Expired);
+            }
+            self.stage = 0;
+        }
+        if self.grant_until.is_some_and(|end| now >= end) {
+            self.grant_until = None;
+            emit(EventKind::Revoked(RevokeReason::Timeout));
+        }
+    }
+
+    /// A SYN to the sequence's port number `step`.
+    pub fn knock(
+        &mut self,
+        policy: &Policy,
+        step: u8,
+        now: Timestamp,
+        emit: &mut impl FnMut(EventKind),
+    ) {
+        let len = policy.sequence.len();
+        if step == self.stage && usize::from(self.stage) < len {
+            self.advance(policy, now, emit);
+        } else if self.stage > 0 && step == self.stage - 1 {
+            emit(EventKind::Duplicate);
+        } else if step == 0 {
+            // Only reached from stage 2 or later: the sequence has >= 2 ports.
+            self.stage = 1;
+            self.knocked_at = now;
+            emit(EventKind::Restarted);
+        } else {
+            self.other_syn(policy, emit);
+        }
+    }
+
+    fn advance(&mut self, policy: &Policy, now: Timestamp, emit: &mut impl FnMut(EventKind)) {
+        self.stage += 1;
+        self.knocked_at = now;
+        if usize::from(self.stage) < policy.sequence.len() {
+            emit(EventKind::Advanced { stage: self.stage });
+            return;
+        }
+        let refreshed = self.grant_until.is_some();
+        self.grant_until = Some(match policy.grant_timeout {
+            Some(timeout) => now.saturating_add(timeout),
+            None => Timestamp(u64::MAX),
+        });
+        emit(if refreshed {
+            EventKind::Refreshed
+        } else {
+            EventKind::Granted
+        });
+    }
+
+    /// A SYN to the policy's close port.
+    pub fn close(&mut self, emit: &mut impl FnMut(EventKind)) {
+        if self.grant_until.take().is_some() {
+            emit(EventKind::Revoked(RevokeReason::CloseKnock));
+        }
+    }
+
+    /// Any SYN that is not a knock of this policy's sequence in order.
+    pub fn other_syn(&mut self, policy: &Policy, emit: &mut impl FnMut(EventKind)) {
+        if policy.strict && self.in_progress(policy) {
+            self.stage = 0;
+            emit(EventKind::Reset);
+        }
+    }
+}

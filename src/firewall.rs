@@ -1,0 +1,231 @@
+//! Firewall rules as data, rendered as iptables-restore or nft text. Pure:
+//! applying the text is left to the caller (`iptables-restore`, `nft -f`).
+//!
+//! The verdict path needs three things from the rules: NEW TCP SYNs that the
+//! host did not accept already go to the queue; a packet the daemon marked
+//! with [`REJECT_MARK`] (and sent back with NF_REPEAT) is rejected by a rule
+//! placed before the queue rule; nothing marked ever reaches the queue again.
+
+use std::fmt::Write;
+use std::ops::Range;
+
+use crate::config::{Config, RejectWith};
+
+/// Mark on a packet the daemon rejects; the packet re-enters the hook.
+pub const REJECT_MARK: u32 = 0x6b71_0001;
+/// Mark on a packet the daemon accepts, so later tables can recognise it.
+pub const ACCEPT_MARK: u32 = 0x6b71_0002;
+
+/// The iptables chain holding knockq's rules.
+pub const CHAIN: &str = "KNOCKQ";
+/// The nftables table holding knockq's rules (family inet).
+pub const NFT_TABLE: &str = "knockq";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Backend {
+    /// IPv4 rules for iptables-restore.
+    Iptables,
+    /// IPv6 rules for ip6tables-restore.
+    Ip6tables,
+    /// IPv4 and IPv6 rules for nft -f, in table inet knockq.
+    Nft,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ruleset {
+    queues: Range<u16>,
+    reject_with: RejectWith,
+}
+
+#[derive(Clone, Copy)]
+enum Family {
+    V4,
+    V6,
+}
+
+impl Ruleset {
+    pub fn from_config(config: &Config) -> Self {
+        Ruleset {
+            queues: config.queue.numbers(),
+            reject_with: config.verdict.reject_with,
+        }
+    }
+
+    pub fn render(&self, backend: Backend) -> String {
+        match backend {
+            Backend::Iptables => self.iptables(Family::V4),
+            Backend::Ip6tables => self.iptables(Family::V6),
+            Backend::Nft => self.nft(),
+        }
+    }
+
+    fn header(&self, loader: &str) -> String {
+        let last = self.queues.end - 1;
+        let queues = if self.queues.len() == 1 {
+            format!("queue {last}")
+        } else {
+            format!("queues {}-{last}", self.queues.start)
+        };
+        format!(
+            "# knockq rules for {loader}: {queues}, reject with {}.\n",
+            reject_name(self.reject_with)
+        )
+    }
+
+    fn iptables(&self, family: Family) -> String {
+        let loader = match family {
+            Family::V4 => "iptables-restore",
+            Family::V6 => "ip6tables-restore",
+        };
+        let mut out = self.header(loader);
+        out.push_str(
+            "# A complete minimal filter table; with --noflush the jump to KNOCKQ is\n\
+             # appended to an existing INPUT chain instead.\n",
+        );
+        let reject = format!("-m mark --mark {REJECT_MARK:#x}");
+        let queue = if self.queues.len() == 1 {
+            format!("--queue-num {}", self.queues.start)
+        } else {
+            format!("--queue-balance {}:{}", self.queues.start, self.queues.end - 1)
+        };
+        let _ = writeln!(out, "*filter\n:{CHAIN} - [0:0]\n-A INPUT -j {CHAIN}");
+        let _ = writeln!(out, "-A {CHAIN} -i lo -j ACCEPT");
+        let _ = writeln!(
+            out,
+            "-A {CHAIN} -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT"
+        );
+        if let Some((proto, with)) = iptables_reject(self.reject_with, family) {
+            let _ = writeln!(out, "-A {CHAIN}{proto} {reject} -j REJECT --reject-with {with}");
+        }
+        let _ = writeln!(out, "-A {CHAIN} {reject} -j DROP");
+        let _ = writeln!(
+            out,
+            "-A {CHAIN} -p tcp --syn -m conntrack --ctstate NEW -j NFQUEUE {queue}\nCOMMIT"
+        );
+        out
+    }
+
+    fn nft(&self) -> String {
+        let mut out = self.header("nft -f");
+        out.push_str("# Replaces table inet knockq as a whole; other tables are left alone.\n");
+        let mark = format!("meta mark {REJECT_MARK:#x}");
+        let queue = if self.queues.len() == 1 {
+            format!("{}", self.queues.start)
+        } else {
+            format!("{}-{}", self.queues.start, self.queues.end - 1)
+        };
+        let _ = writeln!(
+            out,
+            "table inet {NFT_TABLE}\ndelete table inet {NFT_TABLE}\ntable inet {NFT_TABLE} {{\n\
+             \tchain input {{\n\
+             \t\ttype filter hook input priority filter; policy accept;\n\
+             \t\tiif \"lo\" accept\n\
+             \t\tct state established,related accept"
+        );
+        for rule in nft_rejects(self.reject_with) {
+            let _ = writeln!(out, "\t\t{mark} {rule}");
+        }
+        let _ = writeln!(out, "\t\t{mark} counter drop");
+        let _ = writeln!(
+            out,
+            "\t\ttcp flags & (fin | syn | rst | ack) == syn ct state new counter queue num {queue}\n\
+             \t}}\n}}"
+        );
+        out
+    }
+}
+
+fn reject_name(reject_with: RejectWith) -> &'static str {
+    match reject_with {
+        RejectWith::IcmpHostProhibited => "icmp-host-prohibited",
+        RejectWith::IcmpPortUnreachable => "icmp-port-unreachable",
+        RejectWith::IcmpAdminProhibited => "icmp-admin-prohibited",
+        RejectWith::TcpReset => "tcp-reset",
+        RejectWith::Drop => "drop",
+    }
+}
+
+/// The protocol match and `--reject-with` value; `None` for plain drop.
+fn iptables_reject(reject_with: RejectWith, family: Family) -> Option<(&'static str, &'static str)> {
+    let with = match (reject_with, family) {
+        (RejectWith::Drop, _) => return None,
+        (RejectWith::TcpReset, _) => return Some((" -p tcp", "tcp-reset")),
+        (RejectWith::IcmpHostProhibited, Family::V4) => "icmp-host-prohibited",
+        (RejectWith::IcmpPortUnreachable, Family::V4) => "icmp-port-unreachable",
+        (RejectWith::IcmpAdminProhibited, Family::V4) => "icmp-admin-prohibited",
+        (RejectWith::IcmpPortUnreachable, Family::V6) => "icmp6-port-unreachable",
+        // ICMPv6 has no host-prohibited: administratively prohibited is closest.
+        (RejectWith::IcmpHostProhibited | RejectWith::IcmpAdminProhibited, Family::V6) => {
+            "icmp6-adm-prohibited"
+        }
+    };
+    Some(("", with))
+}
+
+fn nft_rejects(reject_with: RejectWith) -> Vec<&'static str> {
+    match reject_with {
+        RejectWith::Drop => vec![],
+        RejectWith::TcpReset => vec!["meta l4proto tcp counter reject with tcp reset"],
+        RejectWith::IcmpHostProhibited => vec![
+            "meta nfproto ipv4 counter reject with icmp type host-prohibited",
+            "meta nfproto ipv6 counter reject with icmpv6 type admin-prohibited",
+        ],
+        RejectWith::IcmpPortUnreachable => vec![
+            "meta nfproto ipv4 counter reject with icmp type port-unreachable",
+            "meta nfproto ipv6 counter reject with icmpv6 type port-unreachable",
+        ],
+        RejectWith::IcmpAdminProhibited => vec![
+            "meta nfproto ipv4 counter reject with icmp type admin-prohibited",
+            "meta nfproto ipv6 counter reject with icmpv6 type admin-prohibited",
+        ],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn ruleset(extra: &str) -> Ruleset {
+        let text = format!(
+            "{extra}\n[[policy]]\nname = \"ssh\"\nsequence = [1111, 2222]\nopen_ports = [22]\n"
+        );
+        Ruleset::from_config(&crate::config::parse(&text, Path::new("t.toml")).unwrap())
+    }
+
+    #[test]
+    fn balances_over_several_queues() {
+        let rules = ruleset("[queue]\nnum = 4\ncount = 2");
+        assert!(rules.render(Backend::Iptables).contains("-j NFQUEUE --queue-balance 4:5\n"));
+        assert!(rules.render(Backend::Nft).contains("queue num 4-5\n"));
+    }
+
+    #[test]
+    fn drop_has_no_reject_rule_but_still_drops_marked_packets() {
+        let rules = ruleset("[verdict]\nreject_with = \"drop\"");
+        for backend in [Backend::Iptables, Backend::Ip6tables, Backend::Nft] {
+            let text = rules.render(backend);
+            assert!(!text.contains("reject with") && !text.contains("REJECT"), "{text}");
+            assert!(text.contains("0x6b710001 -j DROP") || text.contains("0x6b710001 counter drop"));
+        }
+    }
+
+    #[test]
+    fn ipv6_rules_use_icmpv6_types() {
+        let text = ruleset("").render(Backend::Ip6tables);
+        assert!(text.contains("--reject-with icmp6-adm-prohibited"), "{text}");
+        let text = ruleset("[verdict]\nreject_with = \"tcp-reset\"").render(Backend::Ip6tables);
+        assert!(text.contains("-p tcp -m mark --mark 0x6b710001 -j REJECT --reject-with tcp-reset"));
+    }
+
+    #[test]
+    fn marked_packets_are_handled_before_the_queue_rule() {
+        for backend in [Backend::Iptables, Backend::Ip6tables, Backend::Nft] {
+            let text = ruleset("").render(backend);
+            let position = |needle: &str| text.lines().position(|l| l.contains(needle)).unwrap();
+            let queue_rule = position(if backend == Backend::Nft { "queue num" } else { "NFQUEUE" });
+            let mark_rule = position("0x6b710001");
+            assert!(mark_rule < queue_rule, "{text}");
+        }
+    }
+}

@@ -1,0 +1,17 @@
+//! knockq: a port-knocking gate. The kernel queues each NEW TCP SYN it did
+//! not accept already; the daemon decides each one with a per-source knock
+//! state machine and answers accept or reject.
+//!
+//! - [`engine`]: the pure state machine (no I/O; the clock is an argument).
+//! - [`packet`]: packet bytes to the facts the engine needs.
+//! - [`config`]: the TOML configuration and its validation.
+//! - [`firewall`]: the rules that feed the queue, as iptables or nft text.
+//! - [`daemon`]: the NFQUEUE workers around the engine.
+//! - [`cli`]: the `knockq` command line.
+
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod engine;
+pub mod firewall;
+pub mod packet;
