@@ -22,7 +22,7 @@ pub struct Config {
     pub policies: Vec<Policy>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct QueueConfig {
     /// First NFQUEUE number.
@@ -42,6 +42,20 @@ impl QueueConfig {
     pub fn numbers(&self) -> Range<u16> {
         self.num..self.num + self.count
     }
+
+    pub fn last(&self) -> u16 {
+        self.num + (self.count - 1)
+    }
+}
+
+/// `queue 0` or `queues 0-3`.
+impl fmt::Display for QueueConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.count {
+            1 => write!(f, "queue {}", self.num),
+            _ => write!(f, "queues {}-{}", self.num, self.last()),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -60,6 +74,19 @@ pub enum RejectWith {
     IcmpAdminProhibited,
     TcpReset,
     Drop,
+}
+
+impl RejectWith {
+    /// The name used in the configuration.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectWith::IcmpHostProhibited => "icmp-host-prohibited",
+            RejectWith::IcmpPortUnreachable => "icmp-port-unreachable",
+            RejectWith::IcmpAdminProhibited => "icmp-admin-prohibited",
+            RejectWith::TcpReset => "tcp-reset",
+            RejectWith::Drop => "drop",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -7,9 +7,7 @@
 //! placed before the queue rule; nothing marked ever reaches the queue again.
 
 use std::fmt::Write;
-use std::ops::Range;
-
-use crate::config::{Config, RejectWith};
+use crate::config::{Config, QueueConfig, RejectWith};
 
 /// Mark on a packet the daemon rejects; the packet re-enters the hook.
 pub const REJECT_MARK: u32 = 0x6b71_0001;
@@ -33,7 +31,7 @@ pub enum Backend {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Ruleset {
-    queues: Range<u16>,
+    queue: QueueConfig,
     reject_with: RejectWith,
 }
 
@@ -46,7 +44,7 @@ enum Family {
 impl Ruleset {
     pub fn from_config(config: &Config) -> Self {
         Ruleset {
-            queues: config.queue.numbers(),
+            queue: config.queue.clone(),
             reject_with: config.verdict.reject_with,
         }
     }
@@ -60,15 +58,10 @@ impl Ruleset {
     }
 
     fn header(&self, loader: &str) -> String {
-        let last = self.queues.end - 1;
-        let queues = if self.queues.len() == 1 {
-            format!("queue {last}")
-        } else {
-            format!("queues {}-{last}", self.queues.start)
-        };
         format!(
-            "# knockq rules for {loader}: {queues}, reject with {}.\n",
-            reject_name(self.reject_with)
+            "# knockq rules for {loader}: {}, rejected SYNs get {}.\n",
+            self.queue,
+            self.reject_with.as_str()
         )
     }
 
@@ -83,10 +76,9 @@ impl Ruleset {
              # appended to an existing INPUT chain instead.\n",
         );
         let reject = format!("-m mark --mark {REJECT_MARK:#x}");
-        let queue = if self.queues.len() == 1 {
-            format!("--queue-num {}", self.queues.start)
-        } else {
-            format!("--queue-balance {}:{}", self.queues.start, self.queues.end - 1)
+        let queue = match self.queue.count {
+            1 => format!("--queue-num {}", self.queue.num),
+            _ => format!("--queue-balance {}:{}", self.queue.num, self.queue.last()),
         };
         let _ = writeln!(out, "*filter\n:{CHAIN} - [0:0]\n-A INPUT -j {CHAIN}");
         let _ = writeln!(out, "-A {CHAIN} -i lo -j ACCEPT");
@@ -109,10 +101,9 @@ impl Ruleset {
         let mut out = self.header("nft -f");
         out.push_str("# Replaces table inet knockq as a whole; other tables are left alone.\n");
         let mark = format!("meta mark {REJECT_MARK:#x}");
-        let queue = if self.queues.len() == 1 {
-            format!("{}", self.queues.start)
-        } else {
-            format!("{}-{}", self.queues.start, self.queues.end - 1)
+        let queue = match self.queue.count {
+            1 => self.queue.num.to_string(),
+            _ => format!("{}-{}", self.queue.num, self.queue.last()),
         };
         let _ = writeln!(
             out,
@@ -132,16 +123,6 @@ impl Ruleset {
              \t}}\n}}"
         );
         out
-    }
-}
-
-fn reject_name(reject_with: RejectWith) -> &'static str {
-    match reject_with {
-        RejectWith::IcmpHostProhibited => "icmp-host-prohibited",
-        RejectWith::IcmpPortUnreachable => "icmp-port-unreachable",
-        RejectWith::IcmpAdminProhibited => "icmp-admin-prohibited",
-        RejectWith::TcpReset => "tcp-reset",
-        RejectWith::Drop => "drop",
     }
 }
 

@@ -9,14 +9,12 @@ pub fn summary(path: &Path, config: &Config) -> String {
     let mut out = String::new();
     let count = config.policies.len();
     let plural = if count == 1 { "policy" } else { "policies" };
-    let queues = config.queue.numbers();
     let _ = writeln!(
         out,
-        "{}: valid, {count} {plural}, queues {}..={}, reject with {:?}, at most {} tracked sources",
+        "{}: valid, {count} {plural}, {}, rejected SYNs get {}, at most {} tracked sources",
         path.display(),
-        queues.start,
-        queues.end - 1,
-        config.verdict.reject_with,
+        config.queue,
+        config.verdict.reject_with.as_str(),
         config.limits.max_sources,
     );
     for policy in &config.policies {

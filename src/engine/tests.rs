@@ -1,0 +1,372 @@
+//! The gate's rules, one test each, on an injected clock.
+
+use std::net::IpAddr;
+use std::path::Path;
+
+use super::*;
+use crate::config;
+
+const SSH: &str = r#"
+[[policy]]
+name = "ssh"
+sequence = [1111, 2222]
+step_timeout = "10s"
+open_ports = [22, 8080]
+close_port = 3333
+"#;
+
+const ACCEPT: Decision = Decision {
+    verdict: Verdict::Accept,
+    reason: Reason::Granted,
+};
+const NO_GRANT: Decision = Decision::reject(Reason::NoGrant);
+const KNOCK: Decision = Decision::reject(Reason::Knock);
+
+fn engine(text: &str) -> Engine {
+    Engine::new(&config::parse(text, Path::new("test.toml")).unwrap())
+}
+
+fn ip(text: &str) -> IpAddr {
+    text.parse().unwrap()
+}
+
+/// An engine with a clock the test moves by hand, collecting events.
+struct Gate {
+    engine: Engine,
+    now: u64,
+    events: Vec<Event>,
+}
+
+impl Gate {
+    fn new(text: &str) -> Self {
+        Gate {
+            engine: engine(text),
+            now: 0,
+            events: Vec::new(),
+        }
+    }
+
+    fn syn(&mut self, src: &str, dst_port: u16) -> Decision {
+        let syn = Syn { src: ip(src), dst_port };
+        self.engine.decide(syn, Timestamp::from_millis(self.now), &mut self.events)
+    }
+
+    fn knock(&mut self, src: &str, ports: &[u16]) {
+        for &port in ports {
+            assert_eq!(self.syn(src, port), KNOCK, "knock on {port}");
+        }
+    }
+
+    fn advance(&mut self, ms: u64) {
+        self.now += ms;
+    }
+
+    fn expire(&mut self) {
+        self.engine.expire(Timestamp::from_millis(self.now), &mut self.events);
+    }
+
+    fn kinds(&self, src: &str) -> Vec<EventKind> {
+        let src = ip(src);
+        self.events.iter().filter(|e| e.src == src).map(|e| e.kind).collect()
+    }
+}
+
+#[test]
+fn a_stranger_is_rejected_and_not_tracked() {
+    let mut gate = Gate::new(SSH);
+    assert_eq!(gate.syn("10.0.0.2", 22), NO_GRANT);
+    assert_eq!(gate.syn("10.0.0.2", 443), NO_GRANT);
+    assert_eq!(gate.engine.tracked_sources(), 0);
+    assert!(gate.events.is_empty());
+}
+
+#[test]
+fn the_sequence_opens_the_open_ports_for_the_very_next_syn() {
+    let mut gate = Gate::new(SSH);
+    gate.knock("10.0.0.2", &[1111, 2222]);
+    assert_eq!(gate.syn("10.0.0.2", 22), ACCEPT);
+    assert_eq!(gate.syn("10.0.0.2", 8080), ACCEPT);
+    assert_eq!(gate.syn("10.0.0.2", 22), ACCEPT, "any number of connections");
+    assert_eq!(
+        gate.kinds("10.0.0.2"),
+        [EventKind::Advanced { stage: 1 }, EventKind::Granted]
+    );
+}
+
+#[test]
+fn ports_no_policy_opens_stay_closed_for_granted_sources() {
+    let mut gate = Gate::new(SSH);
+    gate.knock("10.0.0.2", &[1111, 2222]);
+    assert_eq!(gate.syn("10.0.0.2", 443), NO_GRANT);
+    assert_eq!(gate.syn("10.0.0.2", 1111), KNOCK, "knock ports are never accepted");
+    assert_eq!(gate.syn("10.0.0.2", 2222), KNOCK);
+    assert_eq!(gate.syn("10.0.0.2", 22), ACCEPT);
+}
+
+#[test]
+fn sources_never_see_each_others_state() {
+    let mut gate = Gate::new(SSH);
+    gate.knock("10.0.0.2", &[1111]);
+    gate.knock("10.0.0.3", &[2222]);
+    assert_eq!(gate.syn("10.0.0.3", 22), NO_GRANT);
+    assert_eq!(gate.syn("10.0.0.2", 22), NO_GRANT);
+    gate.knock("10.0.0.2", &[1111, 2222]);
+    assert_eq!(gate.syn("10.0.0.2", 22), ACCEPT);
+    assert_eq!(gate.syn("10.0.0.3", 22), NO_GRANT);
+}
+
+#[test]
+fn ipv6_sources_knock_like_ipv4_ones() {
+    let mut gate = Gate::new(SSH);
+    gate.knock("fd00::2", &[1111, 2222]);
+    assert_eq!(gate.syn("fd00::2", 22), ACCEPT);
+    assert_eq!(gate.syn("fd00::3", 22), NO_GRANT);
+    assert_eq!(gate.syn("::ffff:10.0.0.2", 22), NO_GRANT);
+}
+
+#[test]
+fn the_next_knock_must_come_within_the_step_window() {
+    let mut gate = Gate::new(SSH);
+    gate.knock("10.0.0.2", &[1111]);
+    gate.advance(10_000);
+    gate.knock("10.0.0.2", &[2222]);
+    assert_eq!(gate.syn("10.0.0.2", 22), ACCEPT, "exactly the window is in time");
+
+    gate.knock("10.0.0.3", &[1111]);
+    gate.advance(10_001);
+    gate.knock("10.0.0.3", &[2222]);
+    assert_eq!(gate.syn("10.0.0.3", 22), NO_GRANT);
+    assert_eq!(gate.kinds("10.0.0.3")[1], EventKind::Expired);
+}
+
+#[test]
+fn retransmitted_knocks_change_nothing() {
+    let mut gate = Gate::new(SSH);
+    gate.knock("10.0.0.2", &[1111, 1111, 2222, 2222]);
+    assert_eq!(gate.syn("10.0.0.2", 22), ACCEPT);
+    assert_eq!(
+        gate.kinds("10.0.0.2"),
+        [
+            EventKind::Advanced { stage: 1 },
+            EventKind::Duplicate,
+            EventKind::Granted,
+            EventKind::Duplicate,
+        ]
+    );
+}
+
+#[test]
+fn a_duplicate_does_not_extend_the_step_window() {
+    let mut gate = Gate::new(SSH);
+    gate.knock("10.0.0.2", &[1111]);
+    gate.advance(6_000);
+    gate.knock("10.0.0.2", &[1111]);
+    gate.advance(6_000);
+    gate.knock("10.0.0.2", &[2222]);
+    assert_eq!(gate.syn("10.0.0.2", 22), NO_GRANT);
+}
+
+#[test]
+fn the_first_port_restarts_the_sequence_at_any_stage() {
+    let mut gate = Gate::new(
+        "[[policy]]\nname = \"long\"\nsequence = [1, 2, 3]\nopen_ports = [22]\n",
+    );
+    gate.knock("10.0.0.2", &[1, 2, 1, 2, 3]);
+    assert_eq!(gate.syn("10.0.0.2", 22), ACCEPT);
+    assert!(gate.kinds("10.0.0.2").contains(&EventKind::Restarted));
+}
+
+#[test]
+fn a_knock_out_of_order_does_not_advance() {
+    let mut gate = Gate::new(
+        "[[policy]]\nname = \"long\"\nsequence = [1, 2, 3]\nopen_ports = [22]\n",
+    );
+    gate.knock("10.0.0.2", &[2, 3]);
+    assert_eq!(gate.engine.tracked_sources(), 0, "only the first port starts tracking");
+    gate.knock("10.0.0.2", &[1, 3, 2, 3]);
+    assert_eq!(gate.syn("10.0.0.2", 22), NO_GRANT);
+    assert!(gate.kinds("10.0.0.2").contains(&EventKind::Reset));
+}
+
+#[test]
+fn strict_policies_reset_on_any_other_port() {
+    let mut gate = Gate::new(SSH);
+    gate.knock("10.0.0.2", &[1111]);
+    assert_eq!(gate.syn("10.0.0.2", 80), NO_GRANT);
+    gate.knock("10.0.0.2", &[2222]);
+    assert_eq!(gate.syn("10.0.0.2", 22), NO_GRANT);
+    assert_eq!(gate.kinds("10.0.0.2")[1], EventKind::Reset);
+}
+
+#[test]
+fn lenient_policies_ignore_other_ports() {
+    let mut gate = Gate::new(&SSH.replace("close_port", "strict = false\nclose_port"));
+    gate.knock("10.0.0.2", &[1111]);
+    assert_eq!(gate.syn("10.0.0.2", 80), NO_GRANT);
+    assert_eq!(gate.syn("10.0.0.2", 22), NO_GRANT);
+    gate.knock("10.0.0.2", &[2222]);
+    assert_eq!(gate.syn("10.0.0.2", 22), ACCEPT);
+}
+
+#[test]
+fn the_close_port_revokes_the_grant() {
+    let mut gate = Gate::new(SSH);
+    gate.knock("10.0.0.2", &[1111, 2222]);
+    assert_eq!(gate.syn("10.0.0.2", 22), ACCEPT);
+    assert_eq!(gate.syn("10.0.0.2", 3333), Decision::reject(Reason::Close));
+    assert_eq!(gate.syn("10.0.0.2", 22), NO_GRANT);
+    assert_eq!(gate.syn("10.0.0.2", 8080), NO_GRANT);
+    assert_eq!(
+        gate.kinds("10.0.0.2").last(),
+        Some(&EventKind::Revoked(RevokeReason::CloseKnock))
+    );
+}
+
+#[test]
+fn a_grant_ends_after_its_timeout() {
+    let mut gate = Gate::new(&SSH.replace("close_port", "grant_timeout = \"1h\"\nclose_port"));
+    gate.knock("10.0.0.2", &[1111, 2222]);
+    gate.advance(3_600_000 - 1);
+    assert_eq!(gate.syn("10.0.0.2", 22), ACCEPT);
+    gate.advance(1);
+    assert_eq!(gate.syn("10.0.0.2", 22), NO_GRANT);
+    assert_eq!(
+        gate.kinds("10.0.0.2").last(),
+        Some(&EventKind::Revoked(RevokeReason::Timeout))
+    );
+}
+
+#[test]
+fn without_a_timeout_a_grant_lasts_until_the_close_knock() {
+    let mut gate = Gate::new(SSH);
+    gate.knock("10.0.0.2", &[1111, 2222]);
+    gate.advance(400 * 24 * 3_600_000);
+    gate.expire();
+    assert_eq!(gate.syn("10.0.0.2", 22), ACCEPT);
+}
+
+#[test]
+fn knocking_again_refreshes_the_grant() {
+    let mut gate = Gate::new(&SSH.replace("close_port", "grant_timeout = \"100s\"\nclose_port"));
+    gate.knock("10.0.0.2", &[1111, 2222]);
+    gate.advance(50_000);
+    gate.knock("10.0.0.2", &[1111]);
+    assert_eq!(gate.syn("10.0.0.2", 22), ACCEPT, "a grant survives a new knock");
+    gate.knock("10.0.0.2", &[1111, 2222]);
+    gate.advance(99_000);
+    assert_eq!(gate.syn("10.0.0.2", 22), ACCEPT);
+    gate.advance(1_000);
+    assert_eq!(gate.syn("10.0.0.2", 22), NO_GRANT);
+    assert!(gate.kinds("10.0.0.2").contains(&EventKind::Refreshed));
+}
+
+#[test]
+fn a_one_port_sequence_grants_at_once() {
+    let mut gate = Gate::new("[[policy]]\nname = \"one\"\nsequence = [7000]\nopen_ports = [22]\n");
+    gate.knock("10.0.0.2", &[7000, 7000]);
+    assert_eq!(gate.syn("10.0.0.2", 22), ACCEPT);
+    assert_eq!(gate.kinds("10.0.0.2"), [EventKind::Granted, EventKind::Duplicate]);
+}
+
+#[test]
+fn policies_are_independent_and_may_share_open_ports() {
+    let two = format!(
+        "{SSH}\n[[policy]]\nname = \"web\"\nsequence = [5000, 6000]\nopen_ports = [22, 443]\nstrict = false\n"
+    );
+    let mut gate = Gate::new(&two);
+    gate.knock("10.0.0.2", &[5000, 6000]);
+    assert_eq!(gate.syn("10.0.0.2", 22), ACCEPT);
+    assert_eq!(gate.syn("10.0.0.2", 443), ACCEPT);
+    assert_eq!(gate.syn("10.0.0.2", 8080), NO_GRANT, "8080 belongs to ssh");
+    // A knock of one policy is another port to a strict policy in progress.
+    gate.knock("10.0.0.3", &[1111, 5000, 2222]);
+    assert_eq!(gate.syn("10.0.0.3", 8080), NO_GRANT);
+    gate.knock("10.0.0.3", &[6000]);
+    assert_eq!(gate.syn("10.0.0.3", 443), ACCEPT, "web is lenient");
+}
+
+#[test]
+fn expiry_removes_sources_without_waiting_for_them() {
+    let mut gate = Gate::new(&SSH.replace("close_port", "grant_timeout = \"1m\"\nclose_port"));
+    gate.knock("10.0.0.2", &[1111]);
+    gate.knock("10.0.0.3", &[1111, 2222]);
+    assert_eq!(gate.engine.tracked_sources(), 2);
+    gate.advance(10_001);
+    gate.expire();
+    assert_eq!(gate.engine.tracked_sources(), 1);
+    assert_eq!(gate.kinds("10.0.0.2").last(), Some(&EventKind::Expired));
+    gate.advance(50_000);
+    gate.expire();
+    assert_eq!(gate.engine.tracked_sources(), 0);
+    assert_eq!(
+        gate.kinds("10.0.0.3").last(),
+        Some(&EventKind::Revoked(RevokeReason::Timeout))
+    );
+}
+
+#[test]
+fn a_closed_source_is_forgotten() {
+    let mut gate = Gate::new(SSH);
+    gate.knock("10.0.0.2", &[1111, 2222]);
+    assert_eq!(gate.syn("10.0.0.2", 3333), Decision::reject(Reason::Close));
+    gate.advance(10_001);
+    gate.expire();
+    assert_eq!(gate.engine.tracked_sources(), 0);
+}
+
+fn capped(max_sources: usize) -> Gate {
+    Gate::new(&format!("[limits]\nmax_sources = {max_sources}\n{SSH}"))
+}
+
+#[test]
+fn a_full_table_evicts_the_oldest_source_in_progress() {
+    let mut gate = capped(2);
+    gate.knock("10.0.0.1", &[1111]);
+    gate.advance(1);
+    gate.knock("10.0.0.2", &[1111]);
+    gate.advance(1);
+    gate.knock("10.0.0.3", &[1111]);
+    assert_eq!(gate.engine.tracked_sources(), 2);
+    assert_eq!(gate.kinds("10.0.0.1").last(), Some(&EventKind::Evicted));
+    gate.knock("10.0.0.1", &[2222]);
+    assert_eq!(gate.syn("10.0.0.1", 22), NO_GRANT, "evicted progress is gone");
+    gate.knock("10.0.0.2", &[2222]);
+    gate.knock("10.0.0.3", &[2222]);
+    assert_eq!(gate.syn("10.0.0.3", 22), ACCEPT);
+}
+
+#[test]
+fn grants_are_never_evicted_for_strangers() {
+    let mut gate = capped(2);
+    gate.knock("10.0.0.1", &[1111, 2222]);
+    gate.knock("10.0.0.2", &[1111]);
+    gate.knock("10.0.0.3", &[1111]);
+    assert_eq!(gate.kinds("10.0.0.2").last(), Some(&EventKind::Evicted));
+    gate.knock("10.0.0.3", &[2222]);
+    for stranger in 4..50 {
+        gate.knock(&format!("10.0.0.{stranger}"), &[1111]);
+    }
+    assert_eq!(gate.engine.tracked_sources(), 2);
+    assert_eq!(gate.syn("10.0.0.1", 22), ACCEPT);
+    assert_eq!(gate.syn("10.0.0.3", 22), ACCEPT);
+    gate.knock("10.0.0.9", &[2222]);
+    assert_eq!(gate.syn("10.0.0.9", 22), NO_GRANT, "no room, not tracked");
+}
+
+#[test]
+fn the_cap_holds_under_a_stream_of_strangers() {
+    let mut gate = capped(100);
+    for i in 0..10_000u32 {
+        let src = std::net::Ipv4Addr::from(0x0a00_0000 + i).to_string();
+        gate.knock(&src, &[1111]);
+        assert!(gate.engine.tracked_sources() <= 100);
+        gate.advance(1);
+        gate.events.clear();
+        if i % 1000 == 0 {
+            gate.expire();
+        }
+    }
+    assert_eq!(gate.engine.tracked_sources(), 100);
+    gate.knock("10.0.39.15", &[2222]);
+    assert_eq!(gate.syn("10.0.39.15", 22), ACCEPT, "the newest stranger kept its progress");
+}

@@ -1,0 +1,171 @@
+//! Every refused configuration names the file, the line and the key.
+
+use std::path::Path;
+use std::time::Duration;
+
+use super::*;
+
+const SSH: &str = r#"[[policy]]
+name = "ssh"
+sequence = [1111, 2222]
+open_ports = [22, 8080]
+close_port = 3333
+"#;
+
+fn error(text: &str) -> String {
+    parse(text, Path::new("knockq.toml")).unwrap_err().to_string()
+}
+
+#[test]
+fn only_policies_are_needed() {
+    let config = parse(SSH, Path::new("knockq.toml")).unwrap();
+    assert_eq!(config.queue.numbers(), 0..1);
+    assert_eq!(config.verdict.reject_with, RejectWith::IcmpHostProhibited);
+    assert_eq!(config.limits.max_sources, 1_000_000);
+    let policy = &config.policies[0];
+    assert_eq!(policy.step_timeout, Duration::from_secs(10));
+    assert_eq!(policy.grant_timeout, None);
+    assert!(policy.strict);
+    assert_eq!(policy.sequence, [1111, 2222]);
+    assert_eq!(policy.close_port, Some(3333));
+}
+
+#[test]
+fn the_example_configuration_is_valid() {
+    let text = include_str!("../../examples/knockq.toml");
+    let config = parse(text, Path::new("knockq.toml")).unwrap();
+    assert_eq!(config.policies[0].grant_timeout, Some(Duration::from_secs(8 * 3600)));
+    assert_eq!(config.verdict.reject_with, RejectWith::IcmpHostProhibited);
+}
+
+#[test]
+fn unknown_keys_are_refused() {
+    assert_eq!(
+        error(&format!("{SSH}colour = \"blue\"\n")),
+        "knockq.toml:6: policy[0].colour: unknown field `colour`, expected one of `name`, `sequence`, \
+         `step_timeout`, `open_ports`, `close_port`, `grant_timeout`, `strict`"
+    );
+    assert!(error(&format!("[queue]\nnumber = 1\n{SSH}"))
+        .starts_with("knockq.toml:2: queue.number: unknown field `number`"));
+}
+
+#[test]
+fn ports_outside_the_range_are_refused() {
+    assert_eq!(
+        error(&SSH.replace("[1111, 2222]", "[1111, 70000]")),
+        "knockq.toml:3: policy[0].sequence[1]: port 70000 is outside 1..65535"
+    );
+    assert_eq!(
+        error(&SSH.replace("[22, 8080]", "[0]")),
+        "knockq.toml:4: policy[0].open_ports[0]: port 0 is outside 1..65535"
+    );
+    assert_eq!(
+        error(&SSH.replace("3333", "-1")),
+        "knockq.toml:5: policy[0].close_port: port -1 is outside 1..65535"
+    );
+}
+
+#[test]
+fn an_empty_sequence_is_refused() {
+    assert_eq!(
+        error(&SSH.replace("[1111, 2222]", "[]")),
+        "knockq.toml:3: policy[0].sequence: the sequence is empty: give at least one knock port"
+    );
+}
+
+#[test]
+fn a_knock_port_cannot_be_opened_or_close() {
+    assert_eq!(
+        error(&SSH.replace("[22, 8080]", "[22, 2222]")),
+        "knockq.toml:3: policy[0].sequence: knock port 2222 is also an open port of policy \"ssh\""
+    );
+    assert_eq!(
+        error(&SSH.replace("3333", "1111")),
+        "knockq.toml:3: policy[0].sequence: knock port 1111 is also the close port of policy \"ssh\""
+    );
+    assert_eq!(
+        error(&SSH.replace("[1111, 2222]", "[1111, 2222, 1111]")),
+        "knockq.toml:3: policy[0].sequence: knock port 1111 is also a port that appears earlier \
+         in the same sequence"
+    );
+}
+
+#[test]
+fn knock_ports_cannot_be_shared_between_policies() {
+    let text = format!("{SSH}\n[[policy]]\nname = \"web\"\nsequence = [5000, 2222]\nopen_ports = [443]\n");
+    assert_eq!(
+        error(&text),
+        "knockq.toml:9: policy[1].sequence: knock port 2222 is also a knock port of policy \"ssh\""
+    );
+    let text = format!("{SSH}\n[[policy]]\nname = \"web\"\nsequence = [5000]\nopen_ports = [1111]\n");
+    assert_eq!(
+        error(&text),
+        "knockq.toml:3: policy[0].sequence: knock port 1111 is also an open port of policy \"web\""
+    );
+    let text = format!("{SSH}\n[[policy]]\nname = \"web\"\nsequence = [5000]\nopen_ports = [443]\nclose_port = 3333\n");
+    assert_eq!(
+        error(&text),
+        "knockq.toml:11: policy[1].close_port: close port 3333 is also the close port of policy \"ssh\""
+    );
+}
+
+#[test]
+fn policy_names_are_unique() {
+    let text = format!("{SSH}\n[[policy]]\nname = \"ssh\"\nsequence = [5000]\nopen_ports = [443]\n");
+    assert_eq!(
+        error(&text),
+        "knockq.toml:8: policy[1].name: policy name \"ssh\" is already used by policy[0]"
+    );
+}
+
+#[test]
+fn durations_must_parse() {
+    assert_eq!(
+        error(&format!("{SSH}step_timeout = \"10 parsecs\"\n")),
+        "knockq.toml:6: policy[0].step_timeout: invalid duration \"10 parsecs\": unknown time unit \
+         \"parsecs\", supported units: ns, us/µs, ms, sec, min, hours, days, weeks, months, years \
+         (and few variations) (examples: \"10s\", \"500ms\", \"8h\")"
+    );
+    assert_eq!(
+        error(&format!("{SSH}grant_timeout = \"0s\"\n")),
+        "knockq.toml:6: policy[0].grant_timeout: duration \"0s\" must be longer than zero"
+    );
+}
+
+#[test]
+fn other_values_are_checked() {
+    assert_eq!(
+        error(&format!("[verdict]\nreject_with = \"icmp-please-go-away\"\n{SSH}")),
+        "knockq.toml:2: verdict.reject_with: unknown variant `icmp-please-go-away`, expected one of \
+         `icmp-host-prohibited`, `icmp-port-unreachable`, `icmp-admin-prohibited`, `tcp-reset`, `drop`"
+    );
+    assert_eq!(
+        error(&format!("[queue]\ncount = 0\n{SSH}")),
+        "knockq.toml:2: queue.count: count 0 is outside 1..64"
+    );
+    assert_eq!(
+        error(&format!("[queue]\nnum = 65535\ncount = 2\n{SSH}")),
+        "knockq.toml: queue: queues 65535..65536 go past 65535"
+    );
+    assert_eq!(
+        error(&format!("[limits]\nmax_sources = 0\n{SSH}")),
+        "knockq.toml:2: limits.max_sources: must be at least 1"
+    );
+    assert_eq!(
+        error(&SSH.replace("\"ssh\"", "\"s s h\"")),
+        "knockq.toml:2: policy[0].name: name \"s s h\" must be letters, digits, '-' or '_'"
+    );
+    assert_eq!(
+        error(&SSH.replace("open_ports = [22, 8080]\n", "")),
+        "knockq.toml:1: policy[0]: missing field `open_ports`"
+    );
+}
+
+#[test]
+fn a_file_needs_a_policy_and_valid_toml() {
+    assert_eq!(
+        error("[queue]\nnum = 3\n"),
+        "knockq.toml: policy: no [[policy]] table: there is nothing to open"
+    );
+    assert!(error("[[policy]\nname = 1").starts_with("knockq.toml:1: "));
+}
