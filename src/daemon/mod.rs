@@ -92,9 +92,9 @@ pub fn run(config: &Config) -> Result<(), DaemonError> {
         })
         .collect();
     info!(
-        queues = ?config.queue.numbers(),
-        policies = engine.policies().len(),
-        "knockq gate running"
+        "knockq gate running on {}, {} policies",
+        config.queue,
+        engine.policies().len()
     );
 
     let mut expired = Vec::new();

@@ -12,7 +12,7 @@ use nfq::{Message, Queue};
 use tracing::{debug, warn};
 
 use super::{events, Clock};
-use crate::engine::{Decision, Engine, Event, Reason, Verdict};
+use crate::engine::{Decision, Engine, Event, Reason, Syn, Verdict};
 use crate::firewall::{ACCEPT_MARK, REJECT_MARK};
 use crate::packet;
 
@@ -56,13 +56,16 @@ impl Worker {
                 }
             };
             errors_in_a_row = 0;
-            let decision = self.decide(message.get_payload(), &mut events);
+            let syn = packet::parse_syn(message.get_payload());
+            let decision = self.decide(syn, &mut events);
             set_verdict(&mut message, decision.verdict);
             if let Err(e) = queue.verdict(message) {
                 warn!(queue = self.num, "sending a verdict failed: {e}");
             }
             // Logged after the verdict is out: no I/O before it.
-            debug!(queue = self.num, verdict = ?decision.verdict, reason = decision.reason.as_str());
+            if let Some(Syn { src, dst_port }) = syn {
+                debug!(queue = self.num, %src, dst_port, verdict = ?decision.verdict, reason = decision.reason.as_str());
+            }
             unusual.note(self.num, decision.reason);
             events::log(&self.engine, events.drain(..));
         }
@@ -72,8 +75,8 @@ impl Worker {
         Ok(())
     }
 
-    fn decide(&self, payload: &[u8], events: &mut Vec<Event>) -> Decision {
-        let Some(syn) = packet::parse_syn(payload) else {
+    fn decide(&self, syn: Option<Syn>, events: &mut Vec<Event>) -> Decision {
+        let Some(syn) = syn else {
             return Decision::reject(Reason::Unparsable);
         };
         // A bug must cost one packet its accept, never the worker: a dead

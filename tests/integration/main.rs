@@ -1,0 +1,6 @@
+//! knockq's integration tests: the CLI, and the gate end to end on the real
+//! kernel in network namespaces the tests create and delete.
+
+mod cli;
+mod gate;
+mod util;

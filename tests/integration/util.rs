@@ -1,0 +1,288 @@
+//! Shared helpers: the knockq binary, and throwaway network namespaces with
+//! a gate on one side of a veth pair and clients on the other.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+pub const GATE4: &str = "10.9.0.1";
+pub const GATE6: &str = "fd09::1";
+/// Client addresses: index 0..4 are usable as `-s` sources.
+pub const CLIENTS4: [&str; 4] = ["10.9.0.2", "10.9.0.3", "10.9.0.4", "10.9.0.5"];
+pub const CLIENTS6: [&str; 4] = ["fd09::2", "fd09::3", "fd09::4", "fd09::5"];
+
+pub const EXAMPLE_CONFIG: &str = include_str!("../../examples/knockq.toml");
+
+pub fn knockq() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_knockq"))
+}
+
+pub fn run(command: &mut Command) -> Output {
+    command.output().unwrap_or_else(|e| panic!("cannot run {command:?}: {e}"))
+}
+
+/// Whether this end-to-end test can run. When it cannot, says so loudly;
+/// under CI (`CI=true`) that is a failure, never a skip.
+pub fn can_run_end_to_end(test: &str) -> bool {
+    let missing: Vec<_> = ["ip", "nc", "knock", "nmap", "iptables-restore", "ip6tables-restore", "nft"]
+        .into_iter()
+        .filter(|tool| !Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().is_ok_and(|o| o.status.success()))
+        .collect();
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let why = match (root, missing.is_empty()) {
+        (true, true) => return true,
+        (false, _) => "it needs root (network namespaces, NFQUEUE); run the suite as root".to_owned(),
+        (true, false) => format!("missing tools: {}; `make test` installs them", missing.join(", ")),
+    };
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{test}: cannot run end-to-end test under CI: {why}");
+    }
+    eprintln!("\n########## {test}: END-TO-END TEST NOT RUN: {why} ##########\n");
+    false
+}
+
+/// Two fresh network namespaces joined by a veth pair, deleted on drop.
+pub struct Net {
+    pub gate: String,
+    pub client: String,
+    pub dir: TempDir,
+    children: Vec<Child>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Reply {
+    Open,
+    /// The connection failed; nc's message.
+    Failed(String),
+}
+
+impl Reply {
+    /// Failed at once with an ICMP error or a reset, as a reject verdict
+    /// answers, rather than timing out.
+    pub fn is_rejected(&self) -> bool {
+        const REJECTIONS: [&str; 3] = ["No route to host", "Permission denied", "Connection refused"];
+        matches!(self, Reply::Failed(msg) if REJECTIONS.iter().any(|r| msg.contains(r)))
+    }
+}
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+impl Net {
+    pub fn new() -> Net {
+        let id = format!("kq{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
+        let net = Net {
+            gate: format!("{id}-gate"),
+            client: format!("{id}-client"),
+            dir: TempDir::new().unwrap(),
+            children: Vec::new(),
+        };
+        for ns in [&net.gate, &net.client] {
+            sh_ok(&format!("ip netns add {ns} && ip -n {ns} link set lo up"));
+        }
+        let (g, c) = (&net.gate, &net.client);
+        let mut setup = format!(
+            "ip -n {g} link add veth0 type veth peer name veth1 netns {c} && \
+             ip -n {g} addr add {GATE4}/24 dev veth0 && ip -n {g} addr add {GATE6}/64 dev veth0 nodad && \
+             ip -n {g} link set veth0 up && ip -n {c} link set veth1 up"
+        );
+        for (v4, v6) in CLIENTS4.iter().zip(CLIENTS6) {
+            setup += &format!(
+                " && ip -n {c} addr add {v4}/24 dev veth1 && ip -n {c} addr add {v6}/64 dev veth1 nodad"
+            );
+        }
+        sh_ok(&setup);
+        net
+    }
+
+    pub fn in_gate(&self, script: &str) -> Output {
+        in_namespace(&self.gate, script)
+    }
+
+    pub fn in_client(&self, script: &str) -> Output {
+        in_namespace(&self.client, script)
+    }
+
+    /// Writes a configuration file into the test's directory.
+    pub fn config(&self, text: &str) -> PathBuf {
+        let path = self.dir.path().join(format!("knockq-{}.toml", NEXT.fetch_add(1, Ordering::Relaxed)));
+        fs::write(&path, text).unwrap();
+        path
+    }
+
+    /// Loads the rules `knockq rules` prints into the gate namespace.
+    pub fn load_rules(&self, config: &Path, backend: &str) {
+        let loader = match backend {
+            "iptables" => "iptables-restore",
+            "ip6tables" => "ip6tables-restore",
+            "nft" => "nft -f -",
+            other => panic!("unknown backend {other}"),
+        };
+        let bin = env!("CARGO_BIN_EXE_knockq");
+        let out = self.in_gate(&format!(
+            "{bin} rules --config {} --backend {backend} | {loader}",
+            config.display()
+        ));
+        assert!(out.status.success(), "loading {backend} rules: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// Services on `ports` in the gate namespace, IPv4 and IPv6.
+    pub fn listen(&mut self, ports: &[u16]) {
+        for port in ports {
+            for args in [format!("-lk {GATE4} {port}"), format!("-6 -lk {GATE6} {port}")] {
+                let child = Command::new("ip")
+                    .args(["netns", "exec", &self.gate, "nc"])
+                    .args(args.split(' '))
+                    .stdout(Stdio::null())
+                    .spawn()
+                    .unwrap();
+                self.children.push(child);
+            }
+        }
+        wait_for("listeners", || {
+            let out = self.in_gate("ss -ltnH");
+            let listening = String::from_utf8_lossy(&out.stdout).lines().count();
+            listening >= 2 * ports.len()
+        });
+    }
+
+    /// A TCP connection attempt from `src` to the gate's `port` with nc.
+    pub fn connect(&self, src: &str, port: u16) -> Reply {
+        let (family, dst) = if src.contains(':') { ("-6", GATE6) } else { ("-4", GATE4) };
+        let out = self.in_client(&format!("nc {family} -v -z -w 2 -s {src} {dst} {port}"));
+        if out.status.success() {
+            Reply::Open
+        } else {
+            Reply::Failed(String::from_utf8_lossy(&out.stderr).trim().to_owned())
+        }
+    }
+
+    /// Knocks with nc, asserting that every knock is rejected at once.
+    pub fn knock(&self, src: &str, ports: &[u16]) {
+        for &port in ports {
+            let reply = self.connect(src, port);
+            assert!(reply.is_rejected(), "knock on {port} from {src}: {reply:?}");
+        }
+    }
+
+    /// Starts `knockq run` in the gate namespace with `rules` loaded for
+    /// `backend`, and waits until its queue is bound.
+    pub fn start_gate(&self, config_text: &str, backends: &[&str]) -> Daemon {
+        let config = self.config(config_text);
+        for backend in backends {
+            self.load_rules(&config, backend);
+        }
+        self.start_daemon(&config)
+    }
+
+    pub fn start_daemon(&self, config: &Path) -> Daemon {
+        let log = self.dir.path().join(format!("knockq-{}.log", NEXT.fetch_add(1, Ordering::Relaxed)));
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.gate, env!("CARGO_BIN_EXE_knockq"), "run", "--config"])
+            .arg(config)
+            .env("KNOCKQ_LOG", "debug")
+            .stderr(fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let daemon = Daemon { child, log };
+        wait_for("the queue to be bound", || self.bound_queues() > 0);
+        daemon
+    }
+
+    /// Lines of the gate namespace's nfnetlink_queue table: bound queues.
+    pub fn bound_queues(&self) -> usize {
+        let out = self.in_gate("cat /proc/net/netfilter/nfnetlink_queue");
+        String::from_utf8_lossy(&out.stdout).lines().count()
+    }
+
+    /// Packets waiting in the gate namespace's queues for a verdict.
+    pub fn pending_packets(&self) -> u64 {
+        let out = self.in_gate("cat /proc/net/netfilter/nfnetlink_queue");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|line| line.split_whitespace().nth(2).unwrap().parse::<u64>().unwrap())
+            .sum()
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        for ns in [&self.gate, &self.client] {
+            sh(&format!("ip netns pids {ns} | xargs -r kill -9; ip netns del {ns}"));
+        }
+    }
+}
+
+/// A running `knockq run`, killed on drop.
+pub struct Daemon {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Daemon {
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap()
+    }
+
+    /// Waits until the daemon's log contains `text`.
+    pub fn wait_for_log(&self, text: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.log().contains(text) {
+            assert!(Instant::now() < deadline, "no log line {text:?} in:\n{}", self.log());
+            sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Sends `signal` and returns the exit status.
+    pub fn stop(mut self, signal: i32) -> std::process::ExitStatus {
+        // SAFETY: kill has no memory preconditions; the pid is our child's.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "knockq did not stop; log:\n{}", self.log());
+            sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn in_namespace(ns: &str, script: &str) -> Output {
+    run(Command::new("ip").args(["netns", "exec", ns, "sh", "-c", script]))
+}
+
+pub fn sh(script: &str) -> Output {
+    run(Command::new("sh").args(["-c", script]))
+}
+
+pub fn sh_ok(script: &str) -> Output {
+    let out = sh(script);
+    assert!(out.status.success(), "{script}: {}", String::from_utf8_lossy(&out.stderr));
+    out
+}
+
+/// Polls `ready` for up to 10 seconds.
+pub fn wait_for(what: &str, mut ready: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !ready() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        sleep(Duration::from_millis(20));
+    }
+}
