@@ -121,7 +121,7 @@ pub const MAX_SEQUENCE_LEN: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("{}: cannot read: {source}", path.display())]
+    #[error("{}: cannot read", path.display())]
     Read {
         path: PathBuf,
         source: std::io::Error,

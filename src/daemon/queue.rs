@@ -16,7 +16,7 @@ const QUEUE_MAX_LEN: u32 = 8192;
 const RECEIVE_BUFFER_BYTES: libc::c_int = 8 << 20;
 
 #[derive(Debug, thiserror::Error)]
-#[error("cannot bind NFQUEUE {queue}: {source}")]
+#[error("cannot bind NFQUEUE {queue}")]
 pub struct BindError {
     pub queue: u16,
     pub source: io::Error,

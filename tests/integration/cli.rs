@@ -1,0 +1,106 @@
+//! The command line without root: refused configurations, generated rules,
+//! and the systemd unit.
+
+use crate::util::*;
+
+/// Each refused configuration, and the one line knockq prints for it.
+const REFUSED: &[(&str, &str)] = &[
+    ("port-out-of-range.toml", "3: policy[0].sequence[1]: port 70000 is outside 1..65535"),
+    ("empty-sequence.toml", "3: policy[0].sequence: the sequence is empty: give at least one knock port"),
+    ("knock-port-opened.toml", "3: policy[0].sequence: knock port 22 is also an open port of policy \"ssh\""),
+    ("knock-port-closes.toml", "3: policy[0].sequence: knock port 2222 is also the close port of policy \"ssh\""),
+    ("knock-port-shared.toml", "8: policy[1].sequence: knock port 1111 is also a knock port of policy \"ssh\""),
+    ("duplicate-policy-name.toml", "7: policy[1].name: policy name \"ssh\" is already used by policy[0]"),
+    (
+        "bad-duration.toml",
+        "5: policy[0].step_timeout: invalid duration \"ten seconds\": expected number at 0 \
+         (examples: \"10s\", \"500ms\", \"8h\")",
+    ),
+    ("unknown-key.toml", "3: queue.threads: unknown field `threads`, expected `num` or `count`"),
+];
+
+#[test]
+fn refused_configurations_name_file_line_and_key_and_exit_2() {
+    for (file, message) in REFUSED {
+        let path = format!("tests/testdata/{file}");
+        for command in ["check", "rules", "run"] {
+            let out = run(knockq().args([command, "--config", &path]));
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{command} {file}: {stderr}");
+            assert_eq!(stderr, format!("knockq: {path}:{message}\n"), "{command} {file}");
+            assert!(out.stdout.is_empty(), "{command} {file}: nothing half-done");
+        }
+    }
+}
+
+#[test]
+fn a_missing_configuration_is_a_configuration_error() {
+    let out = run(knockq().args(["check", "--config", "tests/testdata/no-such-file.toml"]));
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "knockq: tests/testdata/no-such-file.toml: cannot read: No such file or directory (os error 2)\n"
+    );
+}
+
+#[test]
+fn check_summarises_the_policies() {
+    let out = run(knockq().args(["check", "--config", "examples/knockq.toml"]));
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "examples/knockq.toml: valid, 1 policy, queue 0, rejected SYNs get icmp-host-prohibited, \
+         at most 1000000 tracked sources\n\
+         policy ssh: knock 1111 2222 (at most 10s between knocks, other ports reset) to open 22 8080 \
+         for 8h; knock 3333 to close\n"
+    );
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    let out = run(knockq().args(["rules", "--backend", "pf"]));
+    assert_eq!(out.status.code(), Some(2));
+    let out = run(knockq().arg("--version"));
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout), format!("knockq {}\n", env!("CARGO_PKG_VERSION")));
+}
+
+/// `rules/` holds the rules for the example configuration; they must match
+/// what `knockq rules` prints today.
+#[test]
+fn shipped_rules_match_the_generator() {
+    for backend in ["iptables", "ip6tables", "nft"] {
+        let out = run(knockq().args(["rules", "--config", "examples/knockq.toml", "--backend", backend]));
+        assert!(out.status.success());
+        let shipped = std::fs::read_to_string(format!("rules/knockq.{backend}")).unwrap();
+        assert_eq!(
+            String::from_utf8(out.stdout).unwrap(),
+            shipped,
+            "rules/knockq.{backend} is out of date: regenerate it with `make rules`"
+        );
+    }
+}
+
+#[test]
+fn systemd_unit_verifies() {
+    let available = sh("command -v systemd-analyze").status.success();
+    if !available {
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("systemd-analyze is missing under CI");
+        }
+        eprintln!("\n########## systemd_unit_verifies: NOT RUN: systemd-analyze is missing ##########\n");
+        return;
+    }
+    let dir = tempfile::TempDir::new().unwrap();
+    let unit = std::fs::read_to_string("systemd/knockq.service").unwrap();
+    // verify checks that the programs exist: point it at the built binary.
+    let unit = unit.replace("/usr/local/bin/knockq", env!("CARGO_BIN_EXE_knockq"));
+    let path = dir.path().join("knockq.service");
+    std::fs::write(&path, unit).unwrap();
+    let out = run(std::process::Command::new("systemd-analyze").arg("verify").arg(&path));
+    assert!(
+        out.status.success() && out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
