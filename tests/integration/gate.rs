@@ -248,3 +248,94 @@ fn two_queues_share_the_state() {
     assert!(gate.stop(libc::SIGINT).success());
     assert_eq!(net.bound_queues(), 0);
 }
+
+/// What a client does in a comparison scenario.
+enum Step {
+    /// nc from client address `i` to a port: connected or not.
+    Connect(usize, u16),
+    /// The `knock` client, then nc to 22 at once, from the first address.
+    KnockThenConnect,
+    /// An nmap SYN probe from client address `i`: reported open or not.
+    Nmap(usize, u16),
+}
+
+/// Runs `steps` against a gate and returns, for each step, whether the
+/// client got through.
+fn outcomes(net: &Net, steps: &[Step]) -> Vec<bool> {
+    steps
+        .iter()
+        .map(|step| match *step {
+            Step::Connect(i, port) => net.connect(CLIENTS4[i], port) == Reply::Open,
+            Step::KnockThenConnect => net
+                .in_client(&format!("knock {GATE4} 1111 2222 && nc -z -w 2 {GATE4} 22"))
+                .status
+                .success(),
+            Step::Nmap(i, port) => {
+                let src = CLIENTS4[i];
+                let out = net.in_client(&format!("nmap -n -Pn -sS -e veth1 -S {src} -p {port} {GATE4}"));
+                String::from_utf8_lossy(&out.stdout).contains(&format!("{port}/tcp open"))
+            }
+        })
+        .collect()
+}
+
+/// The gate configured like the seed's recipe answers every client exactly
+/// as the recipe's xt_recent chains do.
+#[test]
+fn behaves_like_the_xt_recent_recipe() {
+    if !can_run_end_to_end("behaves_like_the_xt_recent_recipe") {
+        return;
+    }
+    use Step::*;
+    let steps = [
+        Connect(0, 22),
+        Connect(0, 1111),
+        Connect(0, 2222),
+        Connect(0, 22),
+        Connect(0, 8080),
+        Connect(0, 443),
+        Connect(1, 22),
+        Connect(0, 3333),
+        Connect(0, 22),
+        Connect(0, 8080),
+        // Wrong order.
+        Connect(1, 2222),
+        Connect(1, 1111),
+        Connect(1, 22),
+        // Retransmitted knocks.
+        Connect(2, 1111),
+        Connect(2, 1111),
+        Connect(2, 2222),
+        Connect(2, 2222),
+        Connect(2, 22),
+        // Another port in between resets.
+        Connect(3, 1111),
+        Connect(3, 80),
+        Connect(3, 2222),
+        Connect(3, 22),
+        KnockThenConnect,
+        Connect(0, 3333),
+        Nmap(1, 1111),
+        Nmap(1, 2222),
+        Nmap(1, 22),
+        Connect(1, 8080),
+    ];
+    let recipe = {
+        let mut net = Net::new();
+        net.listen(&[22, 8080, 443, 80]);
+        let out = net.in_gate(&format!(
+            "iptables-restore < {}/tests/testdata/recent-recipe.iptables",
+            env!("CARGO_MANIFEST_DIR")
+        ));
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        outcomes(&net, &steps)
+    };
+    let knockq = {
+        let mut net = Net::new();
+        net.listen(&[22, 8080, 443, 80]);
+        let _gate = net.start_gate(EXAMPLE_CONFIG, IPV4);
+        outcomes(&net, &steps)
+    };
+    assert_eq!(knockq, recipe);
+    assert_eq!(recipe.iter().filter(|&&open| open).count(), 6, "{recipe:?}");
+}
