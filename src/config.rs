@@ -257,9 +257,8 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
     let errors = ErrorContext { text, path };
     let document = toml::Deserializer::parse(text)
         .map_err(|e| errors.at(e.span(), String::new(), e.message()))?;
-    let raw: RawConfig = serde_path_to_error::deserialize(document).map_err(|e| {
-        errors.at(e.inner().span(), key_path(e.path()), e.inner().message())
-    })?;
+    let raw: RawConfig = serde_path_to_error::deserialize(document)
+        .map_err(|e| errors.at(e.inner().span(), key_path(e.path()), e.inner().message()))?;
     validate(raw, &errors)
 }
 
@@ -398,7 +397,11 @@ fn validate(raw: RawConfig, errors: &ErrorContext) -> Result<Config, ConfigError
                 Some("a port that appears earlier in the same sequence".to_owned())
             } else if let Some(owner) = open.get(&port) {
                 Some(PortUse::Open(owner).to_string())
-            } else if policy.close_port.as_ref().is_some_and(|c| c.get_ref().0 == port) {
+            } else if policy
+                .close_port
+                .as_ref()
+                .is_some_and(|c| c.get_ref().0 == port)
+            {
                 Some(PortUse::Close(name).to_string())
             } else {
                 claimed.get(&port).map(PortUse::to_string)
@@ -431,7 +434,12 @@ fn validate(raw: RawConfig, errors: &ErrorContext) -> Result<Config, ConfigError
             name: raw.name.into_inner(),
             sequence: raw.sequence.into_inner().into_iter().map(|p| p.0).collect(),
             step_timeout: raw.step_timeout,
-            open_ports: raw.open_ports.into_inner().into_iter().map(|p| p.0).collect(),
+            open_ports: raw
+                .open_ports
+                .into_inner()
+                .into_iter()
+                .map(|p| p.0)
+                .collect(),
             close_port: raw.close_port.map(|p| p.into_inner().0),
             grant_timeout: raw.grant_timeout,
             strict: raw.strict,

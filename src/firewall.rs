@@ -6,8 +6,8 @@
 //! with [`REJECT_MARK`] (and sent back with NF_REPEAT) is rejected by a rule
 //! placed before the queue rule; nothing marked ever reaches the queue again.
 
-use std::fmt::Write;
 use crate::config::{Config, QueueConfig, RejectWith};
+use std::fmt::Write;
 
 /// Mark on a packet the daemon rejects; the packet re-enters the hook.
 pub const REJECT_MARK: u32 = 0x6b71_0001;
@@ -87,7 +87,10 @@ impl Ruleset {
             "-A {CHAIN} -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT"
         );
         if let Some((proto, with)) = iptables_reject(self.reject_with, family) {
-            let _ = writeln!(out, "-A {CHAIN}{proto} {reject} -j REJECT --reject-with {with}");
+            let _ = writeln!(
+                out,
+                "-A {CHAIN}{proto} {reject} -j REJECT --reject-with {with}"
+            );
         }
         let _ = writeln!(out, "-A {CHAIN} {reject} -j DROP");
         let _ = writeln!(
@@ -127,7 +130,10 @@ impl Ruleset {
 }
 
 /// The protocol match and `--reject-with` value; `None` for plain drop.
-fn iptables_reject(reject_with: RejectWith, family: Family) -> Option<(&'static str, &'static str)> {
+fn iptables_reject(
+    reject_with: RejectWith,
+    family: Family,
+) -> Option<(&'static str, &'static str)> {
     let with = match (reject_with, family) {
         (RejectWith::Drop, _) => return None,
         (RejectWith::TcpReset, _) => return Some((" -p tcp", "tcp-reset")),
@@ -177,7 +183,9 @@ mod tests {
     #[test]
     fn balances_over_several_queues() {
         let rules = ruleset("[queue]\nnum = 4\ncount = 2");
-        assert!(rules.render(Backend::Iptables).contains("-j NFQUEUE --queue-balance 4:5\n"));
+        assert!(rules
+            .render(Backend::Iptables)
+            .contains("-j NFQUEUE --queue-balance 4:5\n"));
         assert!(rules.render(Backend::Nft).contains("queue num 4-5\n"));
     }
 
@@ -186,15 +194,23 @@ mod tests {
         let rules = ruleset("[verdict]\nreject_with = \"drop\"");
         for backend in [Backend::Iptables, Backend::Ip6tables, Backend::Nft] {
             let text = rules.render(backend);
-            assert!(!text.contains("reject with") && !text.contains("REJECT"), "{text}");
-            assert!(text.contains("0x6b710001 -j DROP") || text.contains("0x6b710001 counter drop"));
+            assert!(
+                !text.contains("reject with") && !text.contains("REJECT"),
+                "{text}"
+            );
+            assert!(
+                text.contains("0x6b710001 -j DROP") || text.contains("0x6b710001 counter drop")
+            );
         }
     }
 
     #[test]
     fn ipv6_rules_use_icmpv6_types() {
         let text = ruleset("").render(Backend::Ip6tables);
-        assert!(text.contains("--reject-with icmp6-adm-prohibited"), "{text}");
+        assert!(
+            text.contains("--reject-with icmp6-adm-prohibited"),
+            "{text}"
+        );
         let text = ruleset("[verdict]\nreject_with = \"tcp-reset\"").render(Backend::Ip6tables);
         assert!(text.contains("-p tcp -m mark --mark 0x6b710001 -j REJECT --reject-with tcp-reset"));
     }
@@ -204,7 +220,11 @@ mod tests {
         for backend in [Backend::Iptables, Backend::Ip6tables, Backend::Nft] {
             let text = ruleset("").render(backend);
             let position = |needle: &str| text.lines().position(|l| l.contains(needle)).unwrap();
-            let queue_rule = position(if backend == Backend::Nft { "queue num" } else { "NFQUEUE" });
+            let queue_rule = position(if backend == Backend::Nft {
+                "queue num"
+            } else {
+                "NFQUEUE"
+            });
             let mark_rule = position("0x6b710001");
             assert!(mark_rule < queue_rule, "{text}");
         }

@@ -18,14 +18,24 @@ pub fn summary(path: &Path, config: &Config) -> String {
         config.limits.max_sources,
     );
     for policy in &config.policies {
-        let ports = |ports: &[u16]| ports.iter().map(u16::to_string).collect::<Vec<_>>().join(" ");
+        let ports = |ports: &[u16]| {
+            ports
+                .iter()
+                .map(u16::to_string)
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
         let _ = write!(
             out,
             "policy {}: knock {} (at most {} between knocks{}) to open {}",
             policy.name,
             ports(&policy.sequence),
             humantime::format_duration(policy.step_timeout),
-            if policy.strict { ", other ports reset" } else { "" },
+            if policy.strict {
+                ", other ports reset"
+            } else {
+                ""
+            },
             ports(&policy.open_ports),
         );
         match policy.grant_timeout {

@@ -13,7 +13,9 @@ close_port = 3333
 "#;
 
 fn error(text: &str) -> String {
-    parse(text, Path::new("knockq.toml")).unwrap_err().to_string()
+    parse(text, Path::new("knockq.toml"))
+        .unwrap_err()
+        .to_string()
 }
 
 #[test]
@@ -34,7 +36,10 @@ fn only_policies_are_needed() {
 fn the_example_configuration_is_valid() {
     let text = include_str!("../../examples/knockq.toml");
     let config = parse(text, Path::new("knockq.toml")).unwrap();
-    assert_eq!(config.policies[0].grant_timeout, Some(Duration::from_secs(8 * 3600)));
+    assert_eq!(
+        config.policies[0].grant_timeout,
+        Some(Duration::from_secs(8 * 3600))
+    );
     assert_eq!(config.verdict.reject_with, RejectWith::IcmpHostProhibited);
 }
 
@@ -92,12 +97,14 @@ fn a_knock_port_cannot_be_opened_or_close() {
 
 #[test]
 fn knock_ports_cannot_be_shared_between_policies() {
-    let text = format!("{SSH}\n[[policy]]\nname = \"web\"\nsequence = [5000, 2222]\nopen_ports = [443]\n");
+    let text =
+        format!("{SSH}\n[[policy]]\nname = \"web\"\nsequence = [5000, 2222]\nopen_ports = [443]\n");
     assert_eq!(
         error(&text),
         "knockq.toml:9: policy[1].sequence: knock port 2222 is also a knock port of policy \"ssh\""
     );
-    let text = format!("{SSH}\n[[policy]]\nname = \"web\"\nsequence = [5000]\nopen_ports = [1111]\n");
+    let text =
+        format!("{SSH}\n[[policy]]\nname = \"web\"\nsequence = [5000]\nopen_ports = [1111]\n");
     assert_eq!(
         error(&text),
         "knockq.toml:3: policy[0].sequence: knock port 1111 is also an open port of policy \"web\""
@@ -111,7 +118,8 @@ fn knock_ports_cannot_be_shared_between_policies() {
 
 #[test]
 fn policy_names_are_unique() {
-    let text = format!("{SSH}\n[[policy]]\nname = \"ssh\"\nsequence = [5000]\nopen_ports = [443]\n");
+    let text =
+        format!("{SSH}\n[[policy]]\nname = \"ssh\"\nsequence = [5000]\nopen_ports = [443]\n");
     assert_eq!(
         error(&text),
         "knockq.toml:8: policy[1].name: policy name \"ssh\" is already used by policy[0]"

@@ -79,7 +79,8 @@ pub fn run(config: &Config) -> Result<(), DaemonError> {
     let workers: Vec<_> = queues
         .into_iter()
         .map(|(num, queue)| {
-            let worker = worker::Worker::new(num, Arc::clone(&engine), clock, Arc::clone(&shutdown));
+            let worker =
+                worker::Worker::new(num, Arc::clone(&engine), clock, Arc::clone(&shutdown));
             let stop_tx = stop_tx.clone();
             thread::Builder::new()
                 .name(format!("knockq-queue-{num}"))
@@ -91,10 +92,11 @@ pub fn run(config: &Config) -> Result<(), DaemonError> {
                 .expect("spawning a worker thread")
         })
         .collect();
+    let names: Vec<&str> = engine.policies().iter().map(|p| p.name.as_str()).collect();
     info!(
-        "knockq gate running on {}, {} policies",
+        "knockq gate running on {}, policies: {}",
         config.queue,
-        engine.policies().len()
+        names.join(", ")
     );
 
     let mut expired = Vec::new();

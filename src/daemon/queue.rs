@@ -97,7 +97,13 @@ fn getsockopt(fd: RawFd, option: libc::c_int) -> Option<libc::c_int> {
     let mut len = size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: `value` and `len` are live and describe an int-sized buffer.
     let rc = unsafe {
-        libc::getsockopt(fd, libc::SOL_SOCKET, option, (&mut value as *mut libc::c_int).cast(), &mut len)
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            option,
+            (&mut value as *mut libc::c_int).cast(),
+            &mut len,
+        )
     };
     (rc == 0).then_some(value)
 }

@@ -106,8 +106,13 @@ fn set_verdict(message: &mut Message, verdict: Verdict) {
 /// interrupted calls, a full socket buffer (the kernel dropped packets), and
 /// late errors about earlier verdicts.
 fn is_transient(e: &io::Error) -> bool {
-    matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted)
-        || matches!(e.raw_os_error(), Some(libc::ENOBUFS | libc::ENOENT | libc::EPERM | libc::EINVAL))
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
+    ) || matches!(
+        e.raw_os_error(),
+        Some(libc::ENOBUFS | libc::ENOENT | libc::EPERM | libc::EINVAL)
+    )
 }
 
 /// Counts packets that could not be decided normally, logged at 1, 2, 4, 8…
@@ -121,8 +126,14 @@ struct UnusualCounts {
 impl UnusualCounts {
     fn note(&mut self, queue: u16, reason: Reason) {
         let (count, what) = match reason {
-            Reason::Unparsable => (&mut self.unparsable, "packets that are not TCP over IPv4/IPv6 rejected"),
-            Reason::Failed => (&mut self.failed, "packets rejected after a failure while deciding"),
+            Reason::Unparsable => (
+                &mut self.unparsable,
+                "packets that are not TCP over IPv4/IPv6 rejected",
+            ),
+            Reason::Failed => (
+                &mut self.failed,
+                "packets rejected after a failure while deciding",
+            ),
             _ => return,
         };
         *count += 1;

@@ -114,7 +114,9 @@ pub struct Event {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EventKind {
     /// The next port of the sequence; `stage` ports are now matched.
-    Advanced { stage: u8 },
+    Advanced {
+        stage: u8,
+    },
     /// The port just knocked, again (a retransmitted SYN): nothing changes.
     Duplicate,
     /// The first port of the sequence while further along: back to stage 1.

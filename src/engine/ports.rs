@@ -25,10 +25,17 @@ pub enum PortRole {
     /// No policy knocks, closes or opens this port.
     Unrelated,
     /// Port number `step` (from 0) of `policy`'s sequence.
-    Knock { policy: PolicyId, step: u8 },
-    Close { policy: PolicyId },
+    Knock {
+        policy: PolicyId,
+        step: u8,
+    },
+    Close {
+        policy: PolicyId,
+    },
     /// Opened by a grant of any of these policies.
-    Open { policies: PolicySet },
+    Open {
+        policies: PolicySet,
+    },
 }
 
 /// Role of every port, indexed by port number.

@@ -97,7 +97,8 @@ impl SourceTable {
 
     fn evict_oldest(&self, events: &mut impl EventSink) -> bool {
         while let Some((src, since)) = self.order.pop() {
-            let evictable = |state: &SourceState| state.tracked_since == since && !state.holds_grant();
+            let evictable =
+                |state: &SourceState| state.tracked_since == since && !state.holds_grant();
             if let Some(state) = self.remove_if(&src, evictable) {
                 for policy in state.policies() {
                     events.event(Event {
@@ -132,7 +133,9 @@ impl SourceTable {
         let live = self.len();
         if self.order.len() > 2 * live + 1024 {
             for _ in 0..self.order.len() {
-                let Some((src, since)) = self.order.pop() else { break };
+                let Some((src, since)) = self.order.pop() else {
+                    break;
+                };
                 let current = self
                     .map
                     .get(&src)

@@ -47,8 +47,12 @@ impl Gate {
     }
 
     fn syn(&mut self, src: &str, dst_port: u16) -> Decision {
-        let syn = Syn { src: ip(src), dst_port };
-        self.engine.decide(syn, Timestamp::from_millis(self.now), &mut self.events)
+        let syn = Syn {
+            src: ip(src),
+            dst_port,
+        };
+        self.engine
+            .decide(syn, Timestamp::from_millis(self.now), &mut self.events)
     }
 
     fn knock(&mut self, src: &str, ports: &[u16]) {
@@ -62,12 +66,17 @@ impl Gate {
     }
 
     fn expire(&mut self) {
-        self.engine.expire(Timestamp::from_millis(self.now), &mut self.events);
+        self.engine
+            .expire(Timestamp::from_millis(self.now), &mut self.events);
     }
 
     fn kinds(&self, src: &str) -> Vec<EventKind> {
         let src = ip(src);
-        self.events.iter().filter(|e| e.src == src).map(|e| e.kind).collect()
+        self.events
+            .iter()
+            .filter(|e| e.src == src)
+            .map(|e| e.kind)
+            .collect()
     }
 }
 
@@ -86,7 +95,11 @@ fn the_sequence_opens_the_open_ports_for_the_very_next_syn() {
     gate.knock("10.0.0.2", &[1111, 2222]);
     assert_eq!(gate.syn("10.0.0.2", 22), ACCEPT);
     assert_eq!(gate.syn("10.0.0.2", 8080), ACCEPT);
-    assert_eq!(gate.syn("10.0.0.2", 22), ACCEPT, "any number of connections");
+    assert_eq!(
+        gate.syn("10.0.0.2", 22),
+        ACCEPT,
+        "any number of connections"
+    );
     assert_eq!(
         gate.kinds("10.0.0.2"),
         [EventKind::Advanced { stage: 1 }, EventKind::Granted]
@@ -98,7 +111,11 @@ fn ports_no_policy_opens_stay_closed_for_granted_sources() {
     let mut gate = Gate::new(SSH);
     gate.knock("10.0.0.2", &[1111, 2222]);
     assert_eq!(gate.syn("10.0.0.2", 443), NO_GRANT);
-    assert_eq!(gate.syn("10.0.0.2", 1111), KNOCK, "knock ports are never accepted");
+    assert_eq!(
+        gate.syn("10.0.0.2", 1111),
+        KNOCK,
+        "knock ports are never accepted"
+    );
     assert_eq!(gate.syn("10.0.0.2", 2222), KNOCK);
     assert_eq!(gate.syn("10.0.0.2", 22), ACCEPT);
 }
@@ -130,7 +147,11 @@ fn the_next_knock_must_come_within_the_step_window() {
     gate.knock("10.0.0.2", &[1111]);
     gate.advance(10_000);
     gate.knock("10.0.0.2", &[2222]);
-    assert_eq!(gate.syn("10.0.0.2", 22), ACCEPT, "exactly the window is in time");
+    assert_eq!(
+        gate.syn("10.0.0.2", 22),
+        ACCEPT,
+        "exactly the window is in time"
+    );
 
     gate.knock("10.0.0.3", &[1111]);
     gate.advance(10_001);
@@ -168,9 +189,8 @@ fn a_duplicate_does_not_extend_the_step_window() {
 
 #[test]
 fn the_first_port_restarts_the_sequence_at_any_stage() {
-    let mut gate = Gate::new(
-        "[[policy]]\nname = \"long\"\nsequence = [1, 2, 3]\nopen_ports = [22]\n",
-    );
+    let mut gate =
+        Gate::new("[[policy]]\nname = \"long\"\nsequence = [1, 2, 3]\nopen_ports = [22]\n");
     gate.knock("10.0.0.2", &[1, 2, 1, 2, 3]);
     assert_eq!(gate.syn("10.0.0.2", 22), ACCEPT);
     assert!(gate.kinds("10.0.0.2").contains(&EventKind::Restarted));
@@ -178,11 +198,14 @@ fn the_first_port_restarts_the_sequence_at_any_stage() {
 
 #[test]
 fn a_knock_out_of_order_does_not_advance() {
-    let mut gate = Gate::new(
-        "[[policy]]\nname = \"long\"\nsequence = [1, 2, 3]\nopen_ports = [22]\n",
-    );
+    let mut gate =
+        Gate::new("[[policy]]\nname = \"long\"\nsequence = [1, 2, 3]\nopen_ports = [22]\n");
     gate.knock("10.0.0.2", &[2, 3]);
-    assert_eq!(gate.engine.tracked_sources(), 0, "only the first port starts tracking");
+    assert_eq!(
+        gate.engine.tracked_sources(),
+        0,
+        "only the first port starts tracking"
+    );
     gate.knock("10.0.0.2", &[1, 3, 2, 3]);
     assert_eq!(gate.syn("10.0.0.2", 22), NO_GRANT);
     assert!(gate.kinds("10.0.0.2").contains(&EventKind::Reset));
@@ -251,7 +274,11 @@ fn knocking_again_refreshes_the_grant() {
     gate.knock("10.0.0.2", &[1111, 2222]);
     gate.advance(50_000);
     gate.knock("10.0.0.2", &[1111]);
-    assert_eq!(gate.syn("10.0.0.2", 22), ACCEPT, "a grant survives a new knock");
+    assert_eq!(
+        gate.syn("10.0.0.2", 22),
+        ACCEPT,
+        "a grant survives a new knock"
+    );
     gate.knock("10.0.0.2", &[1111, 2222]);
     gate.advance(99_000);
     assert_eq!(gate.syn("10.0.0.2", 22), ACCEPT);
@@ -265,7 +292,10 @@ fn a_one_port_sequence_grants_at_once() {
     let mut gate = Gate::new("[[policy]]\nname = \"one\"\nsequence = [7000]\nopen_ports = [22]\n");
     gate.knock("10.0.0.2", &[7000, 7000]);
     assert_eq!(gate.syn("10.0.0.2", 22), ACCEPT);
-    assert_eq!(gate.kinds("10.0.0.2"), [EventKind::Granted, EventKind::Duplicate]);
+    assert_eq!(
+        gate.kinds("10.0.0.2"),
+        [EventKind::Granted, EventKind::Duplicate]
+    );
 }
 
 #[test]
@@ -329,7 +359,11 @@ fn a_full_table_evicts_the_oldest_source_in_progress() {
     assert_eq!(gate.engine.tracked_sources(), 2);
     assert_eq!(gate.kinds("10.0.0.1").last(), Some(&EventKind::Evicted));
     gate.knock("10.0.0.1", &[2222]);
-    assert_eq!(gate.syn("10.0.0.1", 22), NO_GRANT, "evicted progress is gone");
+    assert_eq!(
+        gate.syn("10.0.0.1", 22),
+        NO_GRANT,
+        "evicted progress is gone"
+    );
     gate.knock("10.0.0.2", &[2222]);
     gate.knock("10.0.0.3", &[2222]);
     assert_eq!(gate.syn("10.0.0.3", 22), ACCEPT);
@@ -368,5 +402,9 @@ fn the_cap_holds_under_a_stream_of_strangers() {
     }
     assert_eq!(gate.engine.tracked_sources(), 100);
     gate.knock("10.0.39.15", &[2222]);
-    assert_eq!(gate.syn("10.0.39.15", 22), ACCEPT, "the newest stranger kept its progress");
+    assert_eq!(
+        gate.syn("10.0.39.15", 22),
+        ACCEPT,
+        "the newest stranger kept its progress"
+    );
 }

@@ -5,18 +5,39 @@ use crate::util::*;
 
 /// Each refused configuration, and the one line knockq prints for it.
 const REFUSED: &[(&str, &str)] = &[
-    ("port-out-of-range.toml", "3: policy[0].sequence[1]: port 70000 is outside 1..65535"),
-    ("empty-sequence.toml", "3: policy[0].sequence: the sequence is empty: give at least one knock port"),
-    ("knock-port-opened.toml", "3: policy[0].sequence: knock port 22 is also an open port of policy \"ssh\""),
-    ("knock-port-closes.toml", "3: policy[0].sequence: knock port 2222 is also the close port of policy \"ssh\""),
-    ("knock-port-shared.toml", "8: policy[1].sequence: knock port 1111 is also a knock port of policy \"ssh\""),
-    ("duplicate-policy-name.toml", "7: policy[1].name: policy name \"ssh\" is already used by policy[0]"),
+    (
+        "port-out-of-range.toml",
+        "3: policy[0].sequence[1]: port 70000 is outside 1..65535",
+    ),
+    (
+        "empty-sequence.toml",
+        "3: policy[0].sequence: the sequence is empty: give at least one knock port",
+    ),
+    (
+        "knock-port-opened.toml",
+        "3: policy[0].sequence: knock port 22 is also an open port of policy \"ssh\"",
+    ),
+    (
+        "knock-port-closes.toml",
+        "3: policy[0].sequence: knock port 2222 is also the close port of policy \"ssh\"",
+    ),
+    (
+        "knock-port-shared.toml",
+        "8: policy[1].sequence: knock port 1111 is also a knock port of policy \"ssh\"",
+    ),
+    (
+        "duplicate-policy-name.toml",
+        "7: policy[1].name: policy name \"ssh\" is already used by policy[0]",
+    ),
     (
         "bad-duration.toml",
         "5: policy[0].step_timeout: invalid duration \"ten seconds\": expected number at 0 \
          (examples: \"10s\", \"500ms\", \"8h\")",
     ),
-    ("unknown-key.toml", "3: queue.threads: unknown field `threads`, expected `num` or `count`"),
+    (
+        "unknown-key.toml",
+        "3: queue.threads: unknown field `threads`, expected `num` or `count`",
+    ),
 ];
 
 #[test]
@@ -27,7 +48,11 @@ fn refused_configurations_name_file_line_and_key_and_exit_2() {
             let out = run(knockq().args([command, "--config", &path]));
             let stderr = String::from_utf8_lossy(&out.stderr);
             assert_eq!(out.status.code(), Some(2), "{command} {file}: {stderr}");
-            assert_eq!(stderr, format!("knockq: {path}:{message}\n"), "{command} {file}");
+            assert_eq!(
+                stderr,
+                format!("knockq: {path}:{message}\n"),
+                "{command} {file}"
+            );
             assert!(out.stdout.is_empty(), "{command} {file}: nothing half-done");
         }
     }
@@ -62,7 +87,10 @@ fn usage_errors_exit_2() {
     assert_eq!(out.status.code(), Some(2));
     let out = run(knockq().arg("--version"));
     assert!(out.status.success());
-    assert_eq!(String::from_utf8_lossy(&out.stdout), format!("knockq {}\n", env!("CARGO_PKG_VERSION")));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("knockq {}\n", env!("CARGO_PKG_VERSION"))
+    );
 }
 
 /// `rules/` holds the rules for the example configuration; they must match
@@ -70,7 +98,13 @@ fn usage_errors_exit_2() {
 #[test]
 fn shipped_rules_match_the_generator() {
     for backend in ["iptables", "ip6tables", "nft"] {
-        let out = run(knockq().args(["rules", "--config", "examples/knockq.toml", "--backend", backend]));
+        let out = run(knockq().args([
+            "rules",
+            "--config",
+            "examples/knockq.toml",
+            "--backend",
+            backend,
+        ]));
         assert!(out.status.success());
         let shipped = std::fs::read_to_string(format!("rules/knockq.{backend}")).unwrap();
         assert_eq!(
@@ -88,7 +122,9 @@ fn systemd_unit_verifies() {
         if std::env::var("CI").is_ok_and(|v| v == "true") {
             panic!("systemd-analyze is missing under CI");
         }
-        eprintln!("\n########## systemd_unit_verifies: NOT RUN: systemd-analyze is missing ##########\n");
+        eprintln!(
+            "\n########## systemd_unit_verifies: NOT RUN: systemd-analyze is missing ##########\n"
+        );
         return;
     }
     let dir = tempfile::TempDir::new().unwrap();
@@ -97,7 +133,9 @@ fn systemd_unit_verifies() {
     let unit = unit.replace("/usr/local/bin/knockq", env!("CARGO_BIN_EXE_knockq"));
     let path = dir.path().join("knockq.service");
     std::fs::write(&path, unit).unwrap();
-    let out = run(std::process::Command::new("systemd-analyze").arg("verify").arg(&path));
+    let out = run(std::process::Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path));
     assert!(
         out.status.success() && out.stderr.is_empty(),
         "{}",

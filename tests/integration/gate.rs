@@ -13,8 +13,14 @@ const NFT: &[&str] = &["nft"];
 /// Example policy with short windows, so tests can wait them out.
 fn short_windows(step_timeout: &str, grant_timeout: &str) -> String {
     EXAMPLE_CONFIG
-        .replace("step_timeout = \"10s\"", &format!("step_timeout = \"{step_timeout}\""))
-        .replace("grant_timeout = \"8h\"", &format!("grant_timeout = \"{grant_timeout}\""))
+        .replace(
+            "step_timeout = \"10s\"",
+            &format!("step_timeout = \"{step_timeout}\""),
+        )
+        .replace(
+            "grant_timeout = \"8h\"",
+            &format!("grant_timeout = \"{grant_timeout}\""),
+        )
 }
 
 /// The example policy's walkthrough: closed, knock, open, close knock, closed.
@@ -27,15 +33,32 @@ fn walkthrough(backends: &[&str], clients: [&str; 4]) {
     net.knock(me, &[1111, 2222]);
     assert_eq!(net.connect(me, 22), Reply::Open);
     assert_eq!(net.connect(me, 8080), Reply::Open);
-    assert_eq!(net.connect(me, 22), Reply::Open, "any number of connections");
+    assert_eq!(
+        net.connect(me, 22),
+        Reply::Open,
+        "any number of connections"
+    );
     assert!(net.connect(me, 443).is_rejected(), "no policy opens 443");
-    assert!(net.connect(stranger, 22).is_rejected(), "grants are per source");
+    assert!(
+        net.connect(stranger, 22).is_rejected(),
+        "grants are per source"
+    );
     net.knock(me, &[3333]);
     assert!(net.connect(me, 22).is_rejected());
     assert!(net.connect(me, 8080).is_rejected());
     let log = gate.log();
-    assert!(log.contains(&format!("event=grant src={me} policy=ssh ports=22,8080 until=8h")), "{log}");
-    assert!(log.contains(&format!("event=revoke src={me} policy=ssh reason=close_knock")), "{log}");
+    assert!(
+        log.contains(&format!(
+            "event=grant src={me} policy=ssh ports=22,8080 until=8h"
+        )),
+        "{log}"
+    );
+    assert!(
+        log.contains(&format!(
+            "event=revoke src={me} policy=ssh reason=close_knock"
+        )),
+        "{log}"
+    );
     assert_eq!(net.pending_packets(), 0);
 }
 
@@ -88,10 +111,16 @@ fn nft_rules_reject_marked_packets() {
     let mut net = Net::new();
     net.listen(&[5555, 5556]);
     let config = net.config(EXAMPLE_CONFIG);
-    let rules = run(knockq().args(["rules", "--backend", "nft", "--config"]).arg(&config));
+    let rules = run(knockq()
+        .args(["rules", "--backend", "nft", "--config"])
+        .arg(&config));
     let rules = String::from_utf8(rules.stdout).unwrap();
     // Without the daemon the queue rule would drop these SYNs (fail-closed).
-    let without_queue: String = rules.lines().filter(|l| !l.contains("queue num")).map(|l| format!("{l}\n")).collect();
+    let without_queue: String = rules
+        .lines()
+        .filter(|l| !l.contains("queue num"))
+        .map(|l| format!("{l}\n"))
+        .collect();
     std::fs::write(net.dir.path().join("rules.nft"), without_queue).unwrap();
     std::fs::write(
         net.dir.path().join("marker.nft"),
@@ -99,15 +128,29 @@ fn nft_rules_reject_marked_packets() {
     )
     .unwrap();
     let dir = net.dir.path().display().to_string();
-    let out = net.in_gate(&format!("nft -f {dir}/rules.nft && nft -f {dir}/marker.nft"));
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = net.in_gate(&format!(
+        "nft -f {dir}/rules.nft && nft -f {dir}/marker.nft"
+    ));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     for src in [CLIENTS4[0], CLIENTS6[0]] {
         let reply = net.connect(src, 5555);
         assert!(reply.is_rejected(), "{src}: {reply:?}");
-        assert_eq!(net.connect(src, 5556), Reply::Open, "{src}: unmarked packets pass");
+        assert_eq!(
+            net.connect(src, 5556),
+            Reply::Open,
+            "{src}: unmarked packets pass"
+        );
     }
-    let counters = String::from_utf8(net.in_gate("nft list chain inet knockq input").stdout).unwrap();
-    assert!(counters.contains("counter packets 1 bytes 60 reject with icmp host-prohibited"), "{counters}");
+    let counters =
+        String::from_utf8(net.in_gate("nft list chain inet knockq input").stdout).unwrap();
+    assert!(
+        counters.contains("counter packets 1 bytes 60 reject with icmp host-prohibited"),
+        "{counters}"
+    );
 }
 
 #[test]
@@ -121,8 +164,14 @@ fn knock_client_then_immediate_connect() {
     for (flag, dst, src) in [("", GATE4, CLIENTS4[0]), ("-6", GATE6, CLIENTS6[0])] {
         for round in 0..5 {
             // No pause between the last knock and the connection.
-            let out = net.in_client(&format!("knock {flag} {dst} 1111 2222 && nc {flag} -z -w 2 {dst} 22"));
-            assert!(out.status.success(), "round {round} from {src}: {}", String::from_utf8_lossy(&out.stderr));
+            let out = net.in_client(&format!(
+                "knock {flag} {dst} 1111 2222 && nc {flag} -z -w 2 {dst} 22"
+            ));
+            assert!(
+                out.status.success(),
+                "round {round} from {src}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
             net.knock(src, &[3333]);
             assert!(net.connect(src, 22).is_rejected());
         }
@@ -139,7 +188,9 @@ fn nmap_as_knock_client() {
     let _gate = net.start_gate(EXAMPLE_CONFIG, IPV4);
     let src = CLIENTS4[2];
     for port in [1111, 2222] {
-        let out = net.in_client(&format!("nmap -n -Pn -sS -e veth1 -S {src} -p {port} {GATE4}"));
+        let out = net.in_client(&format!(
+            "nmap -n -Pn -sS -e veth1 -S {src} -p {port} {GATE4}"
+        ));
         let report = String::from_utf8_lossy(&out.stdout);
         assert!(report.contains(&format!("{port}/tcp filtered")), "{report}");
     }
@@ -191,11 +242,16 @@ fn step_window_and_grant_timeout() {
     net.knock(quick, &[1111, 2222]);
     sleep(Duration::from_millis(1300));
     net.knock(slow, &[2222]);
-    assert!(net.connect(slow, 22).is_rejected(), "second knock after the step window");
+    assert!(
+        net.connect(slow, 22).is_rejected(),
+        "second knock after the step window"
+    );
     assert_eq!(net.connect(quick, 22), Reply::Open);
     sleep(Duration::from_millis(1000));
     assert!(net.connect(quick, 22).is_rejected(), "grant timed out");
-    gate.wait_for_log(&format!("event=revoke src={quick} policy=ssh reason=timeout"));
+    gate.wait_for_log(&format!(
+        "event=revoke src={quick} policy=ssh reason=timeout"
+    ));
     gate.wait_for_log(&format!("event=expire src={slow} policy=ssh"));
 }
 
@@ -272,7 +328,9 @@ fn outcomes(net: &Net, steps: &[Step]) -> Vec<bool> {
                 .success(),
             Step::Nmap(i, port) => {
                 let src = CLIENTS4[i];
-                let out = net.in_client(&format!("nmap -n -Pn -sS -e veth1 -S {src} -p {port} {GATE4}"));
+                let out = net.in_client(&format!(
+                    "nmap -n -Pn -sS -e veth1 -S {src} -p {port} {GATE4}"
+                ));
                 String::from_utf8_lossy(&out.stdout).contains(&format!("{port}/tcp open"))
             }
         })
@@ -327,7 +385,11 @@ fn behaves_like_the_xt_recent_recipe() {
             "iptables-restore < {}/tests/testdata/recent-recipe.iptables",
             env!("CARGO_MANIFEST_DIR")
         ));
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         outcomes(&net, &steps)
     };
     let knockq = {

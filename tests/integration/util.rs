@@ -23,22 +23,42 @@ pub fn knockq() -> Command {
 }
 
 pub fn run(command: &mut Command) -> Output {
-    command.output().unwrap_or_else(|e| panic!("cannot run {command:?}: {e}"))
+    command
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {command:?}: {e}"))
 }
 
 /// Whether this end-to-end test can run. When it cannot, says so loudly;
 /// under CI (`CI=true`) that is a failure, never a skip.
 pub fn can_run_end_to_end(test: &str) -> bool {
-    let missing: Vec<_> = ["ip", "nc", "knock", "nmap", "iptables-restore", "ip6tables-restore", "nft"]
-        .into_iter()
-        .filter(|tool| !Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().is_ok_and(|o| o.status.success()))
-        .collect();
+    let missing: Vec<_> = [
+        "ip",
+        "nc",
+        "knock",
+        "nmap",
+        "iptables-restore",
+        "ip6tables-restore",
+        "nft",
+    ]
+    .into_iter()
+    .filter(|tool| {
+        !Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    })
+    .collect();
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
     let why = match (root, missing.is_empty()) {
         (true, true) => return true,
-        (false, _) => "it needs root (network namespaces, NFQUEUE); run the suite as root".to_owned(),
-        (true, false) => format!("missing tools: {}; `make test` installs them", missing.join(", ")),
+        (false, _) => {
+            "it needs root (network namespaces, NFQUEUE); run the suite as root".to_owned()
+        }
+        (true, false) => format!(
+            "missing tools: {}; `make test` installs them",
+            missing.join(", ")
+        ),
     };
     if std::env::var("CI").is_ok_and(|v| v == "true") {
         panic!("{test}: cannot run end-to-end test under CI: {why}");
@@ -66,7 +86,11 @@ impl Reply {
     /// Failed at once with an ICMP error or a reset, as a reject verdict
     /// answers, rather than timing out.
     pub fn is_rejected(&self) -> bool {
-        const REJECTIONS: [&str; 3] = ["No route to host", "Permission denied", "Connection refused"];
+        const REJECTIONS: [&str; 3] = [
+            "No route to host",
+            "Permission denied",
+            "Connection refused",
+        ];
         matches!(self, Reply::Failed(msg) if REJECTIONS.iter().any(|r| msg.contains(r)))
     }
 }
@@ -75,7 +99,11 @@ static NEXT: AtomicU32 = AtomicU32::new(0);
 
 impl Net {
     pub fn new() -> Net {
-        let id = format!("kq{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
+        let id = format!(
+            "kq{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
         let net = Net {
             gate: format!("{id}-gate"),
             client: format!("{id}-client"),
@@ -110,7 +138,10 @@ impl Net {
 
     /// Writes a configuration file into the test's directory.
     pub fn config(&self, text: &str) -> PathBuf {
-        let path = self.dir.path().join(format!("knockq-{}.toml", NEXT.fetch_add(1, Ordering::Relaxed)));
+        let path = self.dir.path().join(format!(
+            "knockq-{}.toml",
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
         fs::write(&path, text).unwrap();
         path
     }
@@ -128,13 +159,20 @@ impl Net {
             "{bin} rules --config {} --backend {backend} | {loader}",
             config.display()
         ));
-        assert!(out.status.success(), "loading {backend} rules: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "loading {backend} rules: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     /// Services on `ports` in the gate namespace, IPv4 and IPv6.
     pub fn listen(&mut self, ports: &[u16]) {
         for port in ports {
-            for args in [format!("-lk {GATE4} {port}"), format!("-6 -lk {GATE6} {port}")] {
+            for args in [
+                format!("-lk {GATE4} {port}"),
+                format!("-6 -lk {GATE6} {port}"),
+            ] {
                 let child = Command::new("ip")
                     .args(["netns", "exec", &self.gate, "nc"])
                     .args(args.split(' '))
@@ -153,7 +191,11 @@ impl Net {
 
     /// A TCP connection attempt from `src` to the gate's `port` with nc.
     pub fn connect(&self, src: &str, port: u16) -> Reply {
-        let (family, dst) = if src.contains(':') { ("-6", GATE6) } else { ("-4", GATE4) };
+        let (family, dst) = if src.contains(':') {
+            ("-6", GATE6)
+        } else {
+            ("-4", GATE4)
+        };
         let out = self.in_client(&format!("nc {family} -v -z -w 2 -s {src} {dst} {port}"));
         if out.status.success() {
             Reply::Open
@@ -181,9 +223,19 @@ impl Net {
     }
 
     pub fn start_daemon(&self, config: &Path) -> Daemon {
-        let log = self.dir.path().join(format!("knockq-{}.log", NEXT.fetch_add(1, Ordering::Relaxed)));
+        let log = self.dir.path().join(format!(
+            "knockq-{}.log",
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
         let child = Command::new("ip")
-            .args(["netns", "exec", &self.gate, env!("CARGO_BIN_EXE_knockq"), "run", "--config"])
+            .args([
+                "netns",
+                "exec",
+                &self.gate,
+                env!("CARGO_BIN_EXE_knockq"),
+                "run",
+                "--config",
+            ])
             .arg(config)
             .env("KNOCKQ_LOG", "debug")
             .stderr(fs::File::create(&log).unwrap())
@@ -205,7 +257,13 @@ impl Net {
         let out = self.in_gate("cat /proc/net/netfilter/nfnetlink_queue");
         String::from_utf8_lossy(&out.stdout)
             .lines()
-            .map(|line| line.split_whitespace().nth(2).unwrap().parse::<u64>().unwrap())
+            .map(|line| {
+                line.split_whitespace()
+                    .nth(2)
+                    .unwrap()
+                    .parse::<u64>()
+                    .unwrap()
+            })
             .sum()
     }
 }
@@ -217,7 +275,9 @@ impl Drop for Net {
             let _ = child.wait();
         }
         for ns in [&self.gate, &self.client] {
-            sh(&format!("ip netns pids {ns} | xargs -r kill -9; ip netns del {ns}"));
+            sh(&format!(
+                "ip netns pids {ns} | xargs -r kill -9; ip netns del {ns}"
+            ));
         }
     }
 }
@@ -237,7 +297,11 @@ impl Daemon {
     pub fn wait_for_log(&self, text: &str) {
         let deadline = Instant::now() + Duration::from_secs(10);
         while !self.log().contains(text) {
-            assert!(Instant::now() < deadline, "no log line {text:?} in:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "no log line {text:?} in:\n{}",
+                self.log()
+            );
             sleep(Duration::from_millis(20));
         }
     }
@@ -251,7 +315,11 @@ impl Daemon {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return status;
             }
-            assert!(Instant::now() < deadline, "knockq did not stop; log:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "knockq did not stop; log:\n{}",
+                self.log()
+            );
             sleep(Duration::from_millis(20));
         }
     }
@@ -274,7 +342,11 @@ pub fn sh(script: &str) -> Output {
 
 pub fn sh_ok(script: &str) -> Output {
     let out = sh(script);
-    assert!(out.status.success(), "{script}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{script}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     out
 }
 
