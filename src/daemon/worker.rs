@@ -56,8 +56,7 @@ impl Worker {
                 }
             };
             errors_in_a_row = 0;
-            let syn = packet::parse_syn(message.get_payload());
-            let decision = self.decide(syn, &mut events);
+            let (syn, decision) = self.decide(message.get_payload(), &mut events);
             set_verdict(&mut message, decision.verdict);
             if let Err(e) = queue.verdict(message) {
                 warn!(queue = self.num, "sending a verdict failed: {e}");
@@ -75,15 +74,19 @@ impl Worker {
         Ok(())
     }
 
-    fn decide(&self, syn: Option<Syn>, events: &mut Vec<Event>) -> Decision {
-        let Some(syn) = syn else {
-            return Decision::reject(Reason::Unparsable);
-        };
-        // A bug must cost one packet its accept, never the worker: a dead
-        // worker leaves its queue to fill up and drop everything.
+    /// Parses and decides one packet. A bug must cost one packet its
+    /// accept, never the worker: a dead worker leaves its queue to fill up.
+    fn decide(&self, payload: &[u8], events: &mut Vec<Event>) -> (Option<Syn>, Decision) {
         let now = self.clock.now();
-        panic::catch_unwind(AssertUnwindSafe(|| self.engine.decide(syn, now, events)))
-            .unwrap_or(Decision::reject(Reason::Failed))
+        panic::catch_unwind(AssertUnwindSafe(|| {
+            let syn = packet::parse_syn(payload);
+            let decision = match syn {
+                Some(syn) => self.engine.decide(syn, now, events),
+                None => Decision::reject(Reason::Unparsable),
+            };
+            (syn, decision)
+        }))
+        .unwrap_or((None, Decision::reject(Reason::Failed)))
     }
 }
 
