@@ -4,7 +4,7 @@
 
 use tracing::{debug, info};
 
-use crate::engine::{Engine, Event, EventKind, RevokeReason};
+use crate::engine::{Engine, Event, EventKind};
 
 pub fn log(engine: &Engine, events: impl Iterator<Item = Event>) {
     for Event { src, policy, kind } in events {
@@ -25,10 +25,7 @@ pub fn log(engine: &Engine, events: impl Iterator<Item = Event>) {
                 info!("event={event} src={src} policy={name} ports={ports} until={until}");
             }
             EventKind::Revoked(reason) => {
-                let reason = match reason {
-                    RevokeReason::CloseKnock => "close_knock",
-                    RevokeReason::Timeout => "timeout",
-                };
+                let reason = reason.as_str();
                 info!("event=revoke src={src} policy={name} reason={reason}");
             }
             EventKind::Reset => info!("event=reset src={src} policy={name}"),

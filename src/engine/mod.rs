@@ -16,6 +16,7 @@ use crate::config::{Config, Policy};
 
 pub use ports::{PolicySet, PortMap, PortRole};
 use source::SourceState;
+pub use source::{GrantLeft, PolicyStatus, Progress};
 use table::SourceTable;
 
 /// Index of a policy in the configuration's policy list.
@@ -138,6 +139,18 @@ pub enum EventKind {
 pub enum RevokeReason {
     CloseKnock,
     Timeout,
+    /// By an operator, through the control socket.
+    Admin,
+}
+
+impl RevokeReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RevokeReason::CloseKnock => "close_knock",
+            RevokeReason::Timeout => "timeout",
+            RevokeReason::Admin => "admin",
+        }
+    }
 }
 
 /// Receives the engine's events. The engine calls it while it holds a lock
@@ -151,6 +164,18 @@ impl EventSink for Vec<Event> {
     fn event(&mut self, event: Event) {
         self.push(event);
     }
+}
+
+/// The source table is at its cap and every tracked source holds a grant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the source table is full of grants")]
+pub struct TableFull;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SourceStatus {
+    pub src: IpAddr,
+    pub policy: PolicyId,
+    pub status: PolicyStatus,
 }
 
 /// The gate's whole state: policies, the port lookup, and the bounded table
@@ -236,7 +261,7 @@ impl Engine {
                     slot.knock(policy, step, now, &mut emit)
                 }
                 PortRole::Close { policy: p } if p == id => {
-                    slot.close(&mut emit);
+                    slot.revoke(RevokeReason::CloseKnock, &mut emit);
                     slot.other_syn(policy, &mut emit);
                 }
                 _ => {
@@ -249,6 +274,79 @@ impl Engine {
         }
         source.remove_empty_slots();
         granted
+    }
+
+    /// Opens a grant for `src` by hand, for `duration` or, without one, for
+    /// the policy's grant timeout. Fails only when the table is full of
+    /// grants.
+    pub fn grant(
+        &self,
+        src: IpAddr,
+        policy: PolicyId,
+        duration: Option<Duration>,
+        now: Timestamp,
+        events: &mut impl EventSink,
+    ) -> Result<(), TableFull> {
+        let timeout = duration.or(self.policies[usize::from(policy)].grant_timeout);
+        self.sources
+            .update(src, true, now, events, |source, events| {
+                let slot = source.slot_or_insert(policy, now);
+                slot.grant(source::grant_end(timeout, now), &mut |kind| {
+                    events.event(Event { src, policy, kind })
+                });
+            })
+            .ok_or(TableFull)
+    }
+
+    /// Ends the grants of `src`, under one policy or all; returns how many
+    /// there were.
+    pub fn revoke(
+        &self,
+        src: IpAddr,
+        policy: Option<PolicyId>,
+        now: Timestamp,
+        events: &mut impl EventSink,
+    ) -> usize {
+        self.sources
+            .update(src, false, now, events, |source, events| {
+                let mut revoked = 0;
+                for slot in source
+                    .slots_mut()
+                    .filter(|slot| policy.is_none_or(|p| p == slot.policy))
+                {
+                    let id = slot.policy;
+                    let mut emit = |kind| {
+                        events.event(Event {
+                            src,
+                            policy: id,
+                            kind,
+                        })
+                    };
+                    revoked += usize::from(slot.revoke(RevokeReason::Admin, &mut emit));
+                }
+                source.remove_empty_slots();
+                revoked
+            })
+            .unwrap_or(0)
+    }
+
+    /// Every tracked source's progress and grants at `now`.
+    pub fn status(&self, now: Timestamp) -> Vec<SourceStatus> {
+        let mut statuses = Vec::new();
+        self.sources.for_each(|src, source| {
+            for slot in source.slots() {
+                let status = slot.status(&self.policies[usize::from(slot.policy)], now);
+                if status.progress.is_some() || status.grant.is_some() {
+                    statuses.push(SourceStatus {
+                        src,
+                        policy: slot.policy,
+                        status,
+                    });
+                }
+            }
+        });
+        statuses.sort_by_key(|s| (s.src, s.policy));
+        statuses
     }
 
     /// Settles every tracked source at time `now`: ends timed-out progress

@@ -2,8 +2,40 @@
 
 use smallvec::SmallVec;
 
+use std::time::Duration;
+
 use super::{EventKind, PolicyId, RevokeReason, Timestamp};
 use crate::config::Policy;
+
+/// The end of a grant that lasts until the close knock.
+const NEVER: Timestamp = Timestamp(u64::MAX);
+
+/// When a grant made at `now` for `timeout` (`None`: until closed) ends.
+pub fn grant_end(timeout: Option<Duration>, now: Timestamp) -> Timestamp {
+    timeout.map_or(NEVER, |timeout| now.saturating_add(timeout))
+}
+
+/// One source's state under one policy, for people to read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PolicyStatus {
+    pub progress: Option<Progress>,
+    pub grant: Option<GrantLeft>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Progress {
+    /// Knocks matched so far, of `of`.
+    pub stage: u8,
+    pub of: usize,
+    /// Time left for the next knock.
+    pub left: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GrantLeft {
+    For(Duration),
+    UntilClosed,
+}
 
 /// Everything known about one source address.
 #[derive(Debug)]
@@ -31,10 +63,18 @@ impl SourceState {
         self.slots.iter().map(|slot| slot.policy)
     }
 
-    pub fn slot_or_insert(&mut self, policy: PolicyId, now: Timestamp) {
-        if !self.slots.iter().any(|slot| slot.policy == policy) {
-            self.slots.push(PolicyState::new(policy, now));
+    pub fn slot_or_insert(&mut self, policy: PolicyId, now: Timestamp) -> &mut PolicyState {
+        match self.slots.iter().position(|slot| slot.policy == policy) {
+            Some(i) => &mut self.slots[i],
+            None => {
+                self.slots.push(PolicyState::new(policy, now));
+                self.slots.last_mut().expect("just pushed")
+            }
         }
+    }
+
+    pub fn slots(&self) -> impl Iterator<Item = &PolicyState> {
+        self.slots.iter()
     }
 
     pub fn remove_empty_slots(&mut self) {
@@ -130,11 +170,21 @@ impl PolicyState {
             emit(EventKind::Advanced { stage: self.stage });
             return;
         }
-        let refreshed = self.grant_until.is_some();
-        self.grant_until = Some(match policy.grant_timeout {
-            Some(timeout) => now.saturating_add(timeout),
-            None => Timestamp(u64::MAX),
-        });
+        self.grant(grant_end(policy.grant_timeout, now), emit);
+    }
+
+    /// Ends the grant, if any; true if there was one.
+    pub fn revoke(&mut self, reason: RevokeReason, emit: &mut impl FnMut(EventKind)) -> bool {
+        let granted = self.grant_until.take().is_some();
+        if granted {
+            emit(EventKind::Revoked(reason));
+        }
+        granted
+    }
+
+    /// Opens (or restarts) the grant until `end`, without knocking.
+    pub fn grant(&mut self, end: Timestamp, emit: &mut impl FnMut(EventKind)) {
+        let refreshed = self.grant_until.replace(end).is_some();
         emit(if refreshed {
             EventKind::Refreshed
         } else {
@@ -142,11 +192,25 @@ impl PolicyState {
         });
     }
 
-    /// A SYN to the policy's close port.
-    pub fn close(&mut self, emit: &mut impl FnMut(EventKind)) {
-        if self.grant_until.take().is_some() {
-            emit(EventKind::Revoked(RevokeReason::CloseKnock));
-        }
+    /// What the source has under this policy at `now`, as if settled.
+    pub fn status(&self, policy: &Policy, now: Timestamp) -> PolicyStatus {
+        let progress = (self.in_progress(policy)
+            && now.since(self.knocked_at) <= policy.step_timeout)
+            .then(|| Progress {
+                stage: self.stage,
+                of: policy.sequence.len(),
+                left: policy
+                    .step_timeout
+                    .saturating_sub(now.since(self.knocked_at)),
+            });
+        let grant = self
+            .grant_until
+            .filter(|&end| now < end)
+            .map(|end| match end {
+                NEVER => GrantLeft::UntilClosed,
+                end => GrantLeft::For(end.since(now)),
+            });
+        PolicyStatus { progress, grant }
     }
 
     /// Any SYN that is not a knock of this policy's sequence in order.

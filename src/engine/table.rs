@@ -119,6 +119,13 @@ impl SourceTable {
         Some(state)
     }
 
+    /// Runs `f` on every source, read-only.
+    pub fn for_each(&self, mut f: impl FnMut(IpAddr, &SourceState)) {
+        for entry in self.map.iter() {
+            f(*entry.key(), entry.value());
+        }
+    }
+
     /// Runs `f` on every source, forgets those it leaves empty, and drops
     /// stale entries from the eviction order once they outnumber live ones.
     pub fn retain(&self, mut f: impl FnMut(IpAddr, &mut SourceState)) {

@@ -2,6 +2,7 @@
 
 use std::net::IpAddr;
 use std::path::Path;
+use std::time::Duration;
 
 use super::*;
 use crate::config;
@@ -406,5 +407,127 @@ fn the_cap_holds_under_a_stream_of_strangers() {
         gate.syn("10.0.39.15", 22),
         ACCEPT,
         "the newest stranger kept its progress"
+    );
+}
+
+#[test]
+fn an_operator_can_grant_without_knocking_and_revoke() {
+    let mut gate = Gate::new(SSH);
+    let src = ip("10.0.0.7");
+    gate.engine
+        .grant(
+            src,
+            0,
+            Some(Duration::from_secs(60)),
+            Timestamp::from_millis(0),
+            &mut gate.events,
+        )
+        .unwrap();
+    assert_eq!(gate.syn("10.0.0.7", 22), ACCEPT);
+    gate.advance(60_000);
+    assert_eq!(
+        gate.syn("10.0.0.7", 22),
+        NO_GRANT,
+        "the hand-made grant timed out"
+    );
+
+    gate.engine
+        .grant(
+            src,
+            0,
+            None,
+            Timestamp::from_millis(gate.now),
+            &mut gate.events,
+        )
+        .unwrap();
+    gate.advance(400 * 24 * 3_600_000);
+    assert_eq!(
+        gate.syn("10.0.0.7", 22),
+        ACCEPT,
+        "no duration, no policy timeout: until closed"
+    );
+    let now = Timestamp::from_millis(gate.now);
+    assert_eq!(gate.engine.revoke(src, None, now, &mut gate.events), 1);
+    assert_eq!(gate.engine.revoke(src, None, now, &mut gate.events), 0);
+    assert_eq!(gate.syn("10.0.0.7", 22), NO_GRANT);
+    assert_eq!(gate.engine.tracked_sources(), 0);
+    assert_eq!(
+        gate.kinds("10.0.0.7"),
+        [
+            EventKind::Granted,
+            EventKind::Revoked(RevokeReason::Timeout),
+            EventKind::Granted,
+            EventKind::Revoked(RevokeReason::Admin),
+        ]
+    );
+}
+
+#[test]
+fn revoking_one_policy_keeps_the_others() {
+    let two = format!("{SSH}\n[[policy]]\nname = \"web\"\nsequence = [5000]\nopen_ports = [443]\n");
+    let mut gate = Gate::new(&two);
+    gate.knock("10.0.0.2", &[1111, 2222, 5000]);
+    let now = Timestamp::from_millis(gate.now);
+    assert_eq!(
+        gate.engine
+            .revoke(ip("10.0.0.2"), Some(1), now, &mut gate.events),
+        1
+    );
+    assert_eq!(gate.syn("10.0.0.2", 443), NO_GRANT);
+    assert_eq!(gate.syn("10.0.0.2", 22), ACCEPT);
+}
+
+#[test]
+fn a_hand_made_grant_needs_room_but_never_evicts_grants() {
+    let mut gate = capped(1);
+    gate.knock("10.0.0.1", &[1111, 2222]);
+    let err = gate.engine.grant(
+        ip("10.0.0.2"),
+        0,
+        None,
+        Timestamp::from_millis(0),
+        &mut gate.events,
+    );
+    assert_eq!(err, Err(TableFull));
+    assert_eq!(gate.syn("10.0.0.1", 22), ACCEPT);
+}
+
+#[test]
+fn status_shows_progress_and_grants_with_time_left() {
+    let mut gate = Gate::new(&SSH.replace("close_port", "grant_timeout = \"1h\"\nclose_port"));
+    gate.knock("10.0.0.3", &[1111]);
+    gate.knock("10.0.0.2", &[1111, 2222]);
+    gate.advance(4_000);
+    let status = gate.engine.status(Timestamp::from_millis(gate.now));
+    assert_eq!(
+        status,
+        [
+            SourceStatus {
+                src: ip("10.0.0.2"),
+                policy: 0,
+                status: PolicyStatus {
+                    progress: None,
+                    grant: Some(GrantLeft::For(Duration::from_secs(3596))),
+                },
+            },
+            SourceStatus {
+                src: ip("10.0.0.3"),
+                policy: 0,
+                status: PolicyStatus {
+                    progress: Some(Progress {
+                        stage: 1,
+                        of: 2,
+                        left: Duration::from_secs(6),
+                    }),
+                    grant: None,
+                },
+            },
+        ]
+    );
+    gate.advance(7_000);
+    assert_eq!(
+        gate.engine.status(Timestamp::from_millis(gate.now)).len(),
+        1,
+        "progress timed out"
     );
 }
