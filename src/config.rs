@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::net::SocketAddr;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -19,7 +20,47 @@ pub struct Config {
     pub queue: QueueConfig,
     pub verdict: VerdictConfig,
     pub limits: LimitsConfig,
+    pub metrics: MetricsConfig,
+    pub control: ControlConfig,
     pub policies: Vec<Policy>,
+}
+
+/// The Prometheus scrape endpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    pub enabled: bool,
+    /// Loopback by default: the metrics say who is knocking how often.
+    pub listen: SocketAddr,
+}
+
+/// Port of the scrape endpoint unless configured.
+pub const DEFAULT_METRICS_PORT: u16 = 9724;
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            enabled: true,
+            listen: SocketAddr::from(([127, 0, 0, 1], DEFAULT_METRICS_PORT)),
+        }
+    }
+}
+
+/// The Unix control socket for status, grants and revokes by hand.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControlConfig {
+    pub socket: PathBuf,
+}
+
+pub const DEFAULT_CONTROL_SOCKET: &str = "/run/knockq/control.sock";
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        ControlConfig {
+            socket: PathBuf::from(DEFAULT_CONTROL_SOCKET),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -166,6 +207,10 @@ struct RawConfig {
     verdict: VerdictConfig,
     #[serde(default)]
     limits: LimitsConfig,
+    #[serde(default)]
+    metrics: MetricsConfig,
+    #[serde(default)]
+    control: ControlConfig,
     #[serde(default, rename = "policy")]
     policies: Vec<RawPolicy>,
 }
@@ -449,6 +494,8 @@ fn validate(raw: RawConfig, errors: &ErrorContext) -> Result<Config, ConfigError
         queue: raw.queue,
         verdict: raw.verdict,
         limits: raw.limits,
+        metrics: raw.metrics,
+        control: raw.control,
         policies,
     })
 }

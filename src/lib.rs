@@ -6,11 +6,13 @@
 //! - [`packet`]: packet bytes to the facts the engine needs.
 //! - [`config`]: the TOML configuration and its validation.
 //! - [`firewall`]: the rules that feed the queue, as iptables or nft text.
-//! - [`daemon`]: the NFQUEUE workers around the engine.
+//! - [`daemon`]: the NFQUEUE workers around the engine, metrics, control socket.
+//! - [`control`]: the control protocol, both sides.
 //! - [`cli`]: the `knockq` command line.
 
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod daemon;
 pub mod engine;
 pub mod firewall;

@@ -2,14 +2,16 @@
 //! errors become messages and exit codes.
 
 mod check;
+mod control;
 pub mod exit;
 
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::config;
+use crate::config::{self, DEFAULT_CONTROL_SOCKET};
 use crate::daemon;
 use crate::firewall::{Backend, Ruleset};
 
@@ -29,6 +31,42 @@ enum Command {
     Run {
         #[arg(long, short, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
+        /// Serve metrics on this address instead of the configured one.
+        #[arg(long, value_name = "ADDR:PORT")]
+        metrics_listen: Option<SocketAddr>,
+        /// Listen for control requests on this socket instead of the configured one.
+        #[arg(long, value_name = "PATH")]
+        control_socket: Option<PathBuf>,
+        #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+        log_format: LogFormat,
+    },
+    /// Show the sources the gate tracks: knock progress and grants.
+    Status {
+        #[command(flatten)]
+        socket: ControlSocketArg,
+        /// Print the daemon's JSON answer.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Open a grant by hand, without knocking.
+    Grant {
+        source: IpAddr,
+        #[arg(long)]
+        policy: String,
+        /// How long, such as 1h; without it, the policy's grant timeout.
+        #[arg(long = "for", value_name = "DURATION")]
+        duration: Option<String>,
+        #[command(flatten)]
+        socket: ControlSocketArg,
+    },
+    /// Close a source's grants now.
+    Revoke {
+        source: IpAddr,
+        /// Only this policy's grant.
+        #[arg(long)]
+        policy: Option<String>,
+        #[command(flatten)]
+        socket: ControlSocketArg,
     },
     /// Print the firewall rules that send SYNs to the gate.
     Rules {
@@ -42,6 +80,21 @@ enum Command {
         #[arg(long, short, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
+}
+
+#[derive(clap::Args)]
+struct ControlSocketArg {
+    /// The daemon's control socket.
+    #[arg(long = "control-socket", value_name = "PATH", default_value = DEFAULT_CONTROL_SOCKET)]
+    path: PathBuf,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    /// One line per event: `event=grant src=… policy=…`.
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 pub fn main() -> ExitCode {
@@ -58,10 +111,39 @@ pub fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Run { config } => {
-            init_logging();
-            let config = config::load(&config)?;
+        Command::Run {
+            config,
+            metrics_listen,
+            control_socket,
+            log_format,
+        } => {
+            init_logging(log_format);
+            let mut config = config::load(&config)?;
+            if let Some(listen) = metrics_listen {
+                config.metrics.enabled = true;
+                config.metrics.listen = listen;
+            }
+            if let Some(socket) = control_socket {
+                config.control.socket = socket;
+            }
             daemon::run(&config)?;
+        }
+        Command::Status { socket, json } => print!("{}", control::status(&socket.path, json)?),
+        Command::Grant {
+            source,
+            policy,
+            duration,
+            socket,
+        } => print!(
+            "{}",
+            control::grant(&socket.path, source, policy, duration)?
+        ),
+        Command::Revoke {
+            source,
+            policy,
+            socket,
+        } => {
+            print!("{}", control::revoke(&socket.path, source, policy)?)
         }
         Command::Rules { config, backend } => {
             let config = config::load(&config)?;
@@ -75,14 +157,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn init_logging() {
+fn init_logging(format: LogFormat) {
     use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("KNOCKQ_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => logs.json().flatten_event(true).init(),
+    }
 }

@@ -1,15 +1,69 @@
-//! Engine events as log lines: one stable `event=… src=… policy=…` line per
-//! state change at info, for people and for fail2ban-style parsers; knock
-//! steps at debug.
+//! Where engine events go: counted in the metrics, and logged as one stable
+//! `event=… src=… policy=…` line per state change at info (for people and
+//! for fail2ban-style parsers), knock steps at debug.
+//!
+//! Spoofed sources can make resets and expiries, even grants once a
+//! sequence is known, at any rate: info lines are rate-limited, and what was
+//! left out is summarised.
 
-use tracing::{debug, info};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use tracing::{debug, info, warn};
+
+use super::metrics::Metrics;
 use crate::engine::{Engine, Event, EventKind};
 
-pub fn log(engine: &Engine, events: impl Iterator<Item = Event>) {
-    for Event { src, policy, kind } in events {
+/// How often a summary of suppressed lines may be logged.
+const SUMMARY_INTERVAL: Duration = Duration::from_secs(10);
+
+pub struct EventReport {
+    metrics: Arc<Metrics>,
+    /// Grants and revokes: what an auditor wants to see.
+    grants: TokenBucket,
+    /// Resets and expiries: anyone can cause them.
+    noise: TokenBucket,
+    suppressed: u64,
+    last_summary: Instant,
+}
+
+impl EventReport {
+    pub fn new(metrics: Arc<Metrics>, now: Instant) -> Self {
+        EventReport {
+            metrics,
+            grants: TokenBucket::new(200.0, 50.0, now),
+            noise: TokenBucket::new(50.0, 10.0, now),
+            suppressed: 0,
+            last_summary: now,
+        }
+    }
+
+    /// Counts and logs `events`, and empties the buffer for reuse.
+    pub fn publish(&mut self, engine: &Engine, events: &mut Vec<Event>, now: Instant) {
+        self.metrics.events(events);
+        for event in events.drain(..) {
+            self.log(engine, event, now);
+        }
+        self.summarise(now);
+    }
+
+    fn log(&mut self, engine: &Engine, Event { src, policy, kind }: Event, now: Instant) {
         let policy = &engine.policies()[usize::from(policy)];
-        let name = &policy.name;
+        let name = policy.name.as_str();
+        let bucket = match kind {
+            EventKind::Granted | EventKind::Refreshed | EventKind::Revoked(_) => &mut self.grants,
+            EventKind::Reset | EventKind::Expired => &mut self.noise,
+            EventKind::Advanced { stage } => {
+                return debug!(event = %"knock", %src, policy = %name, stage);
+            }
+            EventKind::Duplicate => return debug!(event = %"duplicate", %src, policy = %name),
+            EventKind::Restarted => return debug!(event = %"restart", %src, policy = %name),
+            EventKind::Evicted => return debug!(event = %"evict", %src, policy = %name),
+        };
+        if !bucket.take(now) {
+            self.suppressed += 1;
+            return;
+        }
         match kind {
             EventKind::Granted | EventKind::Refreshed => {
                 let event = if kind == EventKind::Granted {
@@ -22,22 +76,55 @@ pub fn log(engine: &Engine, events: impl Iterator<Item = Event>) {
                     Some(timeout) => humantime::format_duration(timeout).to_string(),
                     None => "close".to_owned(),
                 };
-                info!("event={event} src={src} policy={name} ports={ports} until={until}");
+                info!(event = %event, %src, policy = %name, %ports, %until);
             }
             EventKind::Revoked(reason) => {
-                let reason = reason.as_str();
-                info!("event=revoke src={src} policy={name} reason={reason}");
+                info!(event = %"revoke", %src, policy = %name, reason = %reason.as_str())
             }
-            EventKind::Reset => info!("event=reset src={src} policy={name}"),
-            EventKind::Expired => info!("event=expire src={src} policy={name}"),
-            // A flood of first knocks from spoofed sources evicts at the
-            // attacker's rate: keep it out of the info log.
-            EventKind::Evicted => debug!("event=evict src={src} policy={name}"),
-            EventKind::Advanced { stage } => {
-                debug!("event=knock src={src} policy={name} stage={stage}")
-            }
-            EventKind::Duplicate => debug!("event=duplicate src={src} policy={name}"),
-            EventKind::Restarted => debug!("event=restart src={src} policy={name}"),
+            EventKind::Reset => info!(event = %"reset", %src, policy = %name),
+            EventKind::Expired => info!(event = %"expire", %src, policy = %name),
+            _ => unreachable!("handled above"),
+        }
+    }
+
+    /// Logs how many lines the rate limit left out, at most every
+    /// [`SUMMARY_INTERVAL`]. Call it also when idle.
+    pub fn summarise(&mut self, now: Instant) {
+        if self.suppressed > 0 && now.duration_since(self.last_summary) >= SUMMARY_INTERVAL {
+            warn!(event = %"suppressed", count = self.suppressed, "event lines left out by the log rate limit");
+            self.suppressed = 0;
+            self.last_summary = now;
+        }
+    }
+}
+
+/// Allows `rate` events a second on average, in bursts of up to `burst`.
+struct TokenBucket {
+    burst: f64,
+    rate: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    fn new(burst: f64, rate: f64, now: Instant) -> Self {
+        TokenBucket {
+            burst,
+            rate,
+            tokens: burst,
+            last: now,
+        }
+    }
+
+    fn take(&mut self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
         }
     }
 }
@@ -54,5 +141,26 @@ impl std::fmt::Display for PortList<'_> {
             write!(f, "{port}")?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bucket_allows_bursts_then_the_rate() {
+        let start = Instant::now();
+        let mut bucket = TokenBucket::new(3.0, 2.0, start);
+        assert!((0..3).all(|_| bucket.take(start)));
+        assert!(!bucket.take(start));
+        assert!(bucket.take(start + Duration::from_millis(500)));
+        assert!(!bucket.take(start + Duration::from_millis(600)));
+        let later = start + Duration::from_secs(60);
+        assert_eq!(
+            (0..10).filter(|_| bucket.take(later)).count(),
+            3,
+            "never more than the burst"
+        );
     }
 }

@@ -6,12 +6,14 @@ use std::io;
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nfq::{Message, Queue};
 use tracing::{debug, warn};
 
-use super::{events, Clock};
+use super::events::EventReport;
+use super::metrics::Metrics;
+use super::Clock;
 use crate::engine::{Decision, Engine, Event, Reason, Syn, Verdict};
 use crate::firewall::{ACCEPT_MARK, REJECT_MARK};
 use crate::packet;
@@ -22,30 +24,26 @@ pub const RECEIVE_TIMEOUT: Duration = Duration::from_millis(200);
 const MAX_CONSECUTIVE_ERRORS: u32 = 100;
 
 pub struct Worker {
-    num: u16,
-    engine: Arc<Engine>,
-    clock: Clock,
-    shutdown: Arc<AtomicBool>,
+    pub num: u16,
+    pub engine: Arc<Engine>,
+    pub metrics: Arc<Metrics>,
+    pub report: EventReport,
+    pub clock: Clock,
+    pub shutdown: Arc<AtomicBool>,
 }
 
 impl Worker {
-    pub fn new(num: u16, engine: Arc<Engine>, clock: Clock, shutdown: Arc<AtomicBool>) -> Self {
-        Worker {
-            num,
-            engine,
-            clock,
-            shutdown,
-        }
-    }
-
-    pub fn run(self, mut queue: Queue) -> io::Result<()> {
+    pub fn run(mut self, mut queue: Queue) -> io::Result<()> {
         let mut events: Vec<Event> = Vec::with_capacity(8);
         let mut unusual = UnusualCounts::default();
         let mut errors_in_a_row = 0;
         while !self.shutdown.load(Ordering::Relaxed) {
             let mut message = match queue.recv() {
                 Ok(message) => message,
-                Err(e) if is_transient(&e) => continue,
+                Err(e) if is_transient(&e) => {
+                    self.report.summarise(Instant::now());
+                    continue;
+                }
                 Err(e) => {
                     errors_in_a_row += 1;
                     warn!(queue = self.num, "receive failed: {e}");
@@ -56,17 +54,20 @@ impl Worker {
                 }
             };
             errors_in_a_row = 0;
+            let received = Instant::now();
             let (syn, decision) = self.decide(message.get_payload(), &mut events);
-            set_verdict(&mut message, decision.verdict);
+            set_verdict(&mut message, decision.verdict());
             if let Err(e) = queue.verdict(message) {
                 warn!(queue = self.num, "sending a verdict failed: {e}");
             }
-            // Logged after the verdict is out: no I/O before it.
+            // Counted and logged after the verdict is out: no I/O before it.
+            self.metrics.verdict(decision.reason, received.elapsed());
             if let Some(Syn { src, dst_port }) = syn {
-                debug!(queue = self.num, %src, dst_port, verdict = ?decision.verdict, reason = decision.reason.as_str());
+                debug!(queue = self.num, %src, dst_port, verdict = %decision.verdict().as_str(), reason = %decision.reason.as_str());
             }
             unusual.note(self.num, decision.reason);
-            events::log(&self.engine, events.drain(..));
+            self.report
+                .publish(&self.engine, &mut events, Instant::now());
         }
         if let Err(e) = queue.unbind(self.num) {
             debug!(queue = self.num, "unbind: {e}");

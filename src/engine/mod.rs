@@ -59,8 +59,18 @@ pub enum Verdict {
     Reject,
 }
 
+impl Verdict {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Accept => "accept",
+            Verdict::Reject => "reject",
+        }
+    }
+}
+
 /// Why a packet got its verdict; a small fixed set, fit for metric labels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
 pub enum Reason {
     /// The source holds a grant that opens this port.
     Granted,
@@ -77,6 +87,23 @@ pub enum Reason {
 }
 
 impl Reason {
+    /// Every reason, in declaration order: `reason as usize` indexes it.
+    pub const ALL: [Reason; 6] = [
+        Reason::Granted,
+        Reason::Knock,
+        Reason::Close,
+        Reason::NoGrant,
+        Reason::Unparsable,
+        Reason::Failed,
+    ];
+
+    pub fn verdict(self) -> Verdict {
+        match self {
+            Reason::Granted => Verdict::Accept,
+            _ => Verdict::Reject,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Reason::Granted => "granted",
@@ -89,18 +116,24 @@ impl Reason {
     }
 }
 
+/// The engine's answer for one packet; the reason implies the verdict.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Decision {
-    pub verdict: Verdict,
     pub reason: Reason,
 }
 
 impl Decision {
+    pub const ACCEPT: Decision = Decision {
+        reason: Reason::Granted,
+    };
+
     pub const fn reject(reason: Reason) -> Self {
-        Decision {
-            verdict: Verdict::Reject,
-            reason,
-        }
+        debug_assert!(!matches!(reason, Reason::Granted));
+        Decision { reason }
+    }
+
+    pub fn verdict(self) -> Verdict {
+        self.reason.verdict()
     }
 }
 
@@ -144,6 +177,12 @@ pub enum RevokeReason {
 }
 
 impl RevokeReason {
+    pub const ALL: [RevokeReason; 3] = [
+        RevokeReason::CloseKnock,
+        RevokeReason::Timeout,
+        RevokeReason::Admin,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             RevokeReason::CloseKnock => "close_knock",
@@ -199,6 +238,11 @@ impl Engine {
         &self.policies
     }
 
+    pub fn policy_id(&self, name: &str) -> Option<PolicyId> {
+        let index = self.policies.iter().position(|p| p.name == name)?;
+        PolicyId::try_from(index).ok()
+    }
+
     /// Number of sources currently tracked.
     pub fn tracked_sources(&self) -> usize {
         self.sources.len()
@@ -226,10 +270,7 @@ impl Engine {
         match role {
             PortRole::Knock { .. } => Decision::reject(Reason::Knock),
             PortRole::Close { .. } => Decision::reject(Reason::Close),
-            PortRole::Open { .. } if granted => Decision {
-                verdict: Verdict::Accept,
-                reason: Reason::Granted,
-            },
+            PortRole::Open { .. } if granted => Decision::ACCEPT,
             PortRole::Open { .. } | PortRole::Unrelated => Decision::reject(Reason::NoGrant),
         }
     }

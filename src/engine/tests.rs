@@ -16,10 +16,7 @@ open_ports = [22, 8080]
 close_port = 3333
 "#;
 
-const ACCEPT: Decision = Decision {
-    verdict: Verdict::Accept,
-    reason: Reason::Granted,
-};
+const ACCEPT: Decision = Decision::ACCEPT;
 const NO_GRANT: Decision = Decision::reject(Reason::NoGrant);
 const KNOCK: Decision = Decision::reject(Reason::Knock);
 
@@ -530,4 +527,11 @@ fn status_shows_progress_and_grants_with_time_left() {
         1,
         "progress timed out"
     );
+}
+
+#[test]
+fn reasons_index_their_list() {
+    for (i, reason) in Reason::ALL.into_iter().enumerate() {
+        assert_eq!(reason as usize, i);
+    }
 }

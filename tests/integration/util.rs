@@ -237,13 +237,28 @@ impl Net {
                 "--config",
             ])
             .arg(config)
+            .arg("--control-socket")
+            .arg(self.control_socket())
             .env("KNOCKQ_LOG", "debug")
             .stderr(fs::File::create(&log).unwrap())
             .spawn()
             .unwrap();
         let daemon = Daemon { child, log };
-        wait_for("the queue to be bound", || self.bound_queues() > 0);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.bound_queues() == 0 {
+            assert!(
+                Instant::now() < deadline,
+                "knockq did not bind its queue:\n{}",
+                daemon.log()
+            );
+            sleep(Duration::from_millis(20));
+        }
         daemon
+    }
+
+    /// The daemon's control socket, in the test's directory.
+    pub fn control_socket(&self) -> PathBuf {
+        self.dir.path().join("control.sock")
     }
 
     /// Lines of the gate namespace's nfnetlink_queue table: bound queues.
