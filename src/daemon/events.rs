@@ -149,6 +149,34 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_flood_of_events_is_counted_in_full_but_logged_within_the_limit() {
+        let text = "[[policy]]\nname = \"ssh\"\nsequence = [1111, 2222]\nopen_ports = [22]\n";
+        let config = crate::config::parse(text, std::path::Path::new("t.toml")).unwrap();
+        let engine = Engine::new(&config);
+        let metrics = Arc::new(Metrics::new(&config.policies, 0..1).unwrap());
+        let start = Instant::now();
+        let mut report = EventReport::new(Arc::clone(&metrics), start);
+        let reset = |i: u32| Event {
+            src: std::net::Ipv4Addr::from(i).into(),
+            policy: 0,
+            kind: EventKind::Reset,
+        };
+        let mut events: Vec<Event> = (0..1000).map(reset).collect();
+        report.publish(&engine, &mut events, start);
+        assert!(events.is_empty());
+        assert_eq!(
+            report.suppressed, 950,
+            "a burst of 50 reset lines, then silence"
+        );
+        assert!(metrics
+            .render(0)
+            .contains("knockq_knocks_total{outcome=\"reset\",policy=\"ssh\"} 1000"));
+        let mut events = vec![reset(1)];
+        report.publish(&engine, &mut events, start + SUMMARY_INTERVAL);
+        assert_eq!(report.suppressed, 0, "summarised once the interval passed");
+    }
+
+    #[test]
     fn the_bucket_allows_bursts_then_the_rate() {
         let start = Instant::now();
         let mut bucket = TokenBucket::new(3.0, 2.0, start);

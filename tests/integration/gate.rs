@@ -6,8 +6,6 @@ use std::time::Duration;
 
 use crate::util::*;
 
-const IPV4: &[&str] = &["iptables"];
-const DUAL_STACK: &[&str] = &["iptables", "ip6tables"];
 const NFT: &[&str] = &["nft"];
 
 /// Example policy with short windows, so tests can wait them out.
@@ -65,14 +63,14 @@ fn walkthrough(backends: &[&str], clients: [&str; 4]) {
 #[test]
 fn walkthrough_with_nc_iptables() {
     if can_run_end_to_end("walkthrough_with_nc_iptables") {
-        walkthrough(IPV4, CLIENTS4);
+        walkthrough(IPV4_RULES, CLIENTS4);
     }
 }
 
 #[test]
 fn walkthrough_with_nc_ipv6_ip6tables() {
     if can_run_end_to_end("walkthrough_with_nc_ipv6_ip6tables") {
-        walkthrough(DUAL_STACK, CLIENTS6);
+        walkthrough(DUAL_STACK_RULES, CLIENTS6);
     }
 }
 
@@ -160,7 +158,7 @@ fn knock_client_then_immediate_connect() {
     }
     let mut net = Net::new();
     net.listen(&[22]);
-    let _gate = net.start_gate(EXAMPLE_CONFIG, DUAL_STACK);
+    let _gate = net.start_gate(EXAMPLE_CONFIG, DUAL_STACK_RULES);
     for (flag, dst, src) in [("", GATE4, CLIENTS4[0]), ("-6", GATE6, CLIENTS6[0])] {
         for round in 0..5 {
             // No pause between the last knock and the connection.
@@ -185,7 +183,7 @@ fn nmap_as_knock_client() {
     }
     let mut net = Net::new();
     net.listen(&[22]);
-    let _gate = net.start_gate(EXAMPLE_CONFIG, IPV4);
+    let _gate = net.start_gate(EXAMPLE_CONFIG, IPV4_RULES);
     let src = CLIENTS4[2];
     for port in [1111, 2222] {
         let out = net.in_client(&format!(
@@ -205,7 +203,7 @@ fn wrong_order_and_duplicates() {
     }
     let mut net = Net::new();
     net.listen(&[22]);
-    let _gate = net.start_gate(EXAMPLE_CONFIG, IPV4);
+    let _gate = net.start_gate(EXAMPLE_CONFIG, IPV4_RULES);
     let [a, b, ..] = CLIENTS4;
     net.knock(a, &[2222, 1111]);
     assert!(net.connect(a, 22).is_rejected(), "wrong order");
@@ -220,7 +218,7 @@ fn strict_policy_resets_on_another_port() {
     }
     let mut net = Net::new();
     net.listen(&[22, 80]);
-    let gate = net.start_gate(EXAMPLE_CONFIG, IPV4);
+    let gate = net.start_gate(EXAMPLE_CONFIG, IPV4_RULES);
     let src = CLIENTS4[0];
     net.knock(src, &[1111]);
     assert!(net.connect(src, 80).is_rejected());
@@ -236,7 +234,7 @@ fn step_window_and_grant_timeout() {
     }
     let mut net = Net::new();
     net.listen(&[22]);
-    let gate = net.start_gate(&short_windows("1s", "2s"), IPV4);
+    let gate = net.start_gate(&short_windows("1s", "2s"), IPV4_RULES);
     let [slow, quick, ..] = CLIENTS4;
     net.knock(slow, &[1111]);
     net.knock(quick, &[1111, 2222]);
@@ -262,7 +260,7 @@ fn unparsable_packet_is_rejected() {
         return;
     }
     let net = Net::new();
-    let gate = net.start_gate(EXAMPLE_CONFIG, IPV4);
+    let gate = net.start_gate(EXAMPLE_CONFIG, IPV4_RULES);
     // Only TCP SYNs reach the queue through knockq's rules; queue UDP too.
     let out = net.in_gate("iptables -A KNOCKQ -p udp --dport 9 -j NFQUEUE --queue-num 0");
     assert!(out.status.success());
@@ -280,7 +278,7 @@ fn sigterm_unbinds_and_exits_cleanly() {
         return;
     }
     let net = Net::new();
-    let gate = net.start_gate(EXAMPLE_CONFIG, IPV4);
+    let gate = net.start_gate(EXAMPLE_CONFIG, IPV4_RULES);
     assert_eq!(net.bound_queues(), 1);
     let status = gate.stop(libc::SIGTERM);
     assert!(status.success(), "{status}");
@@ -295,7 +293,7 @@ fn two_queues_share_the_state() {
     let mut net = Net::new();
     net.listen(&[22]);
     let config = EXAMPLE_CONFIG.replace("count = 1", "count = 2");
-    let gate = net.start_gate(&config, DUAL_STACK);
+    let gate = net.start_gate(&config, DUAL_STACK_RULES);
     wait_for("both queues", || net.bound_queues() == 2);
     for src in CLIENTS4.iter().chain(CLIENTS6.iter()) {
         net.knock(src, &[1111, 2222]);
@@ -395,7 +393,7 @@ fn behaves_like_the_xt_recent_recipe() {
     let knockq = {
         let mut net = Net::new();
         net.listen(&[22, 8080, 443, 80]);
-        let _gate = net.start_gate(EXAMPLE_CONFIG, IPV4);
+        let _gate = net.start_gate(EXAMPLE_CONFIG, IPV4_RULES);
         outcomes(&net, &steps)
     };
     assert_eq!(knockq, recipe);

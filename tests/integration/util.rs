@@ -18,6 +18,10 @@ pub const CLIENTS6: [&str; 4] = ["fd09::2", "fd09::3", "fd09::4", "fd09::5"];
 
 pub const EXAMPLE_CONFIG: &str = include_str!("../../examples/knockq.toml");
 
+/// Rules for IPv4 only, and for both families, with the iptables backend.
+pub const IPV4_RULES: &[&str] = &["iptables"];
+pub const DUAL_STACK_RULES: &[&str] = &["iptables", "ip6tables"];
+
 pub fn knockq() -> Command {
     Command::new(env!("CARGO_BIN_EXE_knockq"))
 }
@@ -28,42 +32,46 @@ pub fn run(command: &mut Command) -> Output {
         .unwrap_or_else(|e| panic!("cannot run {command:?}: {e}"))
 }
 
-/// Whether this end-to-end test can run. When it cannot, says so loudly;
-/// under CI (`CI=true`) that is a failure, never a skip.
+/// Tools every end-to-end test uses.
+const END_TO_END_TOOLS: [&str; 7] = [
+    "ip",
+    "nc",
+    "knock",
+    "nmap",
+    "iptables-restore",
+    "ip6tables-restore",
+    "nft",
+];
+
+/// Whether this end-to-end test can run: root, and the usual tools.
 pub fn can_run_end_to_end(test: &str) -> bool {
-    let missing: Vec<_> = [
-        "ip",
-        "nc",
-        "knock",
-        "nmap",
-        "iptables-restore",
-        "ip6tables-restore",
-        "nft",
-    ]
-    .into_iter()
-    .filter(|tool| {
-        !Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .output()
-            .is_ok_and(|o| o.status.success())
-    })
-    .collect();
+    can_run(test, true, &END_TO_END_TOOLS)
+}
+
+/// Whether `test` can run; when it cannot, says so loudly. Under CI
+/// (`CI=true`) that is a failure, never a skip.
+pub fn can_run(test: &str, needs_root: bool, tools: &[&str]) -> bool {
+    let missing: Vec<_> = tools
+        .iter()
+        .filter(|tool| !sh(&format!("command -v {tool}")).status.success())
+        .copied()
+        .collect();
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
-    let why = match (root, missing.is_empty()) {
-        (true, true) => return true,
-        (false, _) => {
-            "it needs root (network namespaces, NFQUEUE); run the suite as root".to_owned()
-        }
-        (true, false) => format!(
+    let why = if needs_root && !root {
+        "it needs root (network namespaces, NFQUEUE); run the suite as root".to_owned()
+    } else if !missing.is_empty() {
+        format!(
             "missing tools: {}; `make test` installs them",
             missing.join(", ")
-        ),
+        )
+    } else {
+        return true;
     };
     if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("{test}: cannot run end-to-end test under CI: {why}");
+        panic!("{test}: cannot run under CI: {why}");
     }
-    eprintln!("\n########## {test}: END-TO-END TEST NOT RUN: {why} ##########\n");
+    eprintln!("\n########## {test}: TEST NOT RUN: {why} ##########\n");
     false
 }
 
@@ -223,6 +231,11 @@ impl Net {
     }
 
     pub fn start_daemon(&self, config: &Path) -> Daemon {
+        self.start_daemon_with(config, &[])
+    }
+
+    /// Starts `knockq run` with extra arguments.
+    pub fn start_daemon_with(&self, config: &Path, args: &[&str]) -> Daemon {
         let log = self.dir.path().join(format!(
             "knockq-{}.log",
             NEXT.fetch_add(1, Ordering::Relaxed)
@@ -239,6 +252,7 @@ impl Net {
             .arg(config)
             .arg("--control-socket")
             .arg(self.control_socket())
+            .args(args)
             .env("KNOCKQ_LOG", "debug")
             .stderr(fs::File::create(&log).unwrap())
             .spawn()
@@ -254,6 +268,29 @@ impl Net {
             sleep(Duration::from_millis(20));
         }
         daemon
+    }
+
+    /// An HTTP GET to 127.0.0.1:`port` inside the gate namespace: the
+    /// response head and body.
+    pub fn http_get(&self, port: u16, path: &str) -> (String, String) {
+        // The request goes through printf: escape the path's percent signs.
+        let path = path.replace('%', "%%");
+        let out = self.in_gate(&format!(
+            "printf \"GET {path} HTTP/1.0\\r\\nHost: 127.0.0.1\\r\\n\\r\\n\" | nc -w 10 127.0.0.1 {port}"
+        ));
+        let response = String::from_utf8(out.stdout).unwrap();
+        let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+        (head.to_owned(), body.to_owned())
+    }
+
+    /// Runs `knockq ARGS` in the gate namespace against the daemon's control socket.
+    pub fn knockq_control(&self, args: &str) -> Output {
+        let bin = env!("CARGO_BIN_EXE_knockq");
+        let socket = self.control_socket();
+        self.in_gate(&format!(
+            "{bin} {args} --control-socket {}",
+            socket.display()
+        ))
     }
 
     /// The daemon's control socket, in the test's directory.
