@@ -17,3 +17,4 @@ pub mod daemon;
 pub mod engine;
 pub mod firewall;
 pub mod packet;
+pub mod simulate;

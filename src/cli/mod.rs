@@ -4,6 +4,7 @@
 mod check;
 mod control;
 pub mod exit;
+mod simulate;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -74,6 +75,34 @@ enum Command {
         config: PathBuf,
         #[arg(long, value_enum, default_value_t = Backend::Nft)]
         backend: Backend,
+    },
+    /// Try configurations offline: replay a capture through the engine, or
+    /// check whether full-range port sweeps would walk through a sequence.
+    #[command(group = clap::ArgGroup::new("input").required(true).multiple(true).args(["pcap", "sweep"]))]
+    Simulate {
+        /// A configuration to try; give several to compare them side by side.
+        #[arg(long, short, required = true)]
+        config: Vec<PathBuf>,
+        /// A pcap or pcapng capture (Ethernet, Linux cooked or raw IP).
+        #[arg(long, value_name = "CAPTURE")]
+        pcap: Option<PathBuf>,
+        /// Also sweep all 65535 ports in ascending, descending and random order.
+        #[arg(long)]
+        sweep: bool,
+        /// Time between two probes of a sweep.
+        #[arg(long, default_value = "1ms", value_parser = humantime::parse_duration)]
+        sweep_interval: std::time::Duration,
+        /// Only SYNs to this address count (default: every SYN in the capture).
+        #[arg(long)]
+        dst: Option<IpAddr>,
+        #[arg(long, value_enum, default_value_t = simulate::Format::Text)]
+        format: simulate::Format,
+        /// List each source's state changes in order.
+        #[arg(long)]
+        timeline: bool,
+        /// List every SYN's verdict in order.
+        #[arg(long)]
+        verdicts: bool,
     },
     /// Validate a configuration and summarise its policies.
     Check {
@@ -149,6 +178,27 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let config = config::load(&config)?;
             print!("{}", Ruleset::from_config(&config).render(backend));
         }
+        Command::Simulate {
+            config,
+            pcap,
+            sweep,
+            sweep_interval,
+            dst,
+            format,
+            timeline,
+            verdicts,
+        } => print!(
+            "{}",
+            simulate::run(simulate::Simulation {
+                configs: config,
+                pcap,
+                sweep: sweep.then_some(sweep_interval),
+                dst,
+                format,
+                timeline,
+                verdicts,
+            })?
+        ),
         Command::Check { config: path } => {
             let config = config::load(&path)?;
             print!("{}", check::summary(&path, &config));

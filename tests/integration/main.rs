@@ -4,4 +4,5 @@
 mod cli;
 mod gate;
 mod observe;
+mod simulate;
 mod util;

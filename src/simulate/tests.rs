@@ -1,0 +1,363 @@
+//! Simulations over captures these tests write themselves.
+
+use std::borrow::Cow;
+use std::net::IpAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use etherparse::PacketBuilder;
+use pcap_file::pcap::{PcapHeader, PcapPacket, PcapWriter};
+use pcap_file::pcapng::blocks::enhanced_packet::EnhancedPacketBlock;
+use pcap_file::pcapng::blocks::interface_description::{
+    InterfaceDescriptionBlock, InterfaceDescriptionOption,
+};
+use pcap_file::pcapng::PcapNgWriter;
+use pcap_file::DataLink;
+
+use super::capture::{self, CaptureError};
+use super::sweep::{self, Order};
+use super::*;
+use crate::config;
+
+const SSH: &str = r#"
+[[policy]]
+name = "ssh"
+sequence = [1111, 2222]
+step_timeout = "10s"
+open_ports = [22, 8080]
+close_port = 3333
+"#;
+
+/// Capture time of the first packet, seconds from the epoch.
+const T0: f64 = 1_790_000_000.0;
+const GATE: &str = "10.9.0.1";
+
+/// One SYN (or SYN-ACK) of a test capture: seconds after T0, source, port.
+struct Syn(f64, &'static str, u16);
+
+fn frame(src: &str, dst_port: u16, ack: bool) -> Vec<u8> {
+    let builder = match (
+        src.parse::<IpAddr>().unwrap(),
+        GATE.parse::<IpAddr>().unwrap(),
+    ) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            PacketBuilder::ethernet2([2; 6], [4; 6]).ipv4(s.octets(), d.octets(), 64)
+        }
+        (IpAddr::V6(s), _) => {
+            let d: std::net::Ipv6Addr = "fd09::1".parse().unwrap();
+            PacketBuilder::ethernet2([2; 6], [4; 6]).ipv6(s.octets(), d.octets(), 64)
+        }
+        _ => unreachable!(),
+    };
+    let mut tcp = builder.tcp(40000, dst_port, 1, 64240).syn();
+    if ack {
+        tcp = tcp.ack(1);
+    }
+    let mut bytes = Vec::new();
+    tcp.write(&mut bytes, &[]).unwrap();
+    bytes
+}
+
+fn pcap(syns: &[Syn]) -> Vec<u8> {
+    let header = PcapHeader {
+        datalink: DataLink::ETHERNET,
+        ..Default::default()
+    };
+    let mut writer = PcapWriter::with_header(Vec::new(), header).unwrap();
+    for Syn(at, src, port) in syns {
+        let data = frame(src, *port, false);
+        let time = Duration::from_secs_f64(T0 + at);
+        writer
+            .write_packet(&PcapPacket::new(time, data.len() as u32, &data))
+            .unwrap();
+    }
+    writer.into_writer()
+}
+
+fn run(text: &str, capture_bytes: &[u8], options: &Options) -> Report {
+    let config = config::parse(text, Path::new("knockq.toml")).unwrap();
+    let capture = capture::parse(capture_bytes, Path::new("capture.pcap")).unwrap();
+    simulate(&config, "knockq.toml", &capture.packets, options)
+}
+
+fn ip(text: &str) -> IpAddr {
+    text.parse().unwrap()
+}
+
+#[test]
+fn a_clean_knock_and_connect() {
+    let report = run(
+        SSH,
+        &pcap(&[
+            Syn(0.0, "10.9.0.2", 1111),
+            Syn(1.0, "10.9.0.2", 2222),
+            Syn(1.5, "10.9.0.2", 22),
+        ]),
+        &Options::default(),
+    );
+    let ssh = &report.policies[0];
+    assert_eq!(ssh.granted.len(), 1);
+    assert_eq!(ssh.granted[0].source, ip("10.9.0.2"));
+    assert!((ssh.granted[0].at - (T0 + 1.0)).abs() < 1e-3);
+    assert_eq!(ssh.granted[0].knocks, 2);
+    assert!(ssh.incomplete.is_empty());
+    assert_eq!((ssh.open_port_accepted, ssh.open_port_refused), (1, 0));
+    assert_eq!(report.verdicts["accept/granted"], 1);
+    assert_eq!(report.verdicts["reject/knock"], 2);
+}
+
+#[test]
+fn a_slow_knock_misses_the_window() {
+    let report = run(
+        SSH,
+        &pcap(&[
+            Syn(0.0, "10.9.0.2", 1111),
+            Syn(11.0, "10.9.0.2", 2222),
+            Syn(12.0, "10.9.0.2", 22),
+        ]),
+        &Options::default(),
+    );
+    let ssh = &report.policies[0];
+    assert!(ssh.granted.is_empty());
+    assert_eq!(ssh.incomplete.len(), 1);
+    assert_eq!(ssh.incomplete[0].why, Why::Timeout);
+    assert_eq!((ssh.open_port_accepted, ssh.open_port_refused), (0, 1));
+}
+
+#[test]
+fn retransmitted_knocks_still_open() {
+    let syns = [
+        Syn(0.0, "10.9.0.2", 1111),
+        Syn(1.0, "10.9.0.2", 1111),
+        Syn(2.0, "10.9.0.2", 2222),
+        Syn(3.0, "10.9.0.2", 2222),
+        Syn(3.1, "10.9.0.2", 22),
+    ];
+    let options = Options {
+        timeline: true,
+        ..Default::default()
+    };
+    let report = run(SSH, &pcap(&syns), &options);
+    assert_eq!(report.policies[0].granted[0].knocks, 3);
+    let changes: Vec<&str> = report.timeline.iter().map(|c| c.change.as_str()).collect();
+    assert_eq!(
+        changes,
+        ["knock 1/2", "duplicate knock", "grant", "duplicate knock"]
+    );
+}
+
+#[test]
+fn an_interleaved_scan_resets_and_wrong_order_is_named() {
+    let three = "[[policy]]\nname = \"three\"\nsequence = [1, 2, 3]\nopen_ports = [22]\n";
+    let syns = [
+        Syn(0.0, "10.9.0.2", 1),
+        Syn(0.1, "10.9.0.2", 80),
+        Syn(0.2, "10.9.0.2", 2),
+        Syn(0.0, "10.9.0.3", 1),
+        Syn(0.1, "10.9.0.3", 3),
+        Syn(0.0, "10.9.0.4", 1),
+    ];
+    let report = run(three, &pcap(&syns), &Options::default());
+    let whys: Vec<(IpAddr, Why)> = report.policies[0]
+        .incomplete
+        .iter()
+        .map(|i| (i.source, i.why))
+        .collect();
+    assert_eq!(
+        whys,
+        [
+            (ip("10.9.0.2"), Why::ResetByOtherPort { port: 80 }),
+            (ip("10.9.0.3"), Why::WrongOrder { port: 3 }),
+            (ip("10.9.0.4"), Why::KnockingAtEnd),
+        ]
+    );
+}
+
+#[test]
+fn ipv6_sources_and_syn_acks() {
+    let mut bytes = pcap(&[Syn(0.0, "fd09::2", 1111), Syn(0.5, "fd09::2", 2222)]);
+    // A SYN-ACK is not a connection attempt: the gate never sees it.
+    let mut writer = PcapWriter::with_header(Vec::new(), PcapHeader::default()).unwrap();
+    let data = frame("fd09::3", 1111, true);
+    writer
+        .write_packet(&PcapPacket::new(
+            Duration::from_secs_f64(T0),
+            data.len() as u32,
+            &data,
+        ))
+        .unwrap();
+    bytes.extend_from_slice(&writer.into_writer()[24..]);
+    let report = run(SSH, &bytes, &Options::default());
+    assert_eq!(report.syns, 2);
+    assert_eq!(report.policies[0].granted[0].source, ip("fd09::2"));
+}
+
+fn pcapng(syns: &[Syn], resolution: Option<u8>) -> Vec<u8> {
+    let mut writer = PcapNgWriter::new(Vec::new()).unwrap();
+    let options = resolution
+        .map(InterfaceDescriptionOption::IfTsResol)
+        .into_iter()
+        .collect();
+    writer
+        .write_pcapng_block(InterfaceDescriptionBlock {
+            linktype: DataLink::ETHERNET,
+            snaplen: 0,
+            options,
+        })
+        .unwrap();
+    let ticks_per_second = 10f64.powi(i32::from(resolution.unwrap_or(6)));
+    for Syn(at, src, port) in syns {
+        let data = frame(src, *port, false);
+        let ticks = ((T0 + at) * ticks_per_second) as u64;
+        writer
+            .write_pcapng_block(EnhancedPacketBlock {
+                interface_id: 0,
+                // pcap-file stores this tick count as is.
+                timestamp: Duration::from_nanos(ticks),
+                original_len: data.len() as u32,
+                data: Cow::Owned(data),
+                options: vec![],
+            })
+            .unwrap();
+    }
+    writer.into_inner()
+}
+
+#[test]
+fn pcapng_timestamps_follow_the_interface_resolution() {
+    let syns = [Syn(0.0, "10.9.0.2", 1111), Syn(9.0, "10.9.0.2", 2222)];
+    for resolution in [None, Some(9), Some(3)] {
+        let report = run(SSH, &pcapng(&syns, resolution), &Options::default());
+        let granted = &report.policies[0].granted;
+        assert_eq!(granted.len(), 1, "resolution {resolution:?}");
+        assert!(
+            (granted[0].at - (T0 + 9.0)).abs() < 1e-3,
+            "resolution {resolution:?}: {}",
+            granted[0].at
+        );
+    }
+    // Eleven seconds apart in microseconds is not eleven milliseconds.
+    let late = [Syn(0.0, "10.9.0.2", 1111), Syn(11.0, "10.9.0.2", 2222)];
+    let report = run(SSH, &pcapng(&late, None), &Options::default());
+    assert_eq!(report.policies[0].incomplete[0].why, Why::Timeout);
+}
+
+#[test]
+fn linux_cooked_captures_are_read() {
+    let header = PcapHeader {
+        datalink: DataLink::LINUX_SLL,
+        ..Default::default()
+    };
+    let mut writer = PcapWriter::with_header(Vec::new(), header).unwrap();
+    for (at, port) in [(0.0, 1111), (1.0, 2222)] {
+        let mut data = vec![0u8; 14];
+        data.extend([0x08, 0x00]);
+        data.extend(&frame("10.9.0.2", port, false)[14..]);
+        writer
+            .write_packet(&PcapPacket::new(
+                Duration::from_secs_f64(T0 + at),
+                data.len() as u32,
+                &data,
+            ))
+            .unwrap();
+    }
+    let report = run(SSH, &writer.into_writer(), &Options::default());
+    assert_eq!(report.policies[0].granted.len(), 1);
+}
+
+#[test]
+fn a_cut_off_capture_keeps_its_complete_records() {
+    let full = pcap(&[
+        Syn(0.0, "10.9.0.2", 1111),
+        Syn(1.0, "10.9.0.2", 2222),
+        Syn(2.0, "10.9.0.2", 22),
+    ]);
+    let cut = &full[..full.len() - 10];
+    let capture = capture::parse(cut, Path::new("cut.pcap")).unwrap();
+    assert_eq!(capture.packets.len(), 2);
+    let record = (full.len() - 24) / 3;
+    assert_eq!(
+        capture.cut_at,
+        Some((24 + 2 * record, "the last record is incomplete".to_owned()))
+    );
+    assert_eq!(
+        capture::parse(&full, Path::new("full.pcap"))
+            .unwrap()
+            .cut_at,
+        None
+    );
+}
+
+#[test]
+fn files_that_are_not_captures_are_refused() {
+    let err =
+        capture::parse(b"[[policy]]\nname = \"ssh\"\n", Path::new("knockq.toml")).unwrap_err();
+    assert_eq!(err.to_string(), "knockq.toml: not a pcap or pcapng capture");
+    let header = PcapHeader {
+        datalink: DataLink::PPP,
+        ..Default::default()
+    };
+    let ppp = PcapWriter::with_header(Vec::new(), header)
+        .unwrap()
+        .into_writer();
+    let err = capture::parse(&ppp, Path::new("ppp.pcap")).unwrap_err();
+    assert!(matches!(err, CaptureError::UnsupportedLink { .. }));
+    assert_eq!(
+        err.to_string(),
+        "ppp.pcap: link type PPP is not supported (Ethernet, Linux cooked SLL/SLL2, raw IP are)"
+    );
+}
+
+#[test]
+fn two_configurations_side_by_side() {
+    let syns = pcap(&[
+        Syn(0.0, "10.9.0.2", 1111),
+        Syn(7.0, "10.9.0.2", 2222),
+        Syn(7.5, "10.9.0.2", 22),
+    ]);
+    let short = SSH.replace("\"10s\"", "\"5s\"");
+    let mut first = run(&short, &syns, &Options::default());
+    first.config = "short.toml".into();
+    let second = run(SSH, &syns, &Options::default());
+    let csv = report::csv(&[first.clone(), second.clone()]);
+    assert!(csv.starts_with("measure,short.toml,knockq.toml\n"), "{csv}");
+    assert!(csv.contains("\nssh: sources granted,0,1\n"), "{csv}");
+    assert!(csv.contains("\nssh: incomplete (timeout),1,0\n"), "{csv}");
+    assert!(
+        csv.contains("\nssh: open-port SYNs accepted,0,1\n"),
+        "{csv}"
+    );
+    let text = report::text(&[first, second]);
+    assert!(
+        text.contains("\nssh: sources granted                              0            1\n"),
+        "{text}"
+    );
+}
+
+fn sweep_results(text: &str) -> Vec<(Order, Option<u64>)> {
+    let config = config::parse(text, Path::new("knockq.toml")).unwrap();
+    sweep::sweep(&config, Duration::from_millis(1))
+        .into_iter()
+        .map(|r| (r.order, r.granted_at_probe))
+        .collect()
+}
+
+#[test]
+fn full_sweeps_never_walk_through_a_strict_policy() {
+    assert_eq!(
+        sweep_results(SSH),
+        [
+            (Order::Ascending, None),
+            (Order::Descending, None),
+            (Order::Random, None)
+        ]
+    );
+}
+
+#[test]
+fn an_ascending_sweep_walks_through_a_lenient_ascending_sequence() {
+    let lenient = SSH.replace("close_port", "strict = false\nclose_port");
+    let results = sweep_results(&lenient);
+    assert_eq!(results[0], (Order::Ascending, Some(2222)));
+    assert_eq!(results[1], (Order::Descending, None));
+}
