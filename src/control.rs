@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::engine::{Engine, EventSink, GrantLeft, PolicyId, Timestamp};
+use crate::engine::{Engine, EventSink, GrantLeft, PolicyKey, Timestamp};
 
 /// Longest request line the daemon reads.
 pub const MAX_REQUEST_BYTES: u64 = 4096;
@@ -114,13 +114,12 @@ fn carry_out(
 ) -> Result<Response, String> {
     match request {
         Request::Status {} => {
-            let policies = engine.policies();
             let sources = engine
                 .status(now)
                 .into_iter()
                 .map(|s| SourceEntry {
                     source: s.src,
-                    policy: policies[usize::from(s.policy)].name.clone(),
+                    policy: s.policy,
                     grant: s.status.grant.map(GrantEntry::from),
                     progress: s.status.progress.map(|p| ProgressEntry {
                         stage: p.stage,
@@ -136,7 +135,7 @@ fn carry_out(
             policy,
             duration,
         } => {
-            let id = policy_id(engine, &policy)?;
+            let key = policy_key(engine, &policy)?;
             let duration = duration
                 .map(|text| match humantime::parse_duration(&text) {
                     Ok(d) if !d.is_zero() => Ok(d),
@@ -145,12 +144,12 @@ fn carry_out(
                 })
                 .transpose()?;
             engine
-                .grant(source, id, duration, now, events)
+                .grant(source, key, duration, now, events)
                 .map_err(|e| e.to_string())?;
             let grant = engine
                 .status(now)
                 .into_iter()
-                .find(|s| s.src == source && s.policy == id)
+                .find(|s| s.src == source && s.policy == policy)
                 .and_then(|s| s.status.grant)
                 .map(GrantEntry::from)
                 .ok_or("the grant ended at once")?;
@@ -161,11 +160,11 @@ fn carry_out(
             })
         }
         Request::Revoke { source, policy } => {
-            let id = policy
+            let key = policy
                 .as_deref()
-                .map(|name| policy_id(engine, name))
+                .map(|name| policy_key(engine, name))
                 .transpose()?;
-            match engine.revoke(source, id, now, events) {
+            match engine.revoke(source, key, now, events) {
                 0 => Err(format!(
                     "{source} holds no grant{}",
                     match &policy {
@@ -179,9 +178,10 @@ fn carry_out(
     }
 }
 
-fn policy_id(engine: &Engine, name: &str) -> Result<PolicyId, String> {
-    engine.policy_id(name).ok_or_else(|| {
-        let names: Vec<&str> = engine.policies().iter().map(|p| p.name.as_str()).collect();
+fn policy_key(engine: &Engine, name: &str) -> Result<PolicyKey, String> {
+    let policies = engine.policies();
+    policies.by_name(name).ok_or_else(|| {
+        let names: Vec<&str> = policies.list().iter().map(|p| p.name.as_str()).collect();
         format!("unknown policy \"{name}\" (policies: {})", names.join(", "))
     })
 }

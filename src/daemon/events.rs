@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
 
 use super::metrics::Metrics;
-use crate::engine::{Engine, Event, EventKind};
+use crate::engine::{Engine, Event, EventKind, Policies};
 
 /// How often a summary of suppressed lines may be logged.
 const SUMMARY_INTERVAL: Duration = Duration::from_secs(10);
@@ -40,18 +40,28 @@ impl EventReport {
 
     /// Counts and logs `events`, and empties the buffer for reuse.
     pub fn publish(&mut self, engine: &Engine, events: &mut Vec<Event>, now: Instant) {
+        if events.is_empty() {
+            return self.summarise(now);
+        }
         self.metrics.events(events);
+        let policies = engine.policies();
         for event in events.drain(..) {
-            self.log(engine, event, now);
+            self.log(&policies, event, now);
         }
         self.summarise(now);
     }
 
-    fn log(&mut self, engine: &Engine, Event { src, policy, kind }: Event, now: Instant) {
-        let policy = &engine.policies()[usize::from(policy)];
+    fn log(&mut self, policies: &Policies, Event { src, policy, kind }: Event, now: Instant) {
+        // A reload may have removed the policy since the event.
+        let Some(policy) = policies.get(policy) else {
+            return;
+        };
         let name = policy.name.as_str();
         let bucket = match kind {
-            EventKind::Granted | EventKind::Refreshed | EventKind::Revoked(_) => &mut self.grants,
+            EventKind::Granted
+            | EventKind::Refreshed
+            | EventKind::Restored
+            | EventKind::Revoked(_) => &mut self.grants,
             EventKind::Reset | EventKind::Expired => &mut self.noise,
             EventKind::Advanced { stage } => {
                 return debug!(event = %"knock", %src, policy = %name, stage);
@@ -65,18 +75,14 @@ impl EventReport {
             return;
         }
         match kind {
-            EventKind::Granted | EventKind::Refreshed => {
-                let event = if kind == EventKind::Granted {
-                    "grant"
-                } else {
-                    "refresh"
+            EventKind::Granted | EventKind::Refreshed | EventKind::Restored => {
+                let event = match kind {
+                    EventKind::Granted => "grant",
+                    EventKind::Refreshed => "refresh",
+                    _ => "restore",
                 };
                 let ports = PortList(&policy.open_ports);
-                let until = match policy.grant_timeout {
-                    Some(timeout) => humantime::format_duration(timeout).to_string(),
-                    None => "close".to_owned(),
-                };
-                info!(event = %event, %src, policy = %name, %ports, %until);
+                info!(event = %event, %src, policy = %name, %ports);
             }
             EventKind::Revoked(reason) => {
                 info!(event = %"revoke", %src, policy = %name, reason = %reason.as_str())
@@ -153,12 +159,13 @@ mod tests {
         let text = "[[policy]]\nname = \"ssh\"\nsequence = [1111, 2222]\nopen_ports = [22]\n";
         let config = crate::config::parse(text, std::path::Path::new("t.toml")).unwrap();
         let engine = Engine::new(&config);
-        let metrics = Arc::new(Metrics::new(&config.policies, 0..1).unwrap());
+        let metrics = Arc::new(Metrics::new(&engine.policies(), 0..1).unwrap());
         let start = Instant::now();
         let mut report = EventReport::new(Arc::clone(&metrics), start);
+        let key = engine.policies().key(0);
         let reset = |i: u32| Event {
             src: std::net::Ipv4Addr::from(i).into(),
-            policy: 0,
+            policy: key,
             kind: EventKind::Reset,
         };
         let mut events: Vec<Event> = (0..1000).map(reset).collect();

@@ -2,9 +2,11 @@
 //! verdict path only does atomic adds, and the families read at scrape time
 //! (tracked sources, the kernel's queue drop counters).
 
+use std::collections::HashMap;
 use std::ops::Range;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
 use prometheus::{
@@ -12,8 +14,7 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use crate::config::Policy;
-use crate::engine::{Event, EventKind, Reason, RevokeReason};
+use crate::engine::{Event, EventKind, Policies, PolicyKey, Reason, Reloaded, RevokeReason};
 
 /// Knock outcomes, in label order.
 const KNOCK_OUTCOMES: [&str; 5] = ["advanced", "duplicate", "restarted", "reset", "expired"];
@@ -26,18 +27,57 @@ pub struct Metrics {
     /// Indexed like [`Reason::ALL`].
     verdicts: Vec<IntCounter>,
     verdict_duration: Histogram,
-    /// Per policy, indexed like [`KNOCK_OUTCOMES`].
-    knocks: Vec<Vec<IntCounter>>,
-    grants: Vec<IntCounter>,
-    /// Per policy, indexed like [`REVOKE_REASONS`].
-    revoked: Vec<Vec<IntCounter>>,
-    active_grants: Vec<IntGauge>,
+    per_policy: PolicyFamilies,
+    /// Handles of the policies in force, replaced on reload.
+    policies: ArcSwap<HashMap<PolicyKey, PolicyHandles>>,
     evictions: IntCounter,
     tracked_sources: IntGauge,
 }
 
+/// The families labelled by policy.
+struct PolicyFamilies {
+    knocks: IntCounterVec,
+    grants: IntCounterVec,
+    revoked: IntCounterVec,
+    active: IntGaugeVec,
+}
+
+/// One policy's series, resolved once.
+struct PolicyHandles {
+    /// Indexed like [`KNOCK_OUTCOMES`].
+    knocks: Vec<IntCounter>,
+    grants: IntCounter,
+    /// Indexed like [`REVOKE_REASONS`].
+    revoked: Vec<IntCounter>,
+    active: IntGauge,
+}
+
+impl PolicyFamilies {
+    fn handles(&self, policies: &Policies) -> HashMap<PolicyKey, PolicyHandles> {
+        policies
+            .keys()
+            .map(|(key, policy)| {
+                let name = policy.name.as_str();
+                let handles = PolicyHandles {
+                    knocks: KNOCK_OUTCOMES
+                        .iter()
+                        .map(|o| self.knocks.with_label_values(&[name, o]))
+                        .collect(),
+                    grants: self.grants.with_label_values(&[name]),
+                    revoked: REVOKE_REASONS
+                        .iter()
+                        .map(|r| self.revoked.with_label_values(&[name, r]))
+                        .collect(),
+                    active: self.active.with_label_values(&[name]),
+                };
+                (key, handles)
+            })
+            .collect()
+    }
+}
+
 impl Metrics {
-    pub fn new(policies: &[Policy], queues: Range<u16>) -> prometheus::Result<Self> {
+    pub fn new(policies: &Policies, queues: Range<u16>) -> prometheus::Result<Self> {
         let registry = Registry::new();
         let register = |c: Box<dyn Collector>| registry.register(c);
 
@@ -63,60 +103,35 @@ impl Metrics {
         )?;
         register(Box::new(verdict_duration.clone()))?;
 
-        let per_policy =
+        let counters =
             |name: &str, help: &str, labels: &[&str]| -> prometheus::Result<IntCounterVec> {
                 let vec = IntCounterVec::new(Opts::new(name, help), labels)?;
                 register(Box::new(vec.clone()))?;
                 Ok(vec)
             };
-        let knocks_vec = per_policy(
-            "knockq_knocks_total",
-            "Knocks on sequence ports and what they did, by policy.",
-            &["policy", "outcome"],
-        )?;
-        let grants_vec = per_policy(
-            "knockq_grants_total",
-            "Grants opened, by policy.",
-            &["policy"],
-        )?;
-        let revoked_vec = per_policy(
-            "knockq_grants_revoked_total",
-            "Grants ended, by policy and reason.",
-            &["policy", "reason"],
-        )?;
-        let active_vec = IntGaugeVec::new(
-            Opts::new("knockq_active_grants", "Grants open now, by policy."),
-            &["policy"],
-        )?;
-        register(Box::new(active_vec.clone()))?;
-
-        let names: Vec<&str> = policies.iter().map(|p| p.name.as_str()).collect();
-        let knocks = names
-            .iter()
-            .map(|p| {
-                KNOCK_OUTCOMES
-                    .iter()
-                    .map(|o| knocks_vec.with_label_values(&[p, o]))
-                    .collect()
-            })
-            .collect();
-        let grants = names
-            .iter()
-            .map(|p| grants_vec.with_label_values(&[p]))
-            .collect();
-        let revoked = names
-            .iter()
-            .map(|p| {
-                REVOKE_REASONS
-                    .iter()
-                    .map(|r| revoked_vec.with_label_values(&[p, r]))
-                    .collect()
-            })
-            .collect();
-        let active_grants = names
-            .iter()
-            .map(|p| active_vec.with_label_values(&[p]))
-            .collect();
+        let per_policy = PolicyFamilies {
+            knocks: counters(
+                "knockq_knocks_total",
+                "Knocks on sequence ports and what they did, by policy.",
+                &["policy", "outcome"],
+            )?,
+            grants: counters(
+                "knockq_grants_total",
+                "Grants opened, by policy.",
+                &["policy"],
+            )?,
+            revoked: counters(
+                "knockq_grants_revoked_total",
+                "Grants ended, by policy and reason.",
+                &["policy", "reason"],
+            )?,
+            active: IntGaugeVec::new(
+                Opts::new("knockq_active_grants", "Grants open now, by policy."),
+                &["policy"],
+            )?,
+        };
+        register(Box::new(per_policy.active.clone()))?;
+        let handles = per_policy.handles(policies);
 
         let evictions = IntCounter::new(
             "knockq_state_evictions_total",
@@ -149,13 +164,21 @@ impl Metrics {
             registry,
             verdicts,
             verdict_duration,
-            knocks,
-            grants,
-            revoked,
-            active_grants,
+            per_policy,
+            policies: ArcSwap::from_pointee(handles),
             evictions,
             tracked_sources,
         })
+    }
+
+    /// Follows a reload: series for the policies now in force; the active
+    /// grants of dropped policies went with their state.
+    pub fn reloaded(&self, policies: &Policies, reloaded: &Reloaded) {
+        for name in &reloaded.dropped {
+            let _ = self.per_policy.active.remove_label_values(&[name]);
+        }
+        self.policies
+            .store(std::sync::Arc::new(self.per_policy.handles(policies)));
     }
 
     /// Counts one verdict; atomic adds only.
@@ -165,9 +188,16 @@ impl Metrics {
     }
 
     pub fn events(&self, events: &[Event]) {
+        let policies = self.policies.load();
         for event in events {
-            let policy = usize::from(event.policy);
-            let knock = |outcome: usize| self.knocks[policy][outcome].inc();
+            if event.kind == EventKind::Evicted {
+                self.evictions.inc();
+            }
+            // A reload may have removed the policy since the event.
+            let Some(policy) = policies.get(&event.policy) else {
+                continue;
+            };
+            let knock = |outcome: usize| policy.knocks[outcome].inc();
             match event.kind {
                 EventKind::Advanced { .. } => knock(0),
                 EventKind::Duplicate => knock(1),
@@ -175,20 +205,21 @@ impl Metrics {
                 EventKind::Reset => knock(3),
                 EventKind::Expired => knock(4),
                 EventKind::Granted => {
-                    self.grants[policy].inc();
-                    self.active_grants[policy].inc();
+                    policy.grants.inc();
+                    policy.active.inc();
                 }
-                EventKind::Refreshed => {}
+                // Opened before a restart: open again, not opened again.
+                EventKind::Restored => policy.active.inc(),
                 EventKind::Revoked(reason) => {
                     let index = match reason {
                         RevokeReason::CloseKnock => 0,
                         RevokeReason::Timeout => 1,
                         RevokeReason::Admin => 3,
                     };
-                    self.revoked[policy][index].inc();
-                    self.active_grants[policy].dec();
+                    policy.revoked[index].inc();
+                    policy.active.dec();
                 }
-                EventKind::Evicted => self.evictions.inc(),
+                EventKind::Refreshed | EventKind::Evicted => {}
             }
         }
     }
@@ -287,10 +318,13 @@ mod tests {
     use super::*;
     use std::path::Path;
 
-    fn metrics() -> Metrics {
+    fn engine() -> crate::engine::Engine {
         let text = "[[policy]]\nname = \"ssh\"\nsequence = [1111, 2222]\nopen_ports = [22]\n";
-        let config = crate::config::parse(text, Path::new("t.toml")).unwrap();
-        Metrics::new(&config.policies, 0..1).unwrap()
+        crate::engine::Engine::new(&crate::config::parse(text, Path::new("t.toml")).unwrap())
+    }
+
+    fn metrics() -> Metrics {
+        Metrics::new(&engine().policies(), 0..1).unwrap()
     }
 
     fn value(rendered: &str, series: &str) -> Option<f64> {
@@ -299,17 +333,16 @@ mod tests {
             .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
     }
 
-    fn event(kind: EventKind) -> Event {
-        Event {
-            src: "10.0.0.2".parse().unwrap(),
-            policy: 0,
-            kind,
-        }
-    }
-
     #[test]
     fn every_engine_outcome_moves_its_series() {
-        let metrics = metrics();
+        let engine = engine();
+        let metrics = Metrics::new(&engine.policies(), 0..1).unwrap();
+        let key = engine.policies().key(0);
+        let event = |kind| Event {
+            src: "10.0.0.2".parse().unwrap(),
+            policy: key,
+            kind,
+        };
         metrics.events(&[
             event(EventKind::Advanced { stage: 1 }),
             event(EventKind::Duplicate),

@@ -68,7 +68,7 @@ pub enum DaemonError {
 
 pub fn run(config: &Config) -> Result<(), DaemonError> {
     let engine = Arc::new(Engine::new(config));
-    let metrics = Arc::new(Metrics::new(&config.policies, config.queue.numbers())?);
+    let metrics = Arc::new(Metrics::new(&engine.policies(), config.queue.numbers())?);
     let clock = Clock::start();
     // Set-up that must happen while this is the only thread: finding each
     // queue's socket and binding the control socket under a narrow umask.
@@ -133,7 +133,7 @@ pub fn run(config: &Config) -> Result<(), DaemonError> {
             .map_err(DaemonError::Threads)?;
         workers.push(handle);
     }
-    let names: Vec<&str> = engine.policies().iter().map(|p| p.name.as_str()).collect();
+    let names: Vec<String> = config.policies.iter().map(|p| p.name.clone()).collect();
     info!(
         "knockq gate running on {}, policies: {}; control socket {}; metrics {}",
         config.queue,

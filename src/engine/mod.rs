@@ -2,6 +2,7 @@
 //! the time of each packet, which makes every rule testable without sleeping
 //! and lets the simulator replay captures with their own timestamps.
 
+mod policies;
 mod ports;
 mod source;
 mod table;
@@ -10,16 +11,21 @@ mod table;
 mod tests;
 
 use std::net::IpAddr;
+use std::sync::atomic::AtomicU32;
+use std::sync::Arc;
 use std::time::Duration;
+
+use arc_swap::ArcSwap;
 
 use crate::config::{Config, Policy};
 
+pub use policies::{Policies, PolicyKey};
 pub use ports::{PolicySet, PortMap, PortRole};
 use source::SourceState;
 pub use source::{GrantLeft, PolicyStatus, Progress};
 use table::SourceTable;
 
-/// Index of a policy in the configuration's policy list.
+/// Index of a policy in the list in force.
 pub type PolicyId = u8;
 
 /// A point on a monotonic clock, in milliseconds from an arbitrary origin.
@@ -141,7 +147,7 @@ impl Decision {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Event {
     pub src: IpAddr,
-    pub policy: PolicyId,
+    pub policy: PolicyKey,
     pub kind: EventKind,
 }
 
@@ -163,6 +169,8 @@ pub enum EventKind {
     Granted,
     /// The sequence was completed again while granted: the grant starts over.
     Refreshed,
+    /// A grant saved before a restart was put back.
+    Restored,
     Revoked(RevokeReason),
     /// Dropped to make room in a full table.
     Evicted,
@@ -210,37 +218,67 @@ impl EventSink for Vec<Event> {
 #[error("the source table is full of grants")]
 pub struct TableFull;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SourceStatus {
     pub src: IpAddr,
-    pub policy: PolicyId,
+    pub policy: String,
     pub status: PolicyStatus,
 }
 
-/// The gate's whole state: policies, the port lookup, and the bounded table
-/// of sources that made progress or hold a grant. Shared by all workers.
+/// What a reload did to the policies.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reloaded {
+    /// Same knock, same ports: their grants and progress carry on.
+    pub kept: Vec<String>,
+    /// New or changed: they start with no state.
+    pub fresh: Vec<String>,
+    /// Gone or changed: their state was dropped.
+    pub dropped: Vec<String>,
+}
+
+/// The gate's whole state: the policies in force and the bounded table of
+/// sources that made progress or hold a grant. Shared by all workers.
 pub struct Engine {
-    policies: Vec<Policy>,
-    ports: PortMap,
+    policies: ArcSwap<Policies>,
     sources: SourceTable,
+    next_key: AtomicU32,
 }
 
 impl Engine {
     pub fn new(config: &Config) -> Self {
+        let next_key = AtomicU32::new(0);
         Engine {
-            policies: config.policies.clone(),
-            ports: PortMap::new(&config.policies),
+            policies: ArcSwap::from_pointee(Policies::new(&config.policies, None, &next_key)),
             sources: SourceTable::new(config.limits.max_sources),
+            next_key,
         }
     }
 
-    pub fn policies(&self) -> &[Policy] {
-        &self.policies
+    /// The policies in force now.
+    pub fn policies(&self) -> Arc<Policies> {
+        self.policies.load_full()
     }
 
-    pub fn policy_id(&self, name: &str) -> Option<PolicyId> {
-        let index = self.policies.iter().position(|p| p.name == name)?;
-        PolicyId::try_from(index).ok()
+    /// Puts `list` in force at once. Policies whose name, sequence and ports
+    /// are unchanged keep their sources' state; the state of the others is
+    /// forgotten. Call from one thread at a time.
+    pub fn reload(&self, list: &[Policy]) -> Reloaded {
+        let old = self.policies.load_full();
+        let new = Policies::new(list, Some(&old), &self.next_key);
+        let mut reloaded = Reloaded::default();
+        for (key, policy) in new.keys() {
+            match old.get(key) {
+                Some(_) => reloaded.kept.push(policy.name.clone()),
+                None => reloaded.fresh.push(policy.name.clone()),
+            }
+        }
+        for (key, policy) in old.keys() {
+            if new.get(key).is_none() {
+                reloaded.dropped.push(policy.name.clone());
+            }
+        }
+        self.policies.store(Arc::new(new));
+        reloaded
     }
 
     /// Number of sources currently tracked.
@@ -252,19 +290,20 @@ impl Engine {
     /// packet is complete when this returns, so the next packet from the same
     /// source already sees it.
     pub fn decide(&self, syn: Syn, now: Timestamp, events: &mut impl EventSink) -> Decision {
-        let role = self.ports.role(syn.dst_port);
+        let policies = self.policies.load();
+        let role = policies.ports.role(syn.dst_port);
         // Only the first port of a sequence starts tracking a stranger.
         let starts = match role {
-            PortRole::Knock { step: 0, policy } => Some(policy),
+            PortRole::Knock { step: 0, policy } => Some(policies.key(policy)),
             _ => None,
         };
         let granted = self
             .sources
             .update(syn.src, starts.is_some(), now, events, |source, events| {
-                if let Some(policy) = starts {
-                    source.slot_or_insert(policy, now);
+                if let Some(key) = starts {
+                    source.slot_or_insert(key, now);
                 }
-                self.apply(syn.src, source, role, now, events)
+                apply(&policies, syn.src, source, role, now, events)
             })
             .unwrap_or(false);
         match role {
@@ -275,68 +314,63 @@ impl Engine {
         }
     }
 
-    /// Applies one SYN to every policy the source has state in. Returns
-    /// whether the source holds a grant that opens the SYN's port.
-    fn apply(
-        &self,
-        src: IpAddr,
-        source: &mut SourceState,
-        role: PortRole,
-        now: Timestamp,
-        events: &mut impl EventSink,
-    ) -> bool {
-        let mut granted = false;
-        for slot in source.slots_mut() {
-            let id = slot.policy;
-            let policy = &self.policies[usize::from(id)];
-            let mut emit = |kind| {
-                events.event(Event {
-                    src,
-                    policy: id,
-                    kind,
-                })
-            };
-            slot.settle(policy, now, &mut emit);
-            match role {
-                PortRole::Knock { policy: p, step } if p == id => {
-                    slot.knock(policy, step, now, &mut emit)
-                }
-                PortRole::Close { policy: p } if p == id => {
-                    slot.revoke(RevokeReason::CloseKnock, &mut emit);
-                    slot.other_syn(policy, &mut emit);
-                }
-                _ => {
-                    slot.other_syn(policy, &mut emit);
-                    if let PortRole::Open { policies } = role {
-                        granted |= policies.contains(id) && slot.is_granted();
-                    }
-                }
-            }
-        }
-        source.remove_empty_slots();
-        granted
-    }
-
     /// Opens a grant for `src` by hand, for `duration` or, without one, for
-    /// the policy's grant timeout. Fails only when the table is full of
-    /// grants.
+    /// the policy's grant timeout. Fails when the policy is no longer in
+    /// force or the table is full of grants.
     pub fn grant(
         &self,
         src: IpAddr,
-        policy: PolicyId,
+        key: PolicyKey,
         duration: Option<Duration>,
         now: Timestamp,
         events: &mut impl EventSink,
-    ) -> Result<(), TableFull> {
-        let timeout = duration.or(self.policies[usize::from(policy)].grant_timeout);
+    ) -> Result<(), GrantError> {
+        let policies = self.policies.load();
+        let policy = policies.get(key).ok_or(GrantError::NoSuchPolicy)?;
+        let end = source::grant_end(duration.or(policy.grant_timeout), now);
         self.sources
             .update(src, true, now, events, |source, events| {
-                let slot = source.slot_or_insert(policy, now);
-                slot.grant(source::grant_end(timeout, now), &mut |kind| {
-                    events.event(Event { src, policy, kind })
+                let slot = source.slot_or_insert(key, now);
+                slot.grant(end, &mut |kind| {
+                    events.event(Event {
+                        src,
+                        policy: key,
+                        kind,
+                    })
                 });
             })
-            .ok_or(TableFull)
+            .ok_or(GrantError::TableFull(TableFull))
+    }
+
+    /// Puts back a grant saved before a restart, with the time it had left.
+    pub fn restore(
+        &self,
+        src: IpAddr,
+        key: PolicyKey,
+        left: GrantLeft,
+        now: Timestamp,
+        events: &mut impl EventSink,
+    ) -> Result<(), GrantError> {
+        self.policies
+            .load()
+            .get(key)
+            .ok_or(GrantError::NoSuchPolicy)?;
+        let end = match left {
+            GrantLeft::For(left) => now.saturating_add(left),
+            GrantLeft::UntilClosed => source::NEVER,
+        };
+        self.sources
+            .update(src, true, now, events, |source, events| {
+                let slot = source.slot_or_insert(key, now);
+                slot.restore(end, &mut |kind| {
+                    events.event(Event {
+                        src,
+                        policy: key,
+                        kind,
+                    })
+                });
+            })
+            .ok_or(GrantError::TableFull(TableFull))
     }
 
     /// Ends the grants of `src`, under one policy or all; returns how many
@@ -344,7 +378,7 @@ impl Engine {
     pub fn revoke(
         &self,
         src: IpAddr,
-        policy: Option<PolicyId>,
+        policy: Option<PolicyKey>,
         now: Timestamp,
         events: &mut impl EventSink,
     ) -> usize {
@@ -355,11 +389,11 @@ impl Engine {
                     .slots_mut()
                     .filter(|slot| policy.is_none_or(|p| p == slot.policy))
                 {
-                    let id = slot.policy;
+                    let key = slot.policy;
                     let mut emit = |kind| {
                         events.event(Event {
                             src,
-                            policy: id,
+                            policy: key,
                             kind,
                         })
                     };
@@ -373,39 +407,102 @@ impl Engine {
 
     /// Every tracked source's progress and grants at `now`.
     pub fn status(&self, now: Timestamp) -> Vec<SourceStatus> {
+        let policies = self.policies.load();
         let mut statuses = Vec::new();
         self.sources.for_each(|src, source| {
             for slot in source.slots() {
-                let status = slot.status(&self.policies[usize::from(slot.policy)], now);
+                let Some(policy) = policies.get(slot.policy) else {
+                    continue;
+                };
+                let status = slot.status(policy, now);
                 if status.progress.is_some() || status.grant.is_some() {
                     statuses.push(SourceStatus {
                         src,
-                        policy: slot.policy,
+                        policy: policy.name.clone(),
                         status,
                     });
                 }
             }
         });
-        statuses.sort_by_key(|s| (s.src, s.policy));
+        statuses.sort_by(|a, b| (a.src, &a.policy).cmp(&(b.src, &b.policy)));
         statuses
     }
 
     /// Settles every tracked source at time `now`: ends timed-out progress
-    /// and grants and forgets sources with nothing left. Run periodically so
-    /// state does not wait for its source to come back.
+    /// and grants, drops state of policies no longer in force, and forgets
+    /// sources with nothing left. Run periodically so state does not wait
+    /// for its source to come back.
     pub fn expire(&self, now: Timestamp, events: &mut impl EventSink) {
+        let policies = self.policies.load();
         self.sources.retain(|src, source| {
             for slot in source.slots_mut() {
-                let id = slot.policy;
-                slot.settle(&self.policies[usize::from(id)], now, &mut |kind| {
-                    events.event(Event {
-                        src,
-                        policy: id,
-                        kind,
-                    })
-                });
+                let key = slot.policy;
+                match policies.get(key) {
+                    Some(policy) => slot.settle(policy, now, &mut |kind| {
+                        events.event(Event {
+                            src,
+                            policy: key,
+                            kind,
+                        })
+                    }),
+                    None => slot.forget(),
+                }
             }
             source.remove_empty_slots();
         });
     }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum GrantError {
+    #[error("the policy is no longer in force")]
+    NoSuchPolicy,
+    #[error(transparent)]
+    TableFull(TableFull),
+}
+
+/// Applies one SYN to every policy the source has state in. Returns whether
+/// the source holds a grant that opens the SYN's port.
+fn apply(
+    policies: &Policies,
+    src: IpAddr,
+    source: &mut SourceState,
+    role: PortRole,
+    now: Timestamp,
+    events: &mut impl EventSink,
+) -> bool {
+    let mut granted = false;
+    for slot in source.slots_mut() {
+        let key = slot.policy;
+        let Some((id, policy)) = policies.find(key) else {
+            // A policy a reload removed or changed.
+            slot.forget();
+            continue;
+        };
+        let mut emit = |kind| {
+            events.event(Event {
+                src,
+                policy: key,
+                kind,
+            })
+        };
+        slot.settle(policy, now, &mut emit);
+        match role {
+            PortRole::Knock { policy: p, step } if p == id => {
+                slot.knock(policy, step, now, &mut emit)
+            }
+            PortRole::Close { policy: p } if p == id => {
+                slot.revoke(RevokeReason::CloseKnock, &mut emit);
+                slot.other_syn(policy, &mut emit);
+            }
+            _ => {
+                slot.other_syn(policy, &mut emit);
+                if let PortRole::Open { policies: open } = role {
+                    granted |= open.contains(id) && slot.is_granted();
+                }
+            }
+        }
+    }
+    source.remove_empty_slots();
+    granted
 }

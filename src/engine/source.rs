@@ -4,11 +4,11 @@ use smallvec::SmallVec;
 
 use std::time::Duration;
 
-use super::{EventKind, PolicyId, RevokeReason, Timestamp};
+use super::{EventKind, PolicyKey, RevokeReason, Timestamp};
 use crate::config::Policy;
 
 /// The end of a grant that lasts until the close knock.
-const NEVER: Timestamp = Timestamp(u64::MAX);
+pub const NEVER: Timestamp = Timestamp(u64::MAX);
 
 /// When a grant made at `now` for `timeout` (`None`: until closed) ends.
 pub fn grant_end(timeout: Option<Duration>, now: Timestamp) -> Timestamp {
@@ -59,11 +59,11 @@ impl SourceState {
         self.slots.iter_mut()
     }
 
-    pub fn policies(&self) -> impl Iterator<Item = PolicyId> + '_ {
+    pub fn policies(&self) -> impl Iterator<Item = PolicyKey> + '_ {
         self.slots.iter().map(|slot| slot.policy)
     }
 
-    pub fn slot_or_insert(&mut self, policy: PolicyId, now: Timestamp) -> &mut PolicyState {
+    pub fn slot_or_insert(&mut self, policy: PolicyKey, now: Timestamp) -> &mut PolicyState {
         match self.slots.iter().position(|slot| slot.policy == policy) {
             Some(i) => &mut self.slots[i],
             None => {
@@ -94,7 +94,7 @@ impl SourceState {
 /// One source's progress and grant under one policy.
 #[derive(Debug, Clone, Copy)]
 pub struct PolicyState {
-    pub policy: PolicyId,
+    pub policy: PolicyKey,
     /// Ports of the sequence matched so far; equal to the sequence length
     /// right after completion, so a retransmitted last knock is a duplicate.
     stage: u8,
@@ -105,7 +105,7 @@ pub struct PolicyState {
 }
 
 impl PolicyState {
-    fn new(policy: PolicyId, now: Timestamp) -> Self {
+    fn new(policy: PolicyKey, now: Timestamp) -> Self {
         PolicyState {
             policy,
             stage: 0,
@@ -116,6 +116,12 @@ impl PolicyState {
 
     fn is_empty(&self) -> bool {
         self.stage == 0 && self.grant_until.is_none()
+    }
+
+    /// Drops progress and grant without events: the policy is gone.
+    pub fn forget(&mut self) {
+        self.stage = 0;
+        self.grant_until = None;
     }
 
     pub fn is_granted(&self) -> bool {
@@ -190,6 +196,13 @@ impl PolicyState {
         } else {
             EventKind::Granted
         });
+    }
+
+    /// Puts back a grant saved before a restart.
+    pub fn restore(&mut self, end: Timestamp, emit: &mut impl FnMut(EventKind)) {
+        if self.grant_until.replace(end).is_none() {
+            emit(EventKind::Restored);
+        }
     }
 
     /// What the source has under this policy at `now`, as if settled.

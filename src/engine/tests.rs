@@ -68,6 +68,10 @@ impl Gate {
             .expire(Timestamp::from_millis(self.now), &mut self.events);
     }
 
+    fn key(&self, name: &str) -> PolicyKey {
+        self.engine.policies().by_name(name).unwrap()
+    }
+
     fn kinds(&self, src: &str) -> Vec<EventKind> {
         let src = ip(src);
         self.events
@@ -414,7 +418,7 @@ fn an_operator_can_grant_without_knocking_and_revoke() {
     gate.engine
         .grant(
             src,
-            0,
+            gate.key("ssh"),
             Some(Duration::from_secs(60)),
             Timestamp::from_millis(0),
             &mut gate.events,
@@ -431,7 +435,7 @@ fn an_operator_can_grant_without_knocking_and_revoke() {
     gate.engine
         .grant(
             src,
-            0,
+            gate.key("ssh"),
             None,
             Timestamp::from_millis(gate.now),
             &mut gate.events,
@@ -467,7 +471,7 @@ fn revoking_one_policy_keeps_the_others() {
     let now = Timestamp::from_millis(gate.now);
     assert_eq!(
         gate.engine
-            .revoke(ip("10.0.0.2"), Some(1), now, &mut gate.events),
+            .revoke(ip("10.0.0.2"), Some(gate.key("web")), now, &mut gate.events),
         1
     );
     assert_eq!(gate.syn("10.0.0.2", 443), NO_GRANT);
@@ -480,12 +484,12 @@ fn a_hand_made_grant_needs_room_but_never_evicts_grants() {
     gate.knock("10.0.0.1", &[1111, 2222]);
     let err = gate.engine.grant(
         ip("10.0.0.2"),
-        0,
+        gate.key("ssh"),
         None,
         Timestamp::from_millis(0),
         &mut gate.events,
     );
-    assert_eq!(err, Err(TableFull));
+    assert_eq!(err, Err(GrantError::TableFull(TableFull)));
     assert_eq!(gate.syn("10.0.0.1", 22), ACCEPT);
 }
 
@@ -501,7 +505,7 @@ fn status_shows_progress_and_grants_with_time_left() {
         [
             SourceStatus {
                 src: ip("10.0.0.2"),
-                policy: 0,
+                policy: "ssh".into(),
                 status: PolicyStatus {
                     progress: None,
                     grant: Some(GrantLeft::For(Duration::from_secs(3596))),
@@ -509,7 +513,7 @@ fn status_shows_progress_and_grants_with_time_left() {
             },
             SourceStatus {
                 src: ip("10.0.0.3"),
-                policy: 0,
+                policy: "ssh".into(),
                 status: PolicyStatus {
                     progress: Some(Progress {
                         stage: 1,
@@ -534,4 +538,104 @@ fn reasons_index_their_list() {
     for (i, reason) in Reason::ALL.into_iter().enumerate() {
         assert_eq!(reason as usize, i);
     }
+}
+
+fn policies_of(text: &str) -> Vec<crate::config::Policy> {
+    config::parse(text, Path::new("reload.toml"))
+        .unwrap()
+        .policies
+}
+
+#[test]
+fn a_reload_keeps_the_state_of_unchanged_policies() {
+    let two =
+        format!("{SSH}\n[[policy]]\nname = \"web\"\nsequence = [5000, 6000]\nopen_ports = [443]\n");
+    let mut gate = Gate::new(&two);
+    gate.knock("10.0.0.2", &[1111, 2222]);
+    gate.knock("10.0.0.3", &[1111]);
+    gate.knock("10.0.0.4", &[5000, 6000]);
+    // ssh only gets a longer step window; web changes its sequence; db is new.
+    let next = format!(
+        "{}\n[[policy]]\nname = \"web\"\nsequence = [5000, 7000]\nopen_ports = [443]\n\
+         [[policy]]\nname = \"db\"\nsequence = [9000]\nopen_ports = [5432]\n",
+        SSH.replace("\"10s\"", "\"20s\"")
+    );
+    let reloaded = gate.engine.reload(&policies_of(&next));
+    assert_eq!(reloaded.kept, ["ssh"]);
+    assert_eq!(reloaded.fresh, ["web", "db"]);
+    assert_eq!(reloaded.dropped, ["web"]);
+    assert_eq!(gate.syn("10.0.0.2", 22), ACCEPT, "the grant carried over");
+    gate.advance(15_000);
+    gate.knock("10.0.0.3", &[2222]);
+    assert_eq!(
+        gate.syn("10.0.0.3", 22),
+        ACCEPT,
+        "progress carried over, under the new window"
+    );
+    assert_eq!(
+        gate.syn("10.0.0.4", 443),
+        NO_GRANT,
+        "the changed policy's grant is gone"
+    );
+    gate.knock("10.0.0.4", &[5000]);
+    assert_eq!(
+        gate.syn("10.0.0.4", 6000),
+        NO_GRANT,
+        "6000 is no longer a knock port"
+    );
+    assert_eq!(
+        gate.syn("10.0.0.4", 443),
+        NO_GRANT,
+        "the old sequence no longer opens"
+    );
+    gate.knock("10.0.0.4", &[5000, 7000]);
+    assert_eq!(gate.syn("10.0.0.4", 443), ACCEPT);
+    gate.knock("10.0.0.5", &[9000]);
+    assert_eq!(gate.syn("10.0.0.5", 5432), ACCEPT);
+}
+
+#[test]
+fn state_of_removed_policies_is_forgotten() {
+    let mut gate = Gate::new(SSH);
+    gate.knock("10.0.0.2", &[1111, 2222]);
+    gate.engine.reload(&policies_of(
+        "[[policy]]\nname = \"web\"\nsequence = [5000]\nopen_ports = [22]\n",
+    ));
+    assert_eq!(gate.syn("10.0.0.2", 22), NO_GRANT);
+    assert_eq!(
+        gate.syn("10.0.0.3", 1111),
+        NO_GRANT,
+        "1111 is not a knock port any more"
+    );
+    gate.expire();
+    assert_eq!(gate.engine.tracked_sources(), 0);
+    assert!(gate
+        .engine
+        .status(Timestamp::from_millis(gate.now))
+        .is_empty());
+}
+
+#[test]
+fn restored_grants_keep_the_time_they_had_left() {
+    let mut gate = Gate::new(SSH);
+    let key = gate.key("ssh");
+    let now = Timestamp::from_millis(0);
+    let left = GrantLeft::For(Duration::from_secs(30));
+    gate.engine
+        .restore(ip("10.0.0.2"), key, left, now, &mut gate.events)
+        .unwrap();
+    gate.engine
+        .restore(
+            ip("10.0.0.3"),
+            key,
+            GrantLeft::UntilClosed,
+            now,
+            &mut gate.events,
+        )
+        .unwrap();
+    assert_eq!(gate.syn("10.0.0.2", 22), ACCEPT);
+    gate.advance(30_000);
+    assert_eq!(gate.syn("10.0.0.2", 22), NO_GRANT);
+    assert_eq!(gate.syn("10.0.0.3", 8080), ACCEPT);
+    assert_eq!(gate.kinds("10.0.0.3"), [EventKind::Restored]);
 }

@@ -8,12 +8,13 @@ pub mod sweep;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
 
 use crate::config::Config;
-use crate::engine::{Engine, Event, EventKind, PolicyId, PortMap, PortRole, Reason, Timestamp};
+use crate::engine::{Engine, Event, EventKind, Policies, PolicyKey, PortRole, Reason, Timestamp};
 use capture::Packet;
 
 /// How often the daemon expires state; the simulation does the same.
@@ -127,9 +128,10 @@ struct Track {
 
 /// Runs the packets, in capture order, through a fresh engine for `config`.
 pub fn simulate(config: &Config, name: &str, packets: &[Packet], options: &Options) -> Report {
+    let engine = Engine::new(config);
     let mut simulation = Simulation {
-        engine: Engine::new(config),
-        ports: PortMap::new(&config.policies),
+        policies: engine.policies(),
+        engine,
         options,
         tracks: BTreeMap::new(),
         open_ports: vec![(0, 0); config.policies.len()],
@@ -159,9 +161,10 @@ fn verdict_key(reason: Reason) -> String {
 
 struct Simulation<'a> {
     engine: Engine,
-    ports: PortMap,
+    /// The engine's policies: a simulation never reloads.
+    policies: Arc<Policies>,
     options: &'a Options,
-    tracks: BTreeMap<(PolicyId, IpAddr), Track>,
+    tracks: BTreeMap<(PolicyKey, IpAddr), Track>,
     /// Per policy: SYNs to its open ports accepted and refused.
     open_ports: Vec<(u64, u64)>,
     events: Vec<Event>,
@@ -188,11 +191,12 @@ impl Simulation<'_> {
             .verdicts
             .entry(verdict_key(decision.reason))
             .or_default() += 1;
-        let role = self.ports.role(syn.dst_port);
+        let role = self.policies.role(syn.dst_port);
         if let PortRole::Knock { policy, .. } = role {
-            self.tracks.entry((policy, syn.src)).or_default().knocks += 1;
+            let key = self.policies.key(policy);
+            self.tracks.entry((key, syn.src)).or_default().knocks += 1;
         }
-        for (i, policy) in self.engine.policies().iter().enumerate() {
+        for (i, policy) in self.policies.list().iter().enumerate() {
             if policy.open_ports.contains(&syn.dst_port) {
                 match decision.reason {
                     Reason::Granted => self.open_ports[i].0 += 1,
@@ -216,7 +220,9 @@ impl Simulation<'_> {
     fn record(&mut self, at: f64, packet: Option<(u16, PortRole)>) {
         for Event { src, policy, kind } in self.events.drain(..) {
             let track = self.tracks.entry((policy, src)).or_default();
-            let rules = &self.engine.policies()[usize::from(policy)];
+            let Some((id, rules)) = self.policies.find(policy) else {
+                continue;
+            };
             let steps = rules.sequence.len();
             let change = match kind {
                 EventKind::Advanced { stage } => {
@@ -242,9 +248,7 @@ impl Simulation<'_> {
                 EventKind::Reset => {
                     let (port, role) = packet.expect("resets happen on packets");
                     track.ended = Some(match role {
-                        PortRole::Knock { policy: p, .. } if p == policy => {
-                            Why::WrongOrder { port }
-                        }
+                        PortRole::Knock { policy: p, .. } if p == id => Why::WrongOrder { port },
                         _ => Why::ResetByOtherPort { port },
                     });
                     format!("reset by port {port}")
@@ -254,6 +258,7 @@ impl Simulation<'_> {
                     "step window passed".to_owned()
                 }
                 EventKind::Revoked(reason) => format!("revoke ({})", reason.as_str()),
+                EventKind::Restored => "grant restored".to_owned(),
                 EventKind::Evicted => {
                     track.ended = Some(Why::Evicted);
                     "evicted from a full table".to_owned()
@@ -271,11 +276,11 @@ impl Simulation<'_> {
     }
 
     fn finish(mut self) -> Report {
-        for (id, policy) in self.engine.policies().iter().enumerate() {
+        for (id, (key, policy)) in self.policies.keys().enumerate() {
             let mine: Vec<_> = self
                 .tracks
                 .iter()
-                .filter(|((p, _), _)| usize::from(*p) == id)
+                .filter(|((k, _), _)| *k == key)
                 .map(|((_, source), track)| (*source, track))
                 .collect();
             let granted = mine

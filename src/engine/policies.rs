@@ -1,0 +1,85 @@
+//! The policies in force, with their port lookup. Replaced whole on reload;
+//! state in the source table refers to policies by key, so a reload keeps the
+//! state of every policy it does not change.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use super::{PolicyId, PortMap};
+
+use crate::config::Policy;
+
+/// Names a policy across reloads: a policy keeps its key while its name,
+/// sequence and ports stay the same.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyKey(u32);
+
+pub struct Policies {
+    list: Vec<Policy>,
+    keys: Vec<PolicyKey>,
+    pub(super) ports: PortMap,
+}
+
+/// Whether two policies are the same knock for the same ports: the state of
+/// one is valid for the other. Timeouts and strictness may differ.
+fn same_knock(a: &Policy, b: &Policy) -> bool {
+    a.name == b.name
+        && a.sequence == b.sequence
+        && a.open_ports == b.open_ports
+        && a.close_port == b.close_port
+}
+
+impl Policies {
+    /// Policies for `list`; each keeps the key of its same knock in
+    /// `previous`, or gets a fresh one from `next_key`.
+    pub(super) fn new(list: &[Policy], previous: Option<&Policies>, next_key: &AtomicU32) -> Self {
+        let keys = list
+            .iter()
+            .map(|policy| {
+                previous
+                    .and_then(|old| {
+                        old.list
+                            .iter()
+                            .position(|p| same_knock(p, policy))
+                            .map(|i| old.keys[i])
+                    })
+                    .unwrap_or_else(|| PolicyKey(next_key.fetch_add(1, Ordering::Relaxed)))
+            })
+            .collect();
+        Policies {
+            list: list.to_vec(),
+            keys,
+            ports: PortMap::new(list),
+        }
+    }
+
+    pub fn list(&self) -> &[Policy] {
+        &self.list
+    }
+
+    pub fn role(&self, port: u16) -> super::PortRole {
+        self.ports.role(port)
+    }
+
+    pub fn key(&self, id: PolicyId) -> PolicyKey {
+        self.keys[usize::from(id)]
+    }
+
+    /// The policy with `key`, if it is still in force.
+    pub fn find(&self, key: PolicyKey) -> Option<(PolicyId, &Policy)> {
+        let index = self.keys.iter().position(|&k| k == key)?;
+        Some((PolicyId::try_from(index).ok()?, &self.list[index]))
+    }
+
+    pub fn get(&self, key: PolicyKey) -> Option<&Policy> {
+        self.find(key).map(|(_, policy)| policy)
+    }
+
+    pub fn by_name(&self, name: &str) -> Option<PolicyKey> {
+        let index = self.list.iter().position(|p| p.name == name)?;
+        Some(self.keys[index])
+    }
+
+    pub fn keys(&self) -> impl Iterator<Item = (PolicyKey, &Policy)> {
+        self.keys.iter().copied().zip(&self.list)
+    }
+}
