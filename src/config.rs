@@ -9,6 +9,7 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use ipnet::IpNet;
 use serde::{Deserialize, Deserializer};
 use toml::Spanned;
 
@@ -22,7 +23,53 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub metrics: MetricsConfig,
     pub control: ControlConfig,
+    pub state: StateConfig,
+    pub rules: RulesConfig,
     pub policies: Vec<Policy>,
+}
+
+impl Config {
+    /// The first setting a running daemon cannot take on without a restart,
+    /// if `new` changes one.
+    pub fn needs_restart_for(&self, new: &Config) -> Option<&'static str> {
+        [
+            ("[queue]", self.queue != new.queue),
+            ("[verdict] (it lives in the firewall rules)", self.verdict != new.verdict),
+            ("[rules] (it lives in the firewall rules)", self.rules != new.rules),
+            ("[limits]", self.limits != new.limits),
+            ("[metrics]", self.metrics != new.metrics),
+            ("[control]", self.control != new.control),
+            ("[state]", self.state != new.state),
+        ]
+        .into_iter()
+        .find_map(|(section, changed)| changed.then_some(section))
+    }
+}
+
+/// Where grants are saved to survive restarts.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StateConfig {
+    pub dir: PathBuf,
+}
+
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/knockq";
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        StateConfig {
+            dir: PathBuf::from(DEFAULT_STATE_DIR),
+        }
+    }
+}
+
+/// Extra firewall rules.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RulesConfig {
+    /// Sources accepted ahead of the queue rule: management networks that
+    /// must never be locked out.
+    pub always_allow: Vec<IpNet>,
 }
 
 /// The Prometheus scrape endpoint.
@@ -71,11 +118,18 @@ pub struct QueueConfig {
     /// Number of queues, one worker thread each.
     #[serde(deserialize_with = "queue_count")]
     pub count: u16,
+    /// Let SYNs through while no daemon is bound or a queue is full, instead
+    /// of dropping them.
+    pub fail_open: bool,
 }
 
 impl Default for QueueConfig {
     fn default() -> Self {
-        QueueConfig { num: 0, count: 1 }
+        QueueConfig {
+            num: 0,
+            count: 1,
+            fail_open: false,
+        }
     }
 }
 
@@ -99,7 +153,7 @@ impl fmt::Display for QueueConfig {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct VerdictConfig {
     pub reject_with: RejectWith,
@@ -130,7 +184,7 @@ impl RejectWith {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
     #[serde(deserialize_with = "at_least_one")]
@@ -211,6 +265,10 @@ struct RawConfig {
     metrics: MetricsConfig,
     #[serde(default)]
     control: ControlConfig,
+    #[serde(default)]
+    state: StateConfig,
+    #[serde(default)]
+    rules: RulesConfig,
     #[serde(default, rename = "policy")]
     policies: Vec<RawPolicy>,
 }
@@ -228,6 +286,8 @@ struct RawPolicy {
     grant_timeout: Option<Duration>,
     #[serde(default = "default_strict")]
     strict: bool,
+    #[serde(default)]
+    allow_weak_sequence: bool,
 }
 
 fn default_step_timeout() -> Duration {
@@ -351,6 +411,12 @@ impl ErrorContext<'_> {
     }
 }
 
+/// Whether the ports step by +1 or by -1 throughout (two or more ports).
+fn is_consecutive(sequence: &[Port]) -> bool {
+    let steps: Vec<i32> = sequence.windows(2).map(|w| i32::from(w[1].0) - i32::from(w[0].0)).collect();
+    !steps.is_empty() && (steps.iter().all(|&d| d == 1) || steps.iter().all(|&d| d == -1))
+}
+
 /// Where a port is used, to name the conflict in an error.
 #[derive(Clone, Copy)]
 enum PortUse<'a> {
@@ -432,6 +498,15 @@ fn validate(raw: RawConfig, errors: &ErrorContext) -> Result<Config, ConfigError
             );
             return Err(errors.spanned(&policy.sequence, key("sequence"), message));
         }
+        if !policy.allow_weak_sequence && is_consecutive(sequence) {
+            let ports: Vec<String> = sequence.iter().map(|p| p.0.to_string()).collect();
+            let message = format!(
+                "the sequence {} is consecutive ports: a port scan in order knocks it by itself; \
+                 scatter the ports, or set allow_weak_sequence = true",
+                ports.join(", ")
+            );
+            return Err(errors.spanned(&policy.sequence, key("sequence"), message));
+        }
         if policy.open_ports.get_ref().is_empty() {
             let message = "open_ports is empty: give at least one port to open".to_owned();
             return Err(errors.spanned(&policy.open_ports, key("open_ports"), message));
@@ -496,6 +571,8 @@ fn validate(raw: RawConfig, errors: &ErrorContext) -> Result<Config, ConfigError
         limits: raw.limits,
         metrics: raw.metrics,
         control: raw.control,
+        state: raw.state,
+        rules: raw.rules,
         policies,
     })
 }

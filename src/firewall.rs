@@ -6,6 +6,8 @@
 //! with [`REJECT_MARK`] (and sent back with NF_REPEAT) is rejected by a rule
 //! placed before the queue rule; nothing marked ever reaches the queue again.
 
+use ipnet::IpNet;
+
 use crate::config::{Config, QueueConfig, RejectWith};
 use std::fmt::Write;
 
@@ -33,6 +35,7 @@ pub enum Backend {
 pub struct Ruleset {
     queue: QueueConfig,
     reject_with: RejectWith,
+    always_allow: Vec<IpNet>,
 }
 
 #[derive(Clone, Copy)]
@@ -46,6 +49,7 @@ impl Ruleset {
         Ruleset {
             queue: config.queue.clone(),
             reject_with: config.verdict.reject_with,
+            always_allow: config.rules.always_allow.clone(),
         }
     }
 
@@ -58,11 +62,23 @@ impl Ruleset {
     }
 
     fn header(&self, loader: &str) -> String {
+        let failure = match self.queue.fail_open {
+            true => "fail open: SYNs pass while knockq is down or its queue is full",
+            false => "fail closed: SYNs are dropped while knockq is down",
+        };
         format!(
-            "# knockq rules for {loader}: {}, rejected SYNs get {}.\n",
+            "# knockq rules for {loader}: {}, rejected SYNs get {}.\n# {failure}.\n",
             self.queue,
             self.reject_with.as_str()
         )
+    }
+
+    /// The management networks of one family.
+    fn allowed(&self, family: Family) -> impl Iterator<Item = &IpNet> {
+        self.always_allow.iter().filter(move |net| match family {
+            Family::V4 => matches!(net, IpNet::V4(_)),
+            Family::V6 => matches!(net, IpNet::V6(_)),
+        })
     }
 
     fn iptables(&self, family: Family) -> String {
@@ -76,16 +92,22 @@ impl Ruleset {
              # appended to an existing INPUT chain instead.\n",
         );
         let reject = format!("-m mark --mark {REJECT_MARK:#x}");
-        let queue = match self.queue.count {
+        let mut queue = match self.queue.count {
             1 => format!("--queue-num {}", self.queue.num),
             _ => format!("--queue-balance {}:{}", self.queue.num, self.queue.last()),
         };
+        if self.queue.fail_open {
+            queue.push_str(" --queue-bypass");
+        }
         let _ = writeln!(out, "*filter\n:{CHAIN} - [0:0]\n-A INPUT -j {CHAIN}");
         let _ = writeln!(out, "-A {CHAIN} -i lo -j ACCEPT");
         let _ = writeln!(
             out,
             "-A {CHAIN} -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT"
         );
+        for net in self.allowed(family) {
+            let _ = writeln!(out, "-A {CHAIN} -s {net} -j ACCEPT");
+        }
         if let Some((proto, with)) = iptables_reject(self.reject_with, family) {
             let _ = writeln!(
                 out,
@@ -104,10 +126,13 @@ impl Ruleset {
         let mut out = self.header("nft -f");
         out.push_str("# Replaces table inet knockq as a whole; other tables are left alone.\n");
         let mark = format!("meta mark {REJECT_MARK:#x}");
-        let queue = match self.queue.count {
+        let mut queue = match self.queue.count {
             1 => self.queue.num.to_string(),
             _ => format!("{}-{}", self.queue.num, self.queue.last()),
         };
+        if self.queue.fail_open {
+            queue.push_str(" bypass");
+        }
         let _ = writeln!(
             out,
             "table inet {NFT_TABLE}\ndelete table inet {NFT_TABLE}\ntable inet {NFT_TABLE} {{\n\
@@ -116,6 +141,11 @@ impl Ruleset {
              \t\tiif \"lo\" accept\n\
              \t\tct state established,related accept"
         );
+        for (family, match_) in [(Family::V4, "ip"), (Family::V6, "ip6")] {
+            for net in self.allowed(family) {
+                let _ = writeln!(out, "\t\t{match_} saddr {net} accept");
+            }
+        }
         for rule in nft_rejects(self.reject_with) {
             let _ = writeln!(out, "\t\t{mark} {rule}");
         }
@@ -202,6 +232,32 @@ mod tests {
                 text.contains("0x6b710001 -j DROP") || text.contains("0x6b710001 counter drop")
             );
         }
+    }
+
+    #[test]
+    fn management_networks_are_accepted_before_the_queue() {
+        let rules = ruleset("[rules]\nalways_allow = [\"192.0.2.0/24\", \"2001:db8::/32\"]");
+        let v4 = rules.render(Backend::Iptables);
+        assert!(v4.contains("-A KNOCKQ -s 192.0.2.0/24 -j ACCEPT\n") && !v4.contains("2001:db8"), "{v4}");
+        let v6 = rules.render(Backend::Ip6tables);
+        assert!(v6.contains("-A KNOCKQ -s 2001:db8::/32 -j ACCEPT\n") && !v6.contains("192.0.2"), "{v6}");
+        let nft = rules.render(Backend::Nft);
+        assert!(nft.contains("\t\tip saddr 192.0.2.0/24 accept\n\t\tip6 saddr 2001:db8::/32 accept\n"), "{nft}");
+        for (text, net) in [(v4, "192.0.2.0/24"), (v6, "2001:db8::/32"), (nft, "192.0.2.0/24")] {
+            let queue = text.lines().position(|l| l.contains("NFQUEUE") || l.contains("queue num"));
+            let allow = text.lines().position(|l| l.contains(net));
+            assert!(allow < queue, "{text}");
+        }
+    }
+
+    #[test]
+    fn fail_open_adds_the_queue_bypass() {
+        let open = ruleset("[queue]\nfail_open = true");
+        assert!(open.render(Backend::Iptables).contains("--queue-num 0 --queue-bypass\n"));
+        assert!(open.render(Backend::Nft).contains("queue num 0 bypass\n"));
+        let closed = ruleset("");
+        assert!(!closed.render(Backend::Iptables).contains("bypass"));
+        assert!(!closed.render(Backend::Nft).contains("bypass"));
     }
 
     #[test]

@@ -48,7 +48,7 @@ fn unknown_keys_are_refused() {
     assert_eq!(
         error(&format!("{SSH}colour = \"blue\"\n")),
         "knockq.toml:6: policy[0].colour: unknown field `colour`, expected one of `name`, `sequence`, \
-         `step_timeout`, `open_ports`, `close_port`, `grant_timeout`, `strict`"
+         `step_timeout`, `open_ports`, `close_port`, `grant_timeout`, `strict`, `allow_weak_sequence`"
     );
     assert!(error(&format!("[queue]\nnumber = 1\n{SSH}"))
         .starts_with("knockq.toml:2: queue.number: unknown field `number`"));
@@ -176,4 +176,44 @@ fn a_file_needs_a_policy_and_valid_toml() {
         "knockq.toml: policy: no [[policy]] table: there is nothing to open"
     );
     assert!(error("[[policy]\nname = 1").starts_with("knockq.toml:1: "));
+}
+
+#[test]
+fn consecutive_sequences_are_refused_unless_allowed() {
+    for sequence in ["[1111, 1112, 1113]", "[4000, 3999]"] {
+        let text = SSH.replace("[1111, 2222]", sequence);
+        let ports = sequence.trim_matches(['[', ']']);
+        assert_eq!(
+            error(&text),
+            format!(
+                "knockq.toml:3: policy[0].sequence: the sequence {ports} is consecutive ports: a port \
+                 scan in order knocks it by itself; scatter the ports, or set allow_weak_sequence = true"
+            )
+        );
+        let allowed = format!("{text}allow_weak_sequence = true\n");
+        assert!(parse(&allowed, Path::new("knockq.toml")).is_ok());
+    }
+    assert!(parse(&SSH.replace("[1111, 2222]", "[1111, 1112, 1114]"), Path::new("k.toml")).is_ok());
+    assert!(parse(&SSH.replace("[1111, 2222]", "[1111]"), Path::new("k.toml")).is_ok());
+}
+
+#[test]
+fn management_networks_parse_as_cidrs() {
+    let config = parse(&format!("[rules]\nalways_allow = [\"10.0.0.0/8\", \"fd00::/8\"]\n{SSH}"), Path::new("k.toml")).unwrap();
+    assert_eq!(config.rules.always_allow.len(), 2);
+    assert_eq!(
+        error(&format!("[rules]\nalways_allow = [\"10.0.0.0/33\"]\n{SSH}")),
+        "knockq.toml:2: rules.always_allow[0]: invalid IP address syntax"
+    );
+}
+
+#[test]
+fn restart_only_settings_are_named() {
+    let old = parse(SSH, Path::new("k.toml")).unwrap();
+    let same_but_policies = parse(&SSH.replace("[22, 8080]", "[22]"), Path::new("k.toml")).unwrap();
+    assert_eq!(old.needs_restart_for(&same_but_policies), None);
+    let requeued = parse(&format!("[queue]\nnum = 3\n{SSH}"), Path::new("k.toml")).unwrap();
+    assert_eq!(old.needs_restart_for(&requeued), Some("[queue]"));
+    let moved = parse(&format!("[control]\nsocket = \"/tmp/k.sock\"\n{SSH}"), Path::new("k.toml")).unwrap();
+    assert_eq!(old.needs_restart_for(&moved), Some("[control]"));
 }

@@ -36,7 +36,7 @@ const REFUSED: &[(&str, &str)] = &[
     ),
     (
         "unknown-key.toml",
-        "3: queue.threads: unknown field `threads`, expected `num` or `count`",
+        "3: queue.threads: unknown field `threads`, expected one of `num`, `count`, `fail_open`",
     ),
 ];
 
