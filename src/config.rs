@@ -34,8 +34,14 @@ impl Config {
     pub fn needs_restart_for(&self, new: &Config) -> Option<&'static str> {
         [
             ("[queue]", self.queue != new.queue),
-            ("[verdict] (it lives in the firewall rules)", self.verdict != new.verdict),
-            ("[rules] (it lives in the firewall rules)", self.rules != new.rules),
+            (
+                "[verdict] (it lives in the firewall rules)",
+                self.verdict != new.verdict,
+            ),
+            (
+                "[rules] (it lives in the firewall rules)",
+                self.rules != new.rules,
+            ),
             ("[limits]", self.limits != new.limits),
             ("[metrics]", self.metrics != new.metrics),
             ("[control]", self.control != new.control),
@@ -413,7 +419,10 @@ impl ErrorContext<'_> {
 
 /// Whether the ports step by +1 or by -1 throughout (two or more ports).
 fn is_consecutive(sequence: &[Port]) -> bool {
-    let steps: Vec<i32> = sequence.windows(2).map(|w| i32::from(w[1].0) - i32::from(w[0].0)).collect();
+    let steps: Vec<i32> = sequence
+        .windows(2)
+        .map(|w| i32::from(w[1].0) - i32::from(w[0].0))
+        .collect();
     !steps.is_empty() && (steps.iter().all(|&d| d == 1) || steps.iter().all(|&d| d == -1))
 }
 

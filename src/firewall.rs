@@ -238,13 +238,28 @@ mod tests {
     fn management_networks_are_accepted_before_the_queue() {
         let rules = ruleset("[rules]\nalways_allow = [\"192.0.2.0/24\", \"2001:db8::/32\"]");
         let v4 = rules.render(Backend::Iptables);
-        assert!(v4.contains("-A KNOCKQ -s 192.0.2.0/24 -j ACCEPT\n") && !v4.contains("2001:db8"), "{v4}");
+        assert!(
+            v4.contains("-A KNOCKQ -s 192.0.2.0/24 -j ACCEPT\n") && !v4.contains("2001:db8"),
+            "{v4}"
+        );
         let v6 = rules.render(Backend::Ip6tables);
-        assert!(v6.contains("-A KNOCKQ -s 2001:db8::/32 -j ACCEPT\n") && !v6.contains("192.0.2"), "{v6}");
+        assert!(
+            v6.contains("-A KNOCKQ -s 2001:db8::/32 -j ACCEPT\n") && !v6.contains("192.0.2"),
+            "{v6}"
+        );
         let nft = rules.render(Backend::Nft);
-        assert!(nft.contains("\t\tip saddr 192.0.2.0/24 accept\n\t\tip6 saddr 2001:db8::/32 accept\n"), "{nft}");
-        for (text, net) in [(v4, "192.0.2.0/24"), (v6, "2001:db8::/32"), (nft, "192.0.2.0/24")] {
-            let queue = text.lines().position(|l| l.contains("NFQUEUE") || l.contains("queue num"));
+        assert!(
+            nft.contains("\t\tip saddr 192.0.2.0/24 accept\n\t\tip6 saddr 2001:db8::/32 accept\n"),
+            "{nft}"
+        );
+        for (text, net) in [
+            (v4, "192.0.2.0/24"),
+            (v6, "2001:db8::/32"),
+            (nft, "192.0.2.0/24"),
+        ] {
+            let queue = text
+                .lines()
+                .position(|l| l.contains("NFQUEUE") || l.contains("queue num"));
             let allow = text.lines().position(|l| l.contains(net));
             assert!(allow < queue, "{text}");
         }
@@ -253,7 +268,9 @@ mod tests {
     #[test]
     fn fail_open_adds_the_queue_bypass() {
         let open = ruleset("[queue]\nfail_open = true");
-        assert!(open.render(Backend::Iptables).contains("--queue-num 0 --queue-bypass\n"));
+        assert!(open
+            .render(Backend::Iptables)
+            .contains("--queue-num 0 --queue-bypass\n"));
         assert!(open.render(Backend::Nft).contains("queue num 0 bypass\n"));
         let closed = ruleset("");
         assert!(!closed.render(Backend::Iptables).contains("bypass"));

@@ -38,6 +38,9 @@ enum Command {
         /// Listen for control requests on this socket instead of the configured one.
         #[arg(long, value_name = "PATH")]
         control_socket: Option<PathBuf>,
+        /// Save grants in this directory instead of the configured one.
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
         #[arg(long, value_enum, default_value_t = LogFormat::Text)]
         log_format: LogFormat,
     },
@@ -144,18 +147,27 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             config,
             metrics_listen,
             control_socket,
+            state_dir,
             log_format,
         } => {
             init_logging(log_format);
-            let mut config = config::load(&config)?;
-            if let Some(listen) = metrics_listen {
-                config.metrics.enabled = true;
-                config.metrics.listen = listen;
-            }
-            if let Some(socket) = control_socket {
-                config.control.socket = socket;
-            }
-            daemon::run(&config)?;
+            // The command line wins over the file, on reload too.
+            let load = || {
+                config::load(&config).map(|mut loaded| {
+                    if let Some(listen) = metrics_listen {
+                        loaded.metrics.enabled = true;
+                        loaded.metrics.listen = listen;
+                    }
+                    if let Some(socket) = &control_socket {
+                        loaded.control.socket = socket.clone();
+                    }
+                    if let Some(dir) = &state_dir {
+                        loaded.state.dir = dir.clone();
+                    }
+                    loaded
+                })
+            };
+            daemon::run(load()?, load)?;
         }
         Command::Status { socket, json } => print!("{}", control::status(&socket.path, json)?),
         Command::Grant {

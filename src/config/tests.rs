@@ -193,13 +193,21 @@ fn consecutive_sequences_are_refused_unless_allowed() {
         let allowed = format!("{text}allow_weak_sequence = true\n");
         assert!(parse(&allowed, Path::new("knockq.toml")).is_ok());
     }
-    assert!(parse(&SSH.replace("[1111, 2222]", "[1111, 1112, 1114]"), Path::new("k.toml")).is_ok());
+    assert!(parse(
+        &SSH.replace("[1111, 2222]", "[1111, 1112, 1114]"),
+        Path::new("k.toml")
+    )
+    .is_ok());
     assert!(parse(&SSH.replace("[1111, 2222]", "[1111]"), Path::new("k.toml")).is_ok());
 }
 
 #[test]
 fn management_networks_parse_as_cidrs() {
-    let config = parse(&format!("[rules]\nalways_allow = [\"10.0.0.0/8\", \"fd00::/8\"]\n{SSH}"), Path::new("k.toml")).unwrap();
+    let config = parse(
+        &format!("[rules]\nalways_allow = [\"10.0.0.0/8\", \"fd00::/8\"]\n{SSH}"),
+        Path::new("k.toml"),
+    )
+    .unwrap();
     assert_eq!(config.rules.always_allow.len(), 2);
     assert_eq!(
         error(&format!("[rules]\nalways_allow = [\"10.0.0.0/33\"]\n{SSH}")),
@@ -214,6 +222,10 @@ fn restart_only_settings_are_named() {
     assert_eq!(old.needs_restart_for(&same_but_policies), None);
     let requeued = parse(&format!("[queue]\nnum = 3\n{SSH}"), Path::new("k.toml")).unwrap();
     assert_eq!(old.needs_restart_for(&requeued), Some("[queue]"));
-    let moved = parse(&format!("[control]\nsocket = \"/tmp/k.sock\"\n{SSH}"), Path::new("k.toml")).unwrap();
+    let moved = parse(
+        &format!("[control]\nsocket = \"/tmp/k.sock\"\n{SSH}"),
+        Path::new("k.toml"),
+    )
+    .unwrap();
     assert_eq!(old.needs_restart_for(&moved), Some("[control]"));
 }

@@ -6,6 +6,7 @@
 //! sequence is known, at any rate: info lines are rate-limited, and what was
 //! left out is summarised.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,6 +20,8 @@ const SUMMARY_INTERVAL: Duration = Duration::from_secs(10);
 
 pub struct EventReport {
     metrics: Arc<Metrics>,
+    /// Raised when a grant opens or ends, so the grants get saved.
+    grants_changed: Arc<AtomicBool>,
     /// Grants and revokes: what an auditor wants to see.
     grants: TokenBucket,
     /// Resets and expiries: anyone can cause them.
@@ -28,9 +31,10 @@ pub struct EventReport {
 }
 
 impl EventReport {
-    pub fn new(metrics: Arc<Metrics>, now: Instant) -> Self {
+    pub fn new(metrics: Arc<Metrics>, grants_changed: Arc<AtomicBool>, now: Instant) -> Self {
         EventReport {
             metrics,
+            grants_changed,
             grants: TokenBucket::new(200.0, 50.0, now),
             noise: TokenBucket::new(50.0, 10.0, now),
             suppressed: 0,
@@ -44,6 +48,18 @@ impl EventReport {
             return self.summarise(now);
         }
         self.metrics.events(events);
+        let grant_change = |e: &Event| {
+            matches!(
+                e.kind,
+                EventKind::Granted
+                    | EventKind::Refreshed
+                    | EventKind::Restored
+                    | EventKind::Revoked(_)
+            )
+        };
+        if events.iter().any(grant_change) {
+            self.grants_changed.store(true, Ordering::Relaxed);
+        }
         let policies = engine.policies();
         for event in events.drain(..) {
             self.log(&policies, event, now);
@@ -161,7 +177,7 @@ mod tests {
         let engine = Engine::new(&config);
         let metrics = Arc::new(Metrics::new(&engine.policies(), 0..1).unwrap());
         let start = Instant::now();
-        let mut report = EventReport::new(Arc::clone(&metrics), start);
+        let mut report = EventReport::new(Arc::clone(&metrics), Arc::default(), start);
         let key = engine.policies().key(0);
         let reset = |i: u32| Event {
             src: std::net::Ipv4Addr::from(i).into(),

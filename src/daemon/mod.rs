@@ -1,35 +1,42 @@
 //! `knockq run`: binds the queues, runs one worker per queue, serves metrics
-//! and the control socket, expires state in the background, and stops
-//! cleanly on SIGINT or SIGTERM.
+//! and the control socket, expires and saves state in the background,
+//! reloads on SIGHUP, and stops cleanly on SIGINT or SIGTERM.
 
 mod control;
 mod events;
 pub mod metrics;
 mod queue;
 mod scrape;
+mod state;
 mod worker;
 
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use crossbeam::channel::{self, RecvTimeoutError};
-use signal_hook::consts::{SIGINT, SIGTERM};
-use tracing::{error, info};
+use sd_notify::NotifyState;
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use tracing::{error, info, warn};
 
-use crate::config::Config;
+use crate::config::{Config, ConfigError};
 use crate::engine::{Engine, Timestamp};
 use control::ControlSocket;
 use events::EventReport;
 use metrics::Metrics;
 use scrape::ScrapeServer;
+use state::StateStore;
 
 pub use queue::BindError;
 
-/// How often timed-out progress and grants are removed.
-const EXPIRE_INTERVAL: Duration = Duration::from_secs(1);
+/// How often the main loop expires state, saves grants and checks workers.
+const TICK: Duration = Duration::from_secs(1);
+/// Grants are saved at most this often while they change (and at exit).
+const SAVE_INTERVAL: Duration = Duration::from_secs(3);
+/// A worker that has not looped for this long is stuck: the watchdog starves.
+const STUCK_AFTER: Duration = Duration::from_secs(3);
 
 /// The daemon's monotonic clock, as the engine's timestamps.
 #[derive(Clone, Copy)]
@@ -66,17 +73,32 @@ pub enum DaemonError {
     Threads(#[source] io::Error),
 }
 
-pub fn run(config: &Config) -> Result<(), DaemonError> {
-    let engine = Arc::new(Engine::new(config));
+/// Runs the gate with `config` until SIGINT or SIGTERM. On SIGHUP, `reload`
+/// reads the configuration again.
+pub fn run(
+    mut config: Config,
+    reload: impl Fn() -> Result<Config, ConfigError>,
+) -> Result<(), DaemonError> {
+    let engine = Arc::new(Engine::new(&config));
     let metrics = Arc::new(Metrics::new(&engine.policies(), config.queue.numbers())?);
     let clock = Clock::start();
+    let grants_changed = Arc::new(AtomicBool::new(false));
+    let report = || {
+        EventReport::new(
+            Arc::clone(&metrics),
+            Arc::clone(&grants_changed),
+            Instant::now(),
+        )
+    };
+    let mut main_report = report();
+
     // Set-up that must happen while this is the only thread: finding each
     // queue's socket and binding the control socket under a narrow umask.
     // Everything is bound before anything runs: a failure leaves nothing.
     let queues = config
         .queue
         .numbers()
-        .map(|num| queue::open_queue(num).map(|queue| (num, queue)))
+        .map(|num| queue::open_queue(num, config.queue.fail_open).map(|queue| (num, queue)))
         .collect::<Result<Vec<_>, _>>()?;
     let control = ControlSocket::bind(&config.control.socket)
         .map_err(|e| DaemonError::Control(config.control.socket.clone(), e))?;
@@ -92,20 +114,28 @@ pub fn run(config: &Config) -> Result<(), DaemonError> {
         false => None,
     };
 
+    // Grants from before a restart come back before the first packet.
+    let store = StateStore::new(&config.state.dir);
+    let mut restored = Vec::new();
+    match store.restore(&engine, clock.now(), &mut restored) {
+        Ok(count) => info!("restored {count} grants from {}", store.path().display()),
+        Err(e) => warn!("saved grants not restored: {e}"),
+    }
+    main_report.publish(&engine, &mut restored, Instant::now());
+
     let (stop_tx, stop_rx) = channel::unbounded();
-    let mut signals =
-        signal_hook::iterator::Signals::new([SIGINT, SIGTERM]).map_err(DaemonError::Threads)?;
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])
+        .map_err(DaemonError::Threads)?;
     let signal_tx = stop_tx.clone();
     thread::Builder::new()
         .name("knockq-signals".into())
         .spawn(move || {
-            if let Some(signal) = signals.forever().next() {
+            for signal in signals.forever() {
                 let _ = signal_tx.send(Stop::Signal(signal));
             }
         })
         .map_err(DaemonError::Threads)?;
 
-    let report = || EventReport::new(Arc::clone(&metrics), Instant::now());
     let control_path = control.path().to_owned();
     control
         .serve(Arc::clone(&engine), clock, report())
@@ -113,7 +143,10 @@ pub fn run(config: &Config) -> Result<(), DaemonError> {
 
     let shutdown = Arc::new(AtomicBool::new(false));
     let mut workers = Vec::new();
+    let mut heartbeats = Vec::new();
     for (num, queue) in queues {
+        let heartbeat = Arc::new(AtomicU64::new(clock.now().as_millis()));
+        heartbeats.push((num, Arc::clone(&heartbeat)));
         let worker = worker::Worker {
             num,
             engine: Arc::clone(&engine),
@@ -121,6 +154,7 @@ pub fn run(config: &Config) -> Result<(), DaemonError> {
             report: report(),
             clock,
             shutdown: Arc::clone(&shutdown),
+            heartbeat,
         };
         let stop_tx = stop_tx.clone();
         let handle = thread::Builder::new()
@@ -133,7 +167,7 @@ pub fn run(config: &Config) -> Result<(), DaemonError> {
             .map_err(DaemonError::Threads)?;
         workers.push(handle);
     }
-    let names: Vec<String> = config.policies.iter().map(|p| p.name.clone()).collect();
+    let names: Vec<&str> = config.policies.iter().map(|p| p.name.as_str()).collect();
     info!(
         "knockq gate running on {}, policies: {}; control socket {}; metrics {}",
         config.queue,
@@ -144,11 +178,20 @@ pub fn run(config: &Config) -> Result<(), DaemonError> {
             false => "off".to_owned(),
         }
     );
+    // Every queue is bound and served: tell systemd (a no-op outside it).
+    let _ = sd_notify::notify(&[NotifyState::Ready]);
+    let watchdog = sd_notify::watchdog_enabled();
 
-    let mut report = report();
     let mut expired = Vec::new();
+    let mut last_save = Instant::now();
     let outcome = loop {
-        match stop_rx.recv_timeout(EXPIRE_INTERVAL) {
+        match stop_rx.recv_timeout(TICK) {
+            Ok(Stop::Signal(SIGHUP)) => {
+                let _ = sd_notify::notify(&[NotifyState::Reloading]);
+                apply_reload(&mut config, reload(), &engine, &metrics);
+                let _ = sd_notify::notify(&[NotifyState::Ready]);
+                continue;
+            }
             Ok(Stop::Signal(signal)) => {
                 info!(signal, "stopping");
                 break Ok(());
@@ -157,20 +200,82 @@ pub fn run(config: &Config) -> Result<(), DaemonError> {
                 error!(queue = num, "worker stopped: {why}");
                 break Err(DaemonError::Worker(num, why));
             }
-            Err(RecvTimeoutError::Timeout) => {
-                engine.expire(clock.now(), &mut expired);
-                report.publish(&engine, &mut expired, Instant::now());
-            }
+            Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => unreachable!("this loop holds a sender"),
         }
+        engine.expire(clock.now(), &mut expired);
+        main_report.publish(&engine, &mut expired, Instant::now());
+        if last_save.elapsed() >= SAVE_INTERVAL && grants_changed.swap(false, Ordering::Relaxed) {
+            save(&store, &engine, clock);
+            last_save = Instant::now();
+        }
+        if watchdog.is_some() && workers_alive(&heartbeats, clock) {
+            let _ = sd_notify::notify(&[NotifyState::Watchdog]);
+        }
     };
+    let _ = sd_notify::notify(&[NotifyState::Stopping]);
     shutdown.store(true, Ordering::Relaxed);
     for worker in workers {
         let _ = worker.join();
     }
+    save(&store, &engine, clock);
     if let Some(scrape) = scrape {
         scrape.stop();
     }
     let _ = std::fs::remove_file(&control_path);
     outcome
+}
+
+/// Puts a re-read configuration in force, or keeps the running one and says
+/// why: nothing is half-applied.
+fn apply_reload(
+    config: &mut Config,
+    reloaded: Result<Config, ConfigError>,
+    engine: &Engine,
+    metrics: &Metrics,
+) {
+    let new = match reloaded {
+        Ok(new) => new,
+        Err(e) => return error!("reload refused, still running the previous configuration: {e}"),
+    };
+    if let Some(section) = config.needs_restart_for(&new) {
+        return error!(
+            "reload refused, still running the previous configuration: {section} changed, and that needs a restart"
+        );
+    }
+    let result = engine.reload(&new.policies);
+    metrics.reloaded(&engine.policies(), &result);
+    info!(
+        event = %"reload",
+        kept = %result.kept.join(","),
+        fresh = %result.fresh.join(","),
+        dropped = %result.dropped.join(","),
+        "configuration reloaded"
+    );
+    *config = new;
+}
+
+fn save(store: &StateStore, engine: &Engine, clock: Clock) {
+    if let Err(e) = store.save(engine, clock.now()) {
+        error!("grants not saved: {e}");
+    }
+}
+
+/// Whether every worker looped recently; names the ones that did not.
+fn workers_alive(heartbeats: &[(u16, Arc<AtomicU64>)], clock: Clock) -> bool {
+    let now = clock.now();
+    let mut alive = true;
+    for (num, heartbeat) in heartbeats {
+        let last = Timestamp::from_millis(heartbeat.load(Ordering::Relaxed));
+        let silent = now.since(last);
+        if silent > STUCK_AFTER {
+            error!(
+                queue = num,
+                "worker stuck for {}s; starving the watchdog",
+                silent.as_secs()
+            );
+            alive = false;
+        }
+    }
+    alive
 }

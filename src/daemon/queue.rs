@@ -23,11 +23,12 @@ pub struct BindError {
 }
 
 /// Opens a netlink socket bound to queue `num`, set up for the gate: headers
-/// only, a long kernel queue, a large receive buffer, no fail-open, and a
+/// only, a long kernel queue, a large receive buffer, fail-open as configured
+/// (the kernel accepts rather than drops when the queue is full), and a
 /// receive timeout so the worker notices shutdown.
 ///
 /// Must run before the daemon starts other threads (see [`netfilter_sockets`]).
-pub fn open_queue(num: u16) -> Result<Queue, BindError> {
+pub fn open_queue(num: u16, fail_open: bool) -> Result<Queue, BindError> {
     let setup = || -> io::Result<Queue> {
         let before = netfilter_sockets()?;
         let mut queue = Queue::open()?;
@@ -39,7 +40,7 @@ pub fn open_queue(num: u16) -> Result<Queue, BindError> {
         // bind() resets the copy range to 64 KiB; headers are all we need.
         queue.set_copy_range(num, COPY_RANGE)?;
         queue.set_queue_max_len(num, QUEUE_MAX_LEN)?;
-        queue.set_fail_open(num, false)?;
+        queue.set_fail_open(num, fail_open)?;
         // FORCE goes past net.core.rmem_max; it needs CAP_NET_ADMIN, which
         // binding needs too, but fall back rather than fail.
         setsockopt(fd, libc::SO_RCVBUFFORCE, RECEIVE_BUFFER_BYTES)

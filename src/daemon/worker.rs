@@ -4,7 +4,7 @@
 
 use std::io;
 use std::panic::{self, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -30,6 +30,8 @@ pub struct Worker {
     pub report: EventReport,
     pub clock: Clock,
     pub shutdown: Arc<AtomicBool>,
+    /// When this worker last went round its loop, for the watchdog.
+    pub heartbeat: Arc<AtomicU64>,
 }
 
 impl Worker {
@@ -38,6 +40,8 @@ impl Worker {
         let mut unusual = UnusualCounts::default();
         let mut errors_in_a_row = 0;
         while !self.shutdown.load(Ordering::Relaxed) {
+            self.heartbeat
+                .store(self.clock.now().as_millis(), Ordering::Relaxed);
             let mut message = match queue.recv() {
                 Ok(message) => message,
                 Err(e) if is_transient(&e) => {
@@ -75,20 +79,26 @@ impl Worker {
         Ok(())
     }
 
-    /// Parses and decides one packet. A bug must cost one packet its
-    /// accept, never the worker: a dead worker leaves its queue to fill up.
+    /// Parses and decides one packet.
     fn decide(&self, payload: &[u8], events: &mut Vec<Event>) -> (Option<Syn>, Decision) {
         let now = self.clock.now();
-        panic::catch_unwind(AssertUnwindSafe(|| {
+        guarded(|| {
             let syn = packet::parse_syn(payload);
             let decision = match syn {
                 Some(syn) => self.engine.decide(syn, now, events),
                 None => Decision::reject(Reason::Unparsable),
             };
             (syn, decision)
-        }))
-        .unwrap_or((None, Decision::reject(Reason::Failed)))
+        })
     }
+}
+
+/// Runs `decide`, turning a panic into the reject verdict. A bug must cost
+/// one packet its accept, never the worker: a dead worker leaves its queue to
+/// fill up.
+fn guarded(decide: impl FnOnce() -> (Option<Syn>, Decision)) -> (Option<Syn>, Decision) {
+    panic::catch_unwind(AssertUnwindSafe(decide))
+        .unwrap_or((None, Decision::reject(Reason::Failed)))
 }
 
 /// The reject verdict is a mark and NF_REPEAT: the packet goes through the
@@ -144,5 +154,21 @@ impl UnusualCounts {
         if count.is_power_of_two() {
             warn!(queue, count = *count, "{what}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panic_while_deciding_rejects_the_packet() {
+        let (syn, decision) = guarded(|| panic!("a bug in the engine"));
+        assert_eq!(syn, None);
+        assert_eq!(decision, Decision::reject(Reason::Failed));
+        assert_eq!(decision.verdict(), Verdict::Reject);
+        // The next packet is decided normally.
+        let (_, next) = guarded(|| (None, Decision::ACCEPT));
+        assert_eq!(next, Decision::ACCEPT);
     }
 }

@@ -192,7 +192,7 @@ fn a_duplicate_does_not_extend_the_step_window() {
 #[test]
 fn the_first_port_restarts_the_sequence_at_any_stage() {
     let mut gate =
-        Gate::new("[[policy]]\nname = \"long\"\nsequence = [1, 2, 3]\nopen_ports = [22]\n");
+        Gate::new("[[policy]]\nname = \"long\"\nsequence = [1, 2, 3]\nallow_weak_sequence = true\nopen_ports = [22]\n");
     gate.knock("10.0.0.2", &[1, 2, 1, 2, 3]);
     assert_eq!(gate.syn("10.0.0.2", 22), ACCEPT);
     assert!(gate.kinds("10.0.0.2").contains(&EventKind::Restarted));
@@ -201,7 +201,7 @@ fn the_first_port_restarts_the_sequence_at_any_stage() {
 #[test]
 fn a_knock_out_of_order_does_not_advance() {
     let mut gate =
-        Gate::new("[[policy]]\nname = \"long\"\nsequence = [1, 2, 3]\nopen_ports = [22]\n");
+        Gate::new("[[policy]]\nname = \"long\"\nsequence = [1, 2, 3]\nallow_weak_sequence = true\nopen_ports = [22]\n");
     gate.knock("10.0.0.2", &[2, 3]);
     assert_eq!(
         gate.engine.tracked_sources(),

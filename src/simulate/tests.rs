@@ -148,7 +148,7 @@ fn retransmitted_knocks_still_open() {
 
 #[test]
 fn an_interleaved_scan_resets_and_wrong_order_is_named() {
-    let three = "[[policy]]\nname = \"three\"\nsequence = [1, 2, 3]\nopen_ports = [22]\n";
+    let three = "[[policy]]\nname = \"three\"\nsequence = [1, 2, 3]\nallow_weak_sequence = true\nopen_ports = [22]\n";
     let syns = [
         Syn(0.0, "10.9.0.2", 1),
         Syn(0.1, "10.9.0.2", 80),

@@ -252,6 +252,8 @@ impl Net {
             .arg(config)
             .arg("--control-socket")
             .arg(self.control_socket())
+            .arg("--state-dir")
+            .arg(self.state_dir())
             .args(args)
             .env("KNOCKQ_LOG", "debug")
             .stderr(fs::File::create(&log).unwrap())
@@ -291,6 +293,11 @@ impl Net {
             "{bin} {args} --control-socket {}",
             socket.display()
         ))
+    }
+
+    /// Where the daemon saves grants, in the test's directory.
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
     }
 
     /// The daemon's control socket, in the test's directory.

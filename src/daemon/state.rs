@@ -1,0 +1,313 @@
+//! Grants saved across restarts: a JSON file written atomically (temporary
+//! file, fsync, rename) and read back at start. A grant comes back only under
+//! a policy with the same name, sequence and ports, with the time it had left.
+
+use std::fs;
+use std::io::{self, Write};
+use std::net::IpAddr;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::engine::{Engine, EventSink, GrantLeft, Policies, PolicyKey, Timestamp};
+
+const FORMAT_VERSION: u32 = 1;
+
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StateFile {
+    version: u32,
+    /// When the file was written, seconds from the Unix epoch.
+    saved_at: f64,
+    grants: Vec<SavedGrant>,
+}
+
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SavedGrant {
+    source: IpAddr,
+    policy: String,
+    sequence: Vec<u16>,
+    open_ports: Vec<u16>,
+    close_port: Option<u16>,
+    /// `None`: open until the close knock.
+    seconds_left: Option<f64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("{}: {source}", path.display())]
+    Io { path: PathBuf, source: io::Error },
+    #[error("{}: unreadable, ignored: {source}", path.display())]
+    Corrupt {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error("{}: format version {found} is not {FORMAT_VERSION}, ignored", path.display())]
+    Version { path: PathBuf, found: u32 },
+}
+
+pub struct StateStore {
+    path: PathBuf,
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+impl StateStore {
+    pub fn new(dir: &Path) -> Self {
+        StateStore {
+            path: dir.join("grants.json"),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Writes every open grant; returns how many.
+    pub fn save(&self, engine: &Engine, now: Timestamp) -> Result<usize, StateError> {
+        let policies = engine.policies();
+        let grants: Vec<SavedGrant> = engine
+            .status(now)
+            .into_iter()
+            .filter_map(|s| {
+                let left = s.status.grant?;
+                let policy = policies.get(policies.by_name(&s.policy)?)?;
+                Some(SavedGrant {
+                    source: s.src,
+                    policy: s.policy,
+                    sequence: policy.sequence.clone(),
+                    open_ports: policy.open_ports.clone(),
+                    close_port: policy.close_port,
+                    seconds_left: match left {
+                        GrantLeft::For(d) => Some(d.as_secs_f64()),
+                        GrantLeft::UntilClosed => None,
+                    },
+                })
+            })
+            .collect();
+        let count = grants.len();
+        let file = StateFile {
+            version: FORMAT_VERSION,
+            saved_at: unix_now(),
+            grants,
+        };
+        let text = serde_json::to_vec_pretty(&file).expect("the state serialises");
+        self.write_atomically(&text)
+            .map_err(|source| StateError::Io {
+                path: self.path.clone(),
+                source,
+            })?;
+        Ok(count)
+    }
+
+    fn write_atomically(&self, bytes: &[u8]) -> io::Result<()> {
+        let dir = self.path.parent().unwrap_or(Path::new("."));
+        fs::create_dir_all(dir)?;
+        let temporary = self.path.with_extension("json.tmp");
+        let mut file = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&temporary)?;
+        file.set_permissions(fs::Permissions::from_mode(0o600))?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        fs::rename(&temporary, &self.path)?;
+        fs::File::open(dir)?.sync_all()
+    }
+
+    /// Puts back the saved grants that still apply; returns how many. A
+    /// missing file restores nothing; an unreadable one is an error the
+    /// caller logs and carries on from.
+    pub fn restore(
+        &self,
+        engine: &Engine,
+        now: Timestamp,
+        events: &mut impl EventSink,
+    ) -> Result<usize, StateError> {
+        let text = match fs::read(&self.path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+            Err(source) => {
+                return Err(StateError::Io {
+                    path: self.path.clone(),
+                    source,
+                })
+            }
+        };
+        let file: StateFile =
+            serde_json::from_slice(&text).map_err(|source| StateError::Corrupt {
+                path: self.path.clone(),
+                source,
+            })?;
+        if file.version != FORMAT_VERSION {
+            return Err(StateError::Version {
+                path: self.path.clone(),
+                found: file.version,
+            });
+        }
+        let restorable = still_valid(file, &engine.policies(), unix_now());
+        let count = restorable.len();
+        for (source, key, left) in restorable {
+            // Only a full table of grants refuses: nothing else is tracked yet.
+            let _ = engine.restore(source, key, left, now, events);
+        }
+        Ok(count)
+    }
+}
+
+/// The saved grants whose policy is still in force unchanged and whose time
+/// has not run out by `unix_now`.
+fn still_valid(
+    file: StateFile,
+    policies: &Policies,
+    unix_now: f64,
+) -> Vec<(IpAddr, PolicyKey, GrantLeft)> {
+    let elapsed = (unix_now - file.saved_at).max(0.0);
+    file.grants
+        .into_iter()
+        .filter_map(|grant| {
+            let key = policies.by_name(&grant.policy)?;
+            let policy = policies.get(key)?;
+            let same = policy.sequence == grant.sequence
+                && policy.open_ports == grant.open_ports
+                && policy.close_port == grant.close_port;
+            let left = match grant.seconds_left {
+                None => GrantLeft::UntilClosed,
+                Some(left) if left - elapsed > 0.0 => {
+                    GrantLeft::For(Duration::from_secs_f64(left - elapsed))
+                }
+                Some(_) => return None,
+            };
+            same.then_some((grant.source, key, left))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::{Event, Syn, Verdict};
+
+    fn engine(text: &str) -> Engine {
+        Engine::new(&crate::config::parse(text, Path::new("t.toml")).unwrap())
+    }
+
+    const SSH: &str = "[[policy]]\nname = \"ssh\"\nsequence = [1111, 2222]\nopen_ports = [22]\ngrant_timeout = \"1h\"\n";
+
+    fn knock(engine: &Engine, src: &str) {
+        for port in [1111, 2222] {
+            let syn = Syn {
+                src: src.parse().unwrap(),
+                dst_port: port,
+            };
+            engine.decide(syn, Timestamp::from_millis(0), &mut Vec::new());
+        }
+    }
+
+    fn open(engine: &Engine, src: &str) -> bool {
+        let syn = Syn {
+            src: src.parse().unwrap(),
+            dst_port: 22,
+        };
+        engine
+            .decide(syn, Timestamp::from_millis(5), &mut Vec::new())
+            .verdict()
+            == Verdict::Accept
+    }
+
+    #[test]
+    fn grants_survive_a_save_and_a_restore() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let store = StateStore::new(dir.path());
+        let before = engine(SSH);
+        knock(&before, "10.0.0.2");
+        knock(&before, "fd00::2");
+        assert_eq!(store.save(&before, Timestamp::from_millis(1)).unwrap(), 2);
+        let mode = fs::metadata(store.path()).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+
+        let after = engine(SSH);
+        let mut events: Vec<Event> = Vec::new();
+        assert_eq!(
+            store
+                .restore(&after, Timestamp::from_millis(0), &mut events)
+                .unwrap(),
+            2
+        );
+        assert!(open(&after, "10.0.0.2") && open(&after, "fd00::2"));
+        assert!(!open(&after, "10.0.0.3"));
+    }
+
+    #[test]
+    fn a_changed_policy_or_an_expired_grant_is_not_restored() {
+        let policies = engine(SSH).policies();
+        let grant = |policy: &str, sequence: Vec<u16>, seconds_left| SavedGrant {
+            source: "10.0.0.2".parse().unwrap(),
+            policy: policy.into(),
+            sequence,
+            open_ports: vec![22],
+            close_port: None,
+            seconds_left,
+        };
+        let file = StateFile {
+            version: 1,
+            saved_at: 1000.0,
+            grants: vec![
+                grant("ssh", vec![1111, 2222], Some(100.0)),
+                grant("ssh", vec![1111, 2222], Some(10.0)),
+                grant("ssh", vec![1111, 2222], None),
+                grant("ssh", vec![1111, 3333], Some(100.0)),
+                grant("web", vec![1111, 2222], Some(100.0)),
+            ],
+        };
+        let valid = still_valid(file, &policies, 1030.0);
+        let lefts: Vec<GrantLeft> = valid.iter().map(|(_, _, left)| *left).collect();
+        assert_eq!(
+            lefts,
+            [
+                GrantLeft::For(Duration::from_secs(70)),
+                GrantLeft::UntilClosed
+            ]
+        );
+    }
+
+    #[test]
+    fn broken_files_are_errors_not_crashes() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let store = StateStore::new(dir.path());
+        let engine = engine(SSH);
+        let mut events: Vec<Event> = Vec::new();
+        assert_eq!(
+            store
+                .restore(&engine, Timestamp::from_millis(0), &mut events)
+                .unwrap(),
+            0,
+            "no file yet"
+        );
+        for broken in [
+            &b"{\"version\":1,\"saved_at\":"[..],
+            b"\x00\xff garbage",
+            b"{\"version\":7,\"saved_at\":1,\"grants\":[]}",
+        ] {
+            fs::write(store.path(), broken).unwrap();
+            let err = store
+                .restore(&engine, Timestamp::from_millis(0), &mut events)
+                .unwrap_err();
+            assert!(
+                err.to_string()
+                    .starts_with(&store.path().display().to_string()),
+                "{err}"
+            );
+        }
+        assert_eq!(engine.tracked_sources(), 0);
+    }
+}
