@@ -177,3 +177,33 @@ fn grafana_dashboard_charts_the_metrics() {
         );
     }
 }
+
+/// `systemd-analyze security` rates the unit's exposure 2.0 or lower.
+#[test]
+fn systemd_unit_exposure_is_low() {
+    if !can_run("systemd_unit_exposure_is_low", false, &["systemd-analyze"]) {
+        return;
+    }
+    let out = run(std::process::Command::new("systemd-analyze").args([
+        "security",
+        "--offline=yes",
+        "--no-pager",
+        "systemd/knockq.service",
+    ]));
+    let report = String::from_utf8_lossy(&out.stdout);
+    let level: f64 = report
+        .lines()
+        .find_map(|line| {
+            line.split("Overall exposure level for knockq.service: ")
+                .nth(1)
+        })
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|number| number.parse().ok())
+        .unwrap_or_else(|| {
+            panic!(
+                "no exposure level in:\n{report}{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+    assert!(level <= 2.0, "exposure {level}:\n{report}");
+}

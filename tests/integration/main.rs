@@ -4,5 +4,6 @@
 mod cli;
 mod gate;
 mod observe;
+mod resilience;
 mod simulate;
 mod util;

@@ -33,7 +33,7 @@ pub fn run(command: &mut Command) -> Output {
 }
 
 /// Tools every end-to-end test uses.
-const END_TO_END_TOOLS: [&str; 7] = [
+const END_TO_END_TOOLS: [&str; 8] = [
     "ip",
     "nc",
     "knock",
@@ -41,6 +41,7 @@ const END_TO_END_TOOLS: [&str; 7] = [
     "iptables-restore",
     "ip6tables-restore",
     "nft",
+    "python3",
 ];
 
 /// Whether this end-to-end test can run: root, and the usual tools.
@@ -104,6 +105,21 @@ impl Reply {
 }
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// Listens on every `ADDRESS:PORT` argument; accepts and closes.
+const LISTENER: &str = r#"
+import selectors, socket, sys
+selector = selectors.DefaultSelector()
+for spec in sys.argv[1:]:
+    host, port = spec.rsplit(":", 1)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    server = socket.create_server((host, int(port)), family=family, backlog=4096)
+    selector.register(server, selectors.EVENT_READ)
+while True:
+    for key, _ in selector.select():
+        connection, _ = key.fileobj.accept()
+        connection.close()
+"#;
 
 impl Net {
     pub fn new() -> Net {
@@ -174,37 +190,46 @@ impl Net {
         );
     }
 
-    /// Services on `ports` in the gate namespace, IPv4 and IPv6.
+    /// Services on `ports` in the gate namespace, IPv4 and IPv6: one
+    /// process accepting and closing connections, with a deep backlog so a
+    /// busy machine never drops a SYN for want of an accept.
     pub fn listen(&mut self, ports: &[u16]) {
-        for port in ports {
-            for args in [
-                format!("-lk {GATE4} {port}"),
-                format!("-6 -lk {GATE6} {port}"),
-            ] {
-                let child = Command::new("ip")
-                    .args(["netns", "exec", &self.gate, "nc"])
-                    .args(args.split(' '))
-                    .stdout(Stdio::null())
-                    .spawn()
-                    .unwrap();
-                self.children.push(child);
-            }
-        }
+        let addresses = ports
+            .iter()
+            .flat_map(|port| [format!("{GATE4}:{port}"), format!("{GATE6}:{port}")]);
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.gate, "python3", "-c", LISTENER])
+            .args(addresses)
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.children.push(child);
         wait_for("listeners", || {
             let out = self.in_gate("ss -ltnH");
-            let listening = String::from_utf8_lossy(&out.stdout).lines().count();
-            listening >= 2 * ports.len()
+            let listening = String::from_utf8_lossy(&out.stdout);
+            ports
+                .iter()
+                .all(|port| listening.matches(&format!(":{port} ")).count() == 2)
         });
     }
 
     /// A TCP connection attempt from `src` to the gate's `port` with nc.
     pub fn connect(&self, src: &str, port: u16) -> Reply {
+        self.connect_within(src, port, 3)
+    }
+
+    /// A connection attempt that waits up to `seconds`, retransmitting its
+    /// SYN meanwhile (at 1, 3, 7 s): for a gate under a flood, which drops
+    /// some SYNs.
+    pub fn connect_within(&self, src: &str, port: u16, seconds: u32) -> Reply {
         let (family, dst) = if src.contains(':') {
             ("-6", GATE6)
         } else {
             ("-4", GATE4)
         };
-        let out = self.in_client(&format!("nc {family} -v -z -w 2 -s {src} {dst} {port}"));
+        let out = self.in_client(&format!(
+            "nc {family} -v -z -w {seconds} -s {src} {dst} {port}"
+        ));
         if out.status.success() {
             Reply::Open
         } else {
@@ -234,8 +259,13 @@ impl Net {
         self.start_daemon_with(config, &[])
     }
 
-    /// Starts `knockq run` with extra arguments.
+    /// Starts `knockq run` with extra arguments, logging at debug level.
     pub fn start_daemon_with(&self, config: &Path, args: &[&str]) -> Daemon {
+        self.start_daemon_logging(config, args, "debug")
+    }
+
+    /// Starts `knockq run` with extra arguments, logging at `level`.
+    pub fn start_daemon_logging(&self, config: &Path, args: &[&str], level: &str) -> Daemon {
         let log = self.dir.path().join(format!(
             "knockq-{}.log",
             NEXT.fetch_add(1, Ordering::Relaxed)
@@ -255,7 +285,7 @@ impl Net {
             .arg("--state-dir")
             .arg(self.state_dir())
             .args(args)
-            .env("KNOCKQ_LOG", "debug")
+            .env("KNOCKQ_LOG", level)
             .stderr(fs::File::create(&log).unwrap())
             .spawn()
             .unwrap();
@@ -363,6 +393,31 @@ impl Daemon {
             );
             sleep(Duration::from_millis(20));
         }
+    }
+
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill has no memory preconditions; the pid is our child's.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    /// Resident memory, from /proc.
+    pub fn rss_kib(&self) -> u64 {
+        let status = fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap()
+    }
+
+    /// SIGKILL, and wait for it to be gone.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// Sends `signal` and returns the exit status.
