@@ -203,7 +203,7 @@ fn a_spoofed_syn_flood_neither_overflows_state_nor_locks_users_out() {
     if !can_run_end_to_end(test) || !can_run(test, true, &["trafgen"]) {
         return;
     }
-    let mut net = Net::new();
+    let mut net = Net::alone();
     net.listen(&[22]);
     let config =
         net.config(&EXAMPLE_CONFIG.replace("max_sources = 1000000", "max_sources = 50000"));

@@ -5,6 +5,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
@@ -82,6 +83,16 @@ pub struct Net {
     pub client: String,
     pub dir: TempDir,
     children: Vec<Child>,
+    _machine: MachineShare,
+}
+
+/// End-to-end tests share the machine; a flood test needs it to itself, or
+/// its CPU-hungry generator would starve the others and they it.
+static MACHINE: RwLock<()> = RwLock::new(());
+
+enum MachineShare {
+    Shared(#[allow(dead_code)] RwLockReadGuard<'static, ()>),
+    Alone(#[allow(dead_code)] RwLockWriteGuard<'static, ()>),
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -122,7 +133,23 @@ while True:
 "#;
 
 impl Net {
+    /// Namespaces for a test that may run beside others.
     pub fn new() -> Net {
+        let shared = MACHINE
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        Net::create(MachineShare::Shared(shared))
+    }
+
+    /// Namespaces for a test that runs alone on the machine.
+    pub fn alone() -> Net {
+        let alone = MACHINE
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        Net::create(MachineShare::Alone(alone))
+    }
+
+    fn create(machine: MachineShare) -> Net {
         let id = format!(
             "kq{}-{}",
             std::process::id(),
@@ -133,6 +160,7 @@ impl Net {
             client: format!("{id}-client"),
             dir: TempDir::new().unwrap(),
             children: Vec::new(),
+            _machine: machine,
         };
         for ns in [&net.gate, &net.client] {
             sh_ok(&format!("ip netns add {ns} && ip -n {ns} link set lo up"));
