@@ -48,7 +48,13 @@ impl Clock {
     }
 
     pub fn now(&self) -> Timestamp {
-        Timestamp::from_millis(u64::try_from(self.0.elapsed().as_millis()).unwrap_or(u64::MAX))
+        self.at(Instant::now())
+    }
+
+    /// The timestamp of an instant read earlier.
+    pub fn at(&self, instant: Instant) -> Timestamp {
+        let elapsed = instant.saturating_duration_since(self.0);
+        Timestamp::from_millis(u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX))
     }
 }
 

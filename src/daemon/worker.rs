@@ -14,7 +14,7 @@ use tracing::{debug, warn};
 use super::events::EventReport;
 use super::metrics::Metrics;
 use super::Clock;
-use crate::engine::{Decision, Engine, Event, Reason, Syn, Verdict};
+use crate::engine::{Decision, Engine, Event, Reason, Syn, Timestamp, Verdict};
 use crate::firewall::{ACCEPT_MARK, REJECT_MARK};
 use crate::packet;
 
@@ -59,7 +59,8 @@ impl Worker {
             };
             errors_in_a_row = 0;
             let received = Instant::now();
-            let (syn, decision) = self.decide(message.get_payload(), &mut events);
+            let now = self.clock.at(received);
+            let (syn, decision) = self.decide(message.get_payload(), now, &mut events);
             set_verdict(&mut message, decision.verdict());
             if let Err(e) = queue.verdict(message) {
                 warn!(queue = self.num, "sending a verdict failed: {e}");
@@ -70,8 +71,7 @@ impl Worker {
                 debug!(queue = self.num, %src, dst_port, verdict = %decision.verdict().as_str(), reason = %decision.reason.as_str());
             }
             unusual.note(self.num, decision.reason);
-            self.report
-                .publish(&self.engine, &mut events, Instant::now());
+            self.report.publish(&self.engine, &mut events, received);
         }
         if let Err(e) = queue.unbind(self.num) {
             debug!(queue = self.num, "unbind: {e}");
@@ -80,8 +80,12 @@ impl Worker {
     }
 
     /// Parses and decides one packet.
-    fn decide(&self, payload: &[u8], events: &mut Vec<Event>) -> (Option<Syn>, Decision) {
-        let now = self.clock.now();
+    fn decide(
+        &self,
+        payload: &[u8],
+        now: Timestamp,
+        events: &mut Vec<Event>,
+    ) -> (Option<Syn>, Decision) {
         guarded(|| {
             let syn = packet::parse_syn(payload);
             let decision = match syn {
