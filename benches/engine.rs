@@ -1,0 +1,186 @@
+//! The engine's decision time and memory per tracked source.
+//!
+//! `cargo bench --bench engine`. Decisions for an unknown source, a knock
+//! that advances, a first knock into a full table (evicting), and a granted
+//! source, with 1, 100,000 and 1,000,000 tracked sources, on one thread and
+//! on two threads sharing the engine. Memory is measured with a counting
+//! allocator, not estimated.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::hint::black_box;
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
+use knockq::config;
+use knockq::engine::{Engine, Event, Syn, Timestamp};
+
+/// Counts the bytes live on the heap.
+struct Counting;
+
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        LIVE.fetch_add(layout.size(), Ordering::Relaxed);
+        // SAFETY: forwarded unchanged to the system allocator.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+        // SAFETY: forwarded unchanged to the system allocator.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+const CONFIG: &str = r#"
+[limits]
+max_sources = MAX
+
+[[policy]]
+name = "ssh"
+sequence = [1111, 2222]
+step_timeout = "1h"
+open_ports = [22, 8080]
+close_port = 3333
+"#;
+
+fn engine(max_sources: usize) -> Engine {
+    let text = CONFIG.replace("MAX", &max_sources.to_string());
+    Engine::new(&config::parse(&text, Path::new("bench.toml")).unwrap())
+}
+
+/// The n-th source address of the benchmark, spread over 10.0.0.0/8.
+fn source(n: u64) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + (n.wrapping_mul(2_654_435_761) & 0x00ff_ffff) as u32))
+}
+
+fn decide(engine: &Engine, src: IpAddr, dst_port: u16, events: &mut Vec<Event>) {
+    black_box(engine.decide(Syn { src, dst_port }, Timestamp::from_millis(1), events));
+    events.clear();
+}
+
+/// An engine tracking `tracked` sources at stage 1, room for as many more.
+fn filled(tracked: u64) -> Engine {
+    let engine = engine((2 * tracked as usize).max(1 << 20) * 4);
+    let mut events = Vec::new();
+    for n in 0..tracked {
+        decide(&engine, source(n), 1111, &mut events);
+    }
+    engine
+}
+
+fn memory_per_source() {
+    const SOURCES: u64 = 1_000_000;
+    let before = LIVE.load(Ordering::Relaxed);
+    let engine = engine(SOURCES as usize);
+    let empty = LIVE.load(Ordering::Relaxed);
+    let mut events = Vec::new();
+    for n in 0..SOURCES {
+        decide(&engine, source(n), 1111, &mut events);
+    }
+    assert_eq!(engine.tracked_sources(), SOURCES as usize);
+    let full = LIVE.load(Ordering::Relaxed);
+    println!(
+        "memory: {} bytes per tracked source ({} sources; engine without sources: {} KiB)",
+        (full - empty) / SOURCES as usize,
+        SOURCES,
+        (empty - before) / 1024
+    );
+}
+
+fn single_thread(c: &mut Criterion) {
+    memory_per_source();
+    for tracked in [1u64, 100_000, 1_000_000] {
+        let engine = filled(tracked);
+        let mut events = Vec::new();
+        let mut group = c.benchmark_group(format!("decide/{tracked} tracked"));
+        let mut n = 0;
+        group.bench_function("unknown source", |b| {
+            b.iter(|| {
+                n += 1;
+                decide(&engine, source(tracked + n), 22, &mut events)
+            })
+        });
+        // Sources first knocked in setup (untimed); the timed knock completes.
+        let fresh = AtomicU64::new(u64::MAX / 2);
+        group.bench_function("knock that advances", |b| {
+            b.iter_batched(
+                || {
+                    let src = source(fresh.fetch_add(1, Ordering::Relaxed));
+                    decide(&engine, src, 1111, &mut Vec::new());
+                    src
+                },
+                |src| decide(&engine, src, 2222, &mut events),
+                BatchSize::SmallInput,
+            )
+        });
+        let granted: Vec<IpAddr> = (0..1000).map(|i| source(u64::MAX / 4 + i)).collect();
+        for &src in &granted {
+            decide(&engine, src, 1111, &mut events);
+            decide(&engine, src, 2222, &mut events);
+        }
+        let mut i = 0;
+        group.bench_function("granted source", |b| {
+            b.iter(|| {
+                i = (i + 1) % granted.len();
+                decide(&engine, granted[i], 22, &mut events)
+            })
+        });
+        group.finish();
+    }
+
+    // A first knock into a table at its cap: each one evicts the oldest.
+    let full = engine(1_000_000);
+    let mut events = Vec::new();
+    for n in 0..1_000_000 {
+        decide(&full, source(n), 1111, &mut events);
+    }
+    let mut n = 1_000_000;
+    c.bench_function("decide/1000000 tracked, full/first knock evicting", |b| {
+        b.iter(|| {
+            n += 1;
+            decide(&full, source(n), 1111, &mut events)
+        })
+    });
+}
+
+/// Two threads deciding at once on one engine; time per decision per thread.
+fn two_threads(c: &mut Criterion) {
+    let engine = filled(1_000_000);
+    let mut group = c.benchmark_group("decide/1000000 tracked, 2 threads");
+    for (name, port) in [("unknown source", 22u16), ("first knock", 1111)] {
+        group.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                let start = Instant::now();
+                std::thread::scope(|scope| {
+                    for thread in 0..2u64 {
+                        let engine = &engine;
+                        scope.spawn(move || {
+                            let mut events = Vec::new();
+                            for i in 0..iters {
+                                let n = 10_000_000 + thread * (1 << 40) + i;
+                                decide(engine, source(n), port, &mut events);
+                            }
+                        });
+                    }
+                });
+                start.elapsed()
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1));
+    targets = single_thread, two_threads
+}
+criterion_main!(benches);
