@@ -1,5 +1,5 @@
 # knockq: `make demo` shows the gate working, `make test` runs every test.
-.PHONY: demo test rules
+.PHONY: demo test rules bench
 
 demo:
 	scripts/demo
@@ -12,3 +12,11 @@ rules:
 	cargo run --quiet -- rules --config examples/knockq.toml --backend iptables > rules/knockq.iptables
 	cargo run --quiet -- rules --config examples/knockq.toml --backend ip6tables > rules/knockq.ip6tables
 	cargo run --quiet -- rules --config examples/knockq.toml --backend nft > rules/knockq.nft
+
+# knockq, the minimal NFQUEUE consumer and the in-kernel recipe under one
+# SYN flood, side by side (root; see BENCHMARKS.md). The engine alone:
+# cargo bench --bench engine.
+bench:
+	scripts/install-deps
+	cargo build --release --locked --bin knockq --example nfq_floor
+	python3 scripts/bench.py

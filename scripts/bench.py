@@ -1,0 +1,273 @@
+#!/usr/bin/env python3
+"""knockq's end-to-end benchmark (`make bench`, as root).
+
+Three gates, side by side in one run, each in a fresh pair of network
+namespaces joined by a veth pair, against the same SYN flood from trafgen
+(random source addresses, to knock port 1111) on one core:
+
+  knockq   the daemon with the example configuration;
+  floor    a minimal nfq consumer that answers every packet with the reject
+           mark and NF_REPEAT: the floor of any userspace gate;
+  kernel   the in-kernel xt_recent recipe, no userspace hop: the limit.
+
+For each gate it measures the SYNs decided per second and the kernel's queue
+drops during the flood, the gate process's CPU time per decided SYN (from
+/proc/PID/stat), and the time from connect() to its answer for a granted
+source, at light load and during the flood. Rounds alternate the gates; the
+table reports medians over rounds, and ratios within this one run.
+"""
+
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+KNOCKQ = ROOT / "target/release/knockq"
+FLOOR = ROOT / "target/release/examples/nfq_floor"
+RECIPE = ROOT / "tests/testdata/recent-recipe.iptables"
+CONFIG = ROOT / "examples/knockq.toml"
+GATE, CLIENT, FLOODER = "10.9.0.1", "10.9.0.2", "10.9.0.3"
+ROUNDS = int(os.environ.get("KNOCKQ_BENCH_ROUNDS", "3"))
+FLOOD_SECONDS = int(os.environ.get("KNOCKQ_BENCH_SECONDS", "10"))
+PROBES = 300
+TICKS = os.sysconf("SC_CLK_TCK")
+
+LATENCY_PROBE = r"""
+import socket, sys, time
+src, dst, count, pause, seconds = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5])
+deadline = time.perf_counter() + seconds
+for _ in range(count):
+    if time.perf_counter() > deadline:
+        break
+    s = socket.socket()
+    s.bind((src, 0))
+    s.settimeout(3)
+    start = time.perf_counter()
+    try:
+        s.connect((dst, 22))
+        outcome = "open"
+    except OSError as e:
+        outcome = type(e).__name__
+    took = time.perf_counter() - start
+    s.close()
+    print(f"{took:.9f} {outcome}", flush=True)
+    time.sleep(pause)
+"""
+
+LISTENER = r"""
+import socket
+server = socket.create_server(("10.9.0.1", 22), backlog=4096)
+while True:
+    connection, _ = server.accept()
+    connection.close()
+"""
+
+
+def sh(command, check=True, **kwargs):
+    return subprocess.run(command, shell=True, check=check, text=True, capture_output=True, **kwargs)
+
+
+class Net:
+    """Two namespaces joined by veth; the flood's replies go back through the
+    client side, which drops them."""
+
+    def __init__(self, name):
+        self.gate, self.client = f"{name}-gate", f"{name}-client"
+        for ns in (self.gate, self.client):
+            sh(f"ip netns add {ns} && ip -n {ns} link set lo up")
+        sh(f"ip -n {self.gate} link add veth0 type veth peer name veth1 netns {self.client}")
+        sh(f"ip -n {self.gate} addr add {GATE}/24 dev veth0 && ip -n {self.gate} link set veth0 up")
+        sh(f"ip -n {self.client} addr add {CLIENT}/24 dev veth1 && ip -n {self.client} addr add {FLOODER}/24 dev veth1")
+        sh(f"ip -n {self.client} link set veth1 up && ip -n {self.gate} route add default via {CLIENT}")
+        self.children = [self.spawn(self.gate, ["python3", "-c", LISTENER])]
+
+    def spawn(self, ns, argv, **kwargs):
+        return subprocess.Popen(["ip", "netns", "exec", ns, *map(str, argv)], **kwargs)
+
+    def run(self, ns, command, check=True):
+        return sh(f"ip netns exec {ns} {command}", check=check)
+
+    def mac(self, ns, dev):
+        return sh(f"ip -n {ns} -br link show {dev}").stdout.split()[2]
+
+    def queue_table(self):
+        """(packets dropped by the kernel, total) for queue 0."""
+        rows = self.run(self.gate, "cat /proc/net/netfilter/nfnetlink_queue").stdout.split("\n")
+        fields = [int(f) for f in rows[0].split()] if rows[0].strip() else [0] * 9
+        return fields[5] + fields[6]
+
+    def close(self):
+        for child in self.children:
+            child.kill()
+            child.wait()
+        for ns in (self.gate, self.client):
+            sh(f"ip netns pids {ns} | xargs -r kill -9; ip netns del {ns}", check=False)
+
+
+def knock(net, src):
+    for port in (1111, 2222):
+        net.run(net.client, f"nc -z -w 1 -s {src} {GATE} {port}", check=False)
+
+
+class Gate:
+    def __init__(self, kind, net, workdir):
+        self.kind, self.net, self.process = kind, net, None
+        if kind == "kernel":
+            net.run(net.gate, f"iptables-restore {RECIPE}")
+            return
+        rules = sh(f"{KNOCKQ} rules --config {CONFIG} --backend iptables").stdout
+        path = workdir / "rules.iptables"
+        path.write_text(rules)
+        net.run(net.gate, f"iptables-restore {path}")
+        if kind == "knockq":
+            argv = [KNOCKQ, "run", "--config", CONFIG, "--control-socket", workdir / "control.sock",
+                    "--state-dir", workdir / "state"]
+            self.process = net.spawn(net.gate, argv, stderr=subprocess.DEVNULL,
+                                     env={**os.environ, "KNOCKQ_LOG": "warn"})
+        else:
+            self.process = net.spawn(net.gate, [FLOOR], stderr=subprocess.DEVNULL)
+        deadline = time.time() + 10
+        while not net.run(net.gate, "cat /proc/net/netfilter/nfnetlink_queue").stdout.strip():
+            if time.time() > deadline:
+                raise RuntimeError(f"{kind} did not bind the queue")
+            time.sleep(0.05)
+
+    def cpu_seconds(self):
+        if self.process is None:
+            return None
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / TICKS
+
+    def decided(self):
+        """SYNs the gate has answered: the reject rule's counter (every flood
+        SYN is rejected) for the queue gates; the recipe's dispatch rule for
+        the kernel."""
+        table = self.net.run(self.net.gate, "iptables -nvxL").stdout
+        for line in table.splitlines():
+            if self.kind == "kernel" and "KNOCK_DISPATCH" in line and line.split()[2] == "KNOCK_DISPATCH":
+                return int(line.split()[0])
+            if self.kind != "kernel" and "REJECT" in line and "mark match" in line:
+                return int(line.split()[0])
+        raise RuntimeError(f"no counter in\n{table}")
+
+    def close(self):
+        if self.process:
+            self.process.kill()
+            self.process.wait()
+
+
+def latencies(net, count, pause, seconds=60):
+    """connect() to answer times from the granted client, within `seconds`;
+    a connect that gets no answer in 3 s counts as 3 s."""
+    out = net.run(net.client, f"python3 -c '{LATENCY_PROBE}' {CLIENT} {GATE} {count} {pause} {seconds}").stdout
+    rows = [line.split() for line in out.splitlines()]
+    return [float(took) for took, _ in rows], [outcome for _, outcome in rows]
+
+
+def percentile(values, p):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
+
+
+def measure(kind, round_number):
+    workdir = Path(tempfile.mkdtemp(prefix="knockq-bench-"))
+    net = Net(f"kqb{round_number}{kind[:2]}")
+    gate = None
+    try:
+        gate = Gate(kind, net, workdir)
+        # The floor rejects everything: its latency is the time to the reject.
+        if kind != "floor":
+            knock(net, CLIENT)
+        light, outcomes = latencies(net, PROBES, 0.002)
+        if kind != "floor" and outcomes.count("open") != len(outcomes):
+            raise RuntimeError(f"{kind}: granted source refused: {set(outcomes)}")
+        config = workdir / "flood.cfg"
+        config.write_text(
+            "{\n  eth(da=%s, sa=%s),\n  ipv4(saddr=drnd(), daddr=%s, ttl=64),\n"
+            "  tcp(sp=drnd(), dp=1111, seq=drnd(), syn, window=64240),\n}\n"
+            % (net.mac(net.gate, "veth0"), net.mac(net.client, "veth1"), GATE))
+        decided_before, drops_before, cpu_before = gate.decided(), net.queue_table(), gate.cpu_seconds()
+        flood = net.spawn(net.client, ["trafgen", "--cpus", "1", "-q", "-o", "veth1", "-i", config],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        started = time.time()
+        time.sleep(1)
+        loaded, answers = latencies(net, PROBES, 0.01, FLOOD_SECONDS - 2)
+        time.sleep(max(0.0, FLOOD_SECONDS - (time.time() - started)))
+        elapsed = time.time() - started
+        decided, drops, cpu = gate.decided(), net.queue_table(), gate.cpu_seconds()
+        os.killpg(flood.pid, 9)
+        flood.wait()
+        decided -= decided_before
+        drops -= drops_before
+        # The floor rejects every SYN, and the kernel rate-limits the ICMP
+        # answers per destination: its times say nothing about a gate.
+        rejects_all = kind == "floor"
+        return {
+            "decided_pps": decided / elapsed,
+            "drop_share": drops / max(1, decided + drops),
+            "cpu_us_per_packet": None if cpu is None else (cpu - cpu_before) / max(1, decided) * 1e6,
+            "light_p50_us": None if rejects_all else percentile(light, 50) * 1e6,
+            "light_p99_us": None if rejects_all else percentile(light, 99) * 1e6,
+            "flood_p50_us": None if rejects_all else percentile(loaded, 50) * 1e6,
+            "flood_p99_us": None if rejects_all else percentile(loaded, 99) * 1e6,
+            "flood_unanswered": None if rejects_all else answers.count("TimeoutError") / len(answers),
+        }
+    finally:
+        if gate:
+            gate.close()
+        net.close()
+
+
+def median(results, key):
+    values = [r[key] for r in results if r[key] is not None]
+    return statistics.median(values) if values else None
+
+
+def cell(value, digits=1):
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def main():
+    if os.geteuid() != 0:
+        sys.exit("make bench needs root: it creates network namespaces")
+    for binary in (KNOCKQ, FLOOR):
+        if not binary.exists():
+            sys.exit(f"{binary} is missing: run `make bench`, which builds it")
+    gates = ["knockq", "floor", "kernel"]
+    results = {gate: [] for gate in gates}
+    for round_number in range(ROUNDS):
+        order = gates[round_number % 3:] + gates[:round_number % 3]
+        for gate in order:
+            print(f"round {round_number + 1}/{ROUNDS}: {gate}", file=sys.stderr, flush=True)
+            results[gate].append(measure(gate, round_number))
+    keys = ["decided_pps", "drop_share", "cpu_us_per_packet", "light_p50_us", "light_p99_us",
+            "flood_p50_us", "flood_p99_us", "flood_unanswered"]
+    table = {gate: {key: median(results[gate], key) for key in keys} for gate in gates}
+    cpu = Path("/proc/cpuinfo").read_text().split("model name")[1].split("\n")[0].strip(" :\t")
+    print(f"Machine: {os.cpu_count()} CPUs, {cpu}; kernel {os.uname().release}")
+    print(f"Flood: trafgen on one core, random sources to port 1111, {FLOOD_SECONDS} s; "
+          f"{PROBES} connects per latency measurement; medians of {ROUNDS} rounds.\n")
+    print("| gate | SYNs decided/s | kernel queue drops | CPU µs per SYN | answer p50 light (µs) "
+          "| p99 light (µs) | p50 under flood (µs) | p99 under flood (µs) | unanswered in 3 s under flood |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for gate in gates:
+        t = table[gate]
+        print(f"| {gate} | {cell(t['decided_pps'], 0)} | {cell(t['drop_share'] * 100, 2)} % "
+              f"| {cell(t['cpu_us_per_packet'], 2)} | {cell(t['light_p50_us'])} | {cell(t['light_p99_us'])} "
+              f"| {cell(t['flood_p50_us'])} | {cell(t['flood_p99_us'])} | {cell(None if t['flood_unanswered'] is None else t['flood_unanswered'] * 100)} % |")
+    k, f, n = table["knockq"], table["floor"], table["kernel"]
+    print()
+    print(f"knockq / floor: CPU per SYN {k['cpu_us_per_packet'] / f['cpu_us_per_packet']:.2f}, "
+          f"SYNs decided per second {k['decided_pps'] / f['decided_pps']:.2f}")
+    print(f"knockq / kernel: answer p99 at light load {k['light_p99_us'] / n['light_p99_us']:.2f} "
+          f"(+{k['light_p99_us'] - n['light_p99_us']:.1f} µs), "
+          f"SYNs decided per second {k['decided_pps'] / n['decided_pps']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
