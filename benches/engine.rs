@@ -58,7 +58,9 @@ fn engine(max_sources: usize) -> Engine {
 
 /// The n-th source address of the benchmark, spread over 10.0.0.0/8.
 fn source(n: u64) -> IpAddr {
-    IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + (n.wrapping_mul(2_654_435_761) & 0x00ff_ffff) as u32))
+    IpAddr::V4(Ipv4Addr::from(
+        0x0a00_0000 + (n.wrapping_mul(2_654_435_761) & 0x00ff_ffff) as u32,
+    ))
 }
 
 fn decide(engine: &Engine, src: IpAddr, dst_port: u16, events: &mut Vec<Event>) {

@@ -13,7 +13,9 @@ fn main() -> std::io::Result<()> {
     queue.set_copy_range(0, 128)?;
     queue.set_queue_max_len(0, 8192)?;
     loop {
-        let Ok(mut message) = queue.recv() else { continue };
+        let Ok(mut message) = queue.recv() else {
+            continue;
+        };
         if let Ok(header) = etherparse::Ipv4HeaderSlice::from_slice(message.get_payload()) {
             black_box(header.source_addr());
         }
