@@ -217,7 +217,8 @@ fn a_spoofed_syn_flood_neither_overflows_state_nor_locks_users_out() {
     let started = Instant::now();
     let mut knocked = false;
     let mut checks = 0;
-    while started.elapsed() < Duration::from_secs(flood_seconds()) {
+    // Throughout the flood, and at least three times however slow the checks.
+    while checks < 3 || started.elapsed() < Duration::from_secs(flood_seconds()) {
         assert!(metric(&net, "knockq_tracked_sources") <= 50_000.0);
         let rss = gate.rss_kib();
         assert!(rss < RSS_BOUND_KIB, "RSS {rss} KiB");
@@ -243,7 +244,6 @@ fn a_spoofed_syn_flood_neither_overflows_state_nor_locks_users_out() {
         "the flood reached the gate: {decided} knocks decided"
     );
     assert!(metric(&net, "knockq_state_evictions_total") > 0.0);
-    assert!(checks >= 2);
 
     // SIGKILL mid-flood: while down, protected ports are closed (fail-closed).
     wait_for("the grant to be saved", || {
