@@ -8,7 +8,7 @@ mod source;
 mod table;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use std::net::IpAddr;
 use std::sync::atomic::AtomicU32;

@@ -7,7 +7,8 @@ use std::time::Duration;
 use super::*;
 use crate::config;
 
-const SSH: &str = r#"
+/// The example policy without a grant timeout; shared with other tests.
+pub(crate) const SSH: &str = r#"
 [[policy]]
 name = "ssh"
 sequence = [1111, 2222]

@@ -18,15 +18,7 @@ use super::capture::{self, CaptureError};
 use super::sweep::{self, Order};
 use super::*;
 use crate::config;
-
-const SSH: &str = r#"
-[[policy]]
-name = "ssh"
-sequence = [1111, 2222]
-step_timeout = "10s"
-open_ports = [22, 8080]
-close_port = 3333
-"#;
+use crate::engine::tests::SSH;
 
 /// Capture time of the first packet, seconds from the epoch.
 const T0: f64 = 1_790_000_000.0;
