@@ -8,6 +8,7 @@ pub mod metrics;
 mod queue;
 mod scrape;
 mod state;
+mod verdicts;
 mod worker;
 
 use std::io;
@@ -104,7 +105,9 @@ pub fn run(
     let queues = config
         .queue
         .numbers()
-        .map(|num| queue::open_queue(num, config.queue.fail_open).map(|queue| (num, queue)))
+        .map(|num| {
+            queue::open_queue(num, config.queue.fail_open).map(|(queue, fd)| (num, queue, fd))
+        })
         .collect::<Result<Vec<_>, _>>()?;
     let control = ControlSocket::bind(&config.control.socket)
         .map_err(|e| DaemonError::Control(config.control.socket.clone(), e))?;
@@ -150,7 +153,7 @@ pub fn run(
     let shutdown = Arc::new(AtomicBool::new(false));
     let mut workers = Vec::new();
     let mut heartbeats = Vec::new();
-    for (num, queue) in queues {
+    for (num, queue, fd) in queues {
         let heartbeat = Arc::new(AtomicU64::new(clock.now().as_millis()));
         heartbeats.push((num, Arc::clone(&heartbeat)));
         let worker = worker::Worker {
@@ -166,7 +169,7 @@ pub fn run(
         let handle = thread::Builder::new()
             .name(format!("knockq-queue-{num}"))
             .spawn(move || {
-                if let Err(e) = worker.run(queue) {
+                if let Err(e) = worker.run(queue, fd) {
                     let _ = stop_tx.send(Stop::WorkerFailed(num, e.to_string()));
                 }
             })

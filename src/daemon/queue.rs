@@ -28,8 +28,8 @@ pub struct BindError {
 /// receive timeout so the worker notices shutdown.
 ///
 /// Must run before the daemon starts other threads (see [`netfilter_sockets`]).
-pub fn open_queue(num: u16, fail_open: bool) -> Result<Queue, BindError> {
-    let setup = || -> io::Result<Queue> {
+pub fn open_queue(num: u16, fail_open: bool) -> Result<(Queue, RawFd), BindError> {
+    let setup = || -> io::Result<(Queue, RawFd)> {
         let before = netfilter_sockets()?;
         let mut queue = Queue::open()?;
         let fd = match netfilter_sockets()?.difference(&before).collect::<Vec<_>>()[..] {
@@ -50,13 +50,14 @@ pub fn open_queue(num: u16, fail_open: bool) -> Result<Queue, BindError> {
             tv_usec: RECEIVE_TIMEOUT.as_micros() as libc::suseconds_t,
         };
         setsockopt(fd, libc::SO_RCVTIMEO, timeout)?;
-        Ok(queue)
+        Ok((queue, fd))
     };
     setup().map_err(|source| BindError { queue: num, source })
 }
 
 /// The process's netlink-netfilter sockets. `nfq` 0.2 does not expose the
-/// descriptor of its socket, which the socket options above need: it is the
+/// descriptor of its socket, which the socket options above and the batch
+/// verdicts need: it is the
 /// one such socket that `Queue::open` adds. Finding it this way is only
 /// sound while no other thread opens descriptors.
 fn netfilter_sockets() -> io::Result<HashSet<RawFd>> {

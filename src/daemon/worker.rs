@@ -1,6 +1,7 @@
 //! One NFQUEUE worker: the whole per-packet path on one screen.
 //! Receive, parse, decide, verdict; every received packet gets exactly one
-//! verdict, the reject one unless the engine said accept.
+//! verdict, the reject one unless the engine said accept, in the order the
+//! packets came.
 
 use std::io;
 use std::panic::{self, AssertUnwindSafe};
@@ -9,15 +10,19 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nfq::{Message, Queue};
+use std::os::fd::RawFd;
 use tracing::{debug, warn};
 
 use super::events::EventReport;
 use super::metrics::Metrics;
+use super::verdicts::VerdictBatch;
 use super::Clock;
-use crate::engine::{Decision, Engine, Event, Reason, Syn, Timestamp, Verdict};
-use crate::firewall::{ACCEPT_MARK, REJECT_MARK};
+use crate::engine::{Decision, Engine, Event, Reason, Syn, Timestamp};
 use crate::packet;
 
+/// Packets decided per wake-up at most: bounds how long a verdict waits for
+/// the others of its batch.
+const MAX_BATCH: usize = 64;
 /// How long a receive waits before the worker checks for shutdown.
 pub const RECEIVE_TIMEOUT: Duration = Duration::from_millis(200);
 /// Unexpected receive errors in a row after which the worker gives up.
@@ -34,16 +39,29 @@ pub struct Worker {
     pub heartbeat: Arc<AtomicU64>,
 }
 
+/// A packet decided in this wake-up, counted once its verdict is out.
+struct Decided {
+    received: Instant,
+    syn: Option<Syn>,
+    decision: Decision,
+}
+
 impl Worker {
-    pub fn run(mut self, mut queue: Queue) -> io::Result<()> {
+    /// Serves `queue` (whose socket is `fd`) until shutdown. Each wake-up
+    /// takes every packet already queued (up to [`MAX_BATCH`]), decides each
+    /// in order, and sends one verdict message per run of equal verdicts.
+    pub fn run(mut self, mut queue: Queue, fd: RawFd) -> io::Result<()> {
         let mut events: Vec<Event> = Vec::with_capacity(8);
+        let mut decided: Vec<Decided> = Vec::with_capacity(MAX_BATCH);
+        let mut verdicts = VerdictBatch::new(fd, self.num);
         let mut unusual = UnusualCounts::default();
         let mut errors_in_a_row = 0;
         while !self.shutdown.load(Ordering::Relaxed) {
             self.heartbeat
                 .store(self.clock.now().as_millis(), Ordering::Relaxed);
-            let mut message = match queue.recv() {
-                Ok(message) => message,
+            queue.set_nonblocking(false);
+            match queue.recv() {
+                Ok(message) => self.take(message, &mut verdicts, &mut decided, &mut events),
                 Err(e) if is_transient(&e) => {
                     self.report.summarise(Instant::now());
                     continue;
@@ -56,27 +74,63 @@ impl Worker {
                     }
                     continue;
                 }
-            };
+            }
             errors_in_a_row = 0;
-            let received = Instant::now();
-            let now = self.clock.at(received);
-            let (syn, decision) = self.decide(message.get_payload(), now, &mut events);
-            set_verdict(&mut message, decision.verdict());
-            if let Err(e) = queue.verdict(message) {
-                warn!(queue = self.num, "sending a verdict failed: {e}");
+            // Whatever else is waiting, without blocking; an error (most
+            // often "nothing left") ends the drain, and the blocking receive
+            // above deals with it next time round.
+            queue.set_nonblocking(true);
+            while decided.len() < MAX_BATCH {
+                match queue.recv() {
+                    Ok(message) => self.take(message, &mut verdicts, &mut decided, &mut events),
+                    Err(_) => break,
+                }
             }
-            // Counted and logged after the verdict is out: no I/O before it.
-            self.metrics.verdict(decision.reason, received.elapsed());
-            if let Some(Syn { src, dst_port }) = syn {
-                debug!(queue = self.num, %src, dst_port, verdict = %decision.verdict().as_str(), reason = %decision.reason.as_str());
+            if let Err(e) = verdicts.flush() {
+                warn!(queue = self.num, "sending verdicts failed: {e}");
             }
-            unusual.note(self.num, decision.reason);
-            self.report.publish(&self.engine, &mut events, received);
+            // Counted and logged after the verdicts are out: no I/O before.
+            for Decided {
+                received,
+                syn,
+                decision,
+            } in decided.drain(..)
+            {
+                self.metrics.verdict(decision.reason, received.elapsed());
+                if let Some(Syn { src, dst_port }) = syn {
+                    debug!(queue = self.num, %src, dst_port, verdict = %decision.verdict().as_str(), reason = %decision.reason.as_str());
+                }
+                unusual.note(self.num, decision.reason);
+            }
+            self.report
+                .publish(&self.engine, &mut events, Instant::now());
         }
         if let Err(e) = queue.unbind(self.num) {
             debug!(queue = self.num, "unbind: {e}");
         }
         Ok(())
+    }
+
+    /// Decides one packet and adds its verdict to the batch. The state change
+    /// lands before the next packet is decided; the message itself is done
+    /// with, as its verdict goes out with the batch.
+    fn take(
+        &self,
+        message: Message,
+        verdicts: &mut VerdictBatch,
+        decided: &mut Vec<Decided>,
+        events: &mut Vec<Event>,
+    ) {
+        let received = Instant::now();
+        let (syn, decision) = self.decide(message.get_payload(), self.clock.at(received), events);
+        if let Err(e) = verdicts.push(message.get_packet_id(), decision.verdict()) {
+            warn!(queue = self.num, "sending verdicts failed: {e}");
+        }
+        decided.push(Decided {
+            received,
+            syn,
+            decision,
+        });
     }
 
     /// Parses and decides one packet.
@@ -103,21 +157,6 @@ impl Worker {
 fn guarded(decide: impl FnOnce() -> (Option<Syn>, Decision)) -> (Option<Syn>, Decision) {
     panic::catch_unwind(AssertUnwindSafe(decide))
         .unwrap_or((None, Decision::reject(Reason::Failed)))
-}
-
-/// The reject verdict is a mark and NF_REPEAT: the packet goes through the
-/// hook again and the mark rule rejects it the configured way.
-fn set_verdict(message: &mut Message, verdict: Verdict) {
-    match verdict {
-        Verdict::Accept => {
-            message.set_nfmark(ACCEPT_MARK);
-            message.set_verdict(nfq::Verdict::Accept);
-        }
-        Verdict::Reject => {
-            message.set_nfmark(REJECT_MARK);
-            message.set_verdict(nfq::Verdict::Repeat);
-        }
-    }
 }
 
 /// Errors that say nothing about the socket's health: the receive timeout,
@@ -170,7 +209,7 @@ mod tests {
         let (syn, decision) = guarded(|| panic!("a bug in the engine"));
         assert_eq!(syn, None);
         assert_eq!(decision, Decision::reject(Reason::Failed));
-        assert_eq!(decision.verdict(), Verdict::Reject);
+        assert_eq!(decision.verdict(), crate::engine::Verdict::Reject);
         // The next packet is decided normally.
         let (_, next) = guarded(|| (None, Decision::ACCEPT));
         assert_eq!(next, Decision::ACCEPT);
