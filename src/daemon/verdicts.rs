@@ -74,11 +74,25 @@ impl VerdictBatch {
         result
     }
 
+    /// Sends the current run. A later batch would cover the ids of a run
+    /// whose send failed, with its own verdict: a failed send is retried
+    /// before the run is given up.
     pub fn flush(&mut self) -> io::Result<()> {
         let Some((last_id, verdict)) = self.run.take() else {
             return Ok(());
         };
         let message = encode(self.queue, last_id, verdict);
+        let mut result = self.send(&message);
+        for _ in 0..SEND_ATTEMPTS - 1 {
+            if result.is_ok() {
+                break;
+            }
+            result = self.send(&message);
+        }
+        result
+    }
+
+    fn send(&self, message: &[u8; MESSAGE_LEN]) -> io::Result<()> {
         let mut kernel: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
         kernel.nl_family = libc::AF_NETLINK as libc::sa_family_t;
         // SAFETY: `message` and `kernel` are live for the call and their
@@ -99,6 +113,9 @@ impl VerdictBatch {
         Ok(())
     }
 }
+
+/// Tries to send one verdict message before giving it up.
+const SEND_ATTEMPTS: usize = 3;
 
 #[cfg(test)]
 mod tests {
