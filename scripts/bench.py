@@ -8,7 +8,8 @@ namespaces joined by a veth pair, against the same SYN flood from trafgen
   knockq   the daemon with the example configuration;
   floor    a minimal nfq consumer that answers every packet with the reject
            mark and NF_REPEAT: the floor of any userspace gate;
-  kernel   the in-kernel xt_recent recipe, no userspace hop: the limit.
+  kernel   the in-kernel xt_recent recipe, no userspace hop: the limit;
+  knockq-2q  knockq with [queue] count = 2 and --queue-balance 0:1.
 
 For each gate it measures the SYNs decided per second and the kernel's queue
 drops during the flood, the gate process's CPU time per decided SYN (from
@@ -96,10 +97,9 @@ class Net:
         return sh(f"ip -n {ns} -br link show {dev}").stdout.split()[2]
 
     def queue_table(self):
-        """(packets dropped by the kernel, total) for queue 0."""
-        rows = self.run(self.gate, "cat /proc/net/netfilter/nfnetlink_queue").stdout.split("\n")
-        fields = [int(f) for f in rows[0].split()] if rows[0].strip() else [0] * 9
-        return fields[5] + fields[6]
+        """Packets the kernel dropped from the gate's queues."""
+        rows = self.run(self.gate, "cat /proc/net/netfilter/nfnetlink_queue").stdout.splitlines()
+        return sum(int(row.split()[5]) + int(row.split()[6]) for row in rows if row.strip())
 
     def close(self):
         for child in self.children:
@@ -120,12 +120,15 @@ class Gate:
         if kind == "kernel":
             net.run(net.gate, f"iptables-restore {RECIPE}")
             return
-        rules = sh(f"{KNOCKQ} rules --config {CONFIG} --backend iptables").stdout
+        config = workdir / "knockq.toml"
+        queues = 2 if kind == "knockq-2q" else 1
+        config.write_text(CONFIG.read_text().replace("count = 1", f"count = {queues}"))
+        rules = sh(f"{KNOCKQ} rules --config {config} --backend iptables").stdout
         path = workdir / "rules.iptables"
         path.write_text(rules)
         net.run(net.gate, f"iptables-restore {path}")
-        if kind == "knockq":
-            argv = [KNOCKQ, "run", "--config", CONFIG, "--control-socket", workdir / "control.sock",
+        if kind.startswith("knockq"):
+            argv = [KNOCKQ, "run", "--config", config, "--control-socket", workdir / "control.sock",
                     "--state-dir", workdir / "state"]
             self.process = net.spawn(net.gate, argv, stderr=subprocess.DEVNULL,
                                      env={**os.environ, "KNOCKQ_LOG": "warn"})
@@ -238,10 +241,10 @@ def main():
     for binary in (KNOCKQ, FLOOR):
         if not binary.exists():
             sys.exit(f"{binary} is missing: run `make bench`, which builds it")
-    gates = ["knockq", "floor", "kernel"]
+    gates = ["knockq", "floor", "kernel", "knockq-2q"]
     results = {gate: [] for gate in gates}
     for round_number in range(ROUNDS):
-        order = gates[round_number % 3:] + gates[:round_number % 3]
+        order = gates[round_number % len(gates):] + gates[:round_number % len(gates)]
         for gate in order:
             print(f"round {round_number + 1}/{ROUNDS}: {gate}", file=sys.stderr, flush=True)
             results[gate].append(measure(gate, round_number))
@@ -264,6 +267,9 @@ def main():
     print()
     print(f"knockq / floor: CPU per SYN {k['cpu_us_per_packet'] / f['cpu_us_per_packet']:.2f}, "
           f"SYNs decided per second {k['decided_pps'] / f['decided_pps']:.2f}")
+    two = table["knockq-2q"]
+    print(f"knockq with two queues / one queue: SYNs decided per second "
+          f"{two['decided_pps'] / k['decided_pps']:.2f}, CPU per SYN {two['cpu_us_per_packet'] / k['cpu_us_per_packet']:.2f}")
     print(f"knockq / kernel: answer p99 at light load {k['light_p99_us'] / n['light_p99_us']:.2f} "
           f"(+{k['light_p99_us'] - n['light_p99_us']:.1f} µs), "
           f"SYNs decided per second {k['decided_pps'] / n['decided_pps']:.2f}")
