@@ -8,6 +8,7 @@
 //! - [`firewall`]: the rules that feed the queue, as iptables or nft text.
 //! - [`daemon`]: the NFQUEUE workers around the engine, metrics, control socket.
 //! - [`control`]: the control protocol, both sides.
+//! - [`simulate`]: the engine replayed over captures and generated sweeps.
 //! - [`cli`]: the `knockq` command line.
 
 pub mod cli;
