@@ -10,12 +10,6 @@ use crate::util::*;
 
 const METRICS_PORT: u16 = 9724;
 
-fn sample(metrics: &str, series: &str) -> Option<f64> {
-    metrics
-        .lines()
-        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-}
-
 #[test]
 fn scrape_after_a_knock_has_exact_values_and_passes_promtool() {
     let test = "scrape_after_a_knock_has_exact_values_and_passes_promtool";

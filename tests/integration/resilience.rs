@@ -167,9 +167,7 @@ impl Drop for Flood {
 
 fn metric(net: &Net, name: &str) -> f64 {
     let (_, body) = net.http_get(9724, "/metrics");
-    body.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in\n{body}"))
+    sample(&body, name).unwrap_or_else(|| panic!("no {name} in\n{body}"))
 }
 
 /// Seconds of flood: 30 with KNOCKQ_FLOOD_SECONDS=30, short by default.

@@ -478,6 +478,13 @@ fn in_namespace(ns: &str, script: &str) -> Output {
     run(Command::new("ip").args(["netns", "exec", ns, "sh", "-c", script]))
 }
 
+/// The value of one series in a Prometheus text exposition.
+pub fn sample(metrics: &str, series: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
 pub fn sh(script: &str) -> Output {
     run(Command::new("sh").args(["-c", script]))
 }
