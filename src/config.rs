@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::net::SocketAddr;
-use std::ops::Range;
+use std::ops::{Range, RangeInclusive};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -14,6 +14,7 @@ use serde::{Deserialize, Deserializer};
 use toml::Spanned;
 
 use crate::engine::PolicySet;
+use crate::rotating::{Rotating, Secret};
 
 /// A validated configuration.
 #[derive(Debug, Clone)]
@@ -208,7 +209,7 @@ impl Default for LimitsConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Policy {
     pub name: String,
-    pub sequence: Vec<u16>,
+    pub knock: Knock,
     pub step_timeout: Duration,
     pub open_ports: Vec<u16>,
     pub close_port: Option<u16>,
@@ -217,8 +218,48 @@ pub struct Policy {
     pub strict: bool,
 }
 
+/// The ports a policy's knock is made of.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Knock {
+    /// The same ports every time.
+    Fixed(Vec<u16>),
+    /// New ports every period, derived from a shared secret.
+    Rotating(Rotating),
+}
+
+impl Knock {
+    /// Ports per sequence.
+    pub fn len(&self) -> usize {
+        match self {
+            Knock::Fixed(sequence) => sequence.len(),
+            Knock::Rotating(rotating) => usize::from(rotating.length),
+        }
+    }
+
+    /// The knock for people: `1111, 2222` or `rotating: 3 ports of 20000-59999 every 30s`.
+    pub fn describe(&self) -> String {
+        match self {
+            Knock::Fixed(sequence) => {
+                let ports: Vec<String> = sequence.iter().map(u16::to_string).collect();
+                ports.join(", ")
+            }
+            Knock::Rotating(r) => format!(
+                "rotating: {} ports of {}-{} every {}",
+                r.length,
+                r.ports.start(),
+                r.ports.end(),
+                humantime::format_duration(r.period)
+            ),
+        }
+    }
+}
+
 /// Longest sequence accepted; the engine counts stages in a byte.
 pub const MAX_SEQUENCE_LEN: usize = 64;
+
+/// Fewest ports a rotating range may hold: fewer would make its sequences
+/// guessable.
+pub const MIN_ROTATING_PORTS: u32 = 256;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -283,7 +324,8 @@ struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawPolicy {
     name: Spanned<String>,
-    sequence: Spanned<Vec<Port>>,
+    sequence: Option<Spanned<Vec<Port>>>,
+    rotating: Option<Spanned<RawRotating>>,
     #[serde(default = "default_step_timeout", deserialize_with = "duration")]
     step_timeout: Duration,
     open_ports: Spanned<Vec<Port>>,
@@ -296,6 +338,84 @@ struct RawPolicy {
     allow_weak_sequence: bool,
 }
 
+/// `[policy.rotating]`, also a client profile's `rotating` table.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawRotating {
+    secret_file: Spanned<PathBuf>,
+    #[serde(default = "default_rotating_length")]
+    length: Spanned<u8>,
+    #[serde(default = "default_period", deserialize_with = "duration")]
+    period: Duration,
+    ports: Spanned<String>,
+}
+
+fn default_rotating_length() -> Spanned<u8> {
+    Spanned::new(0..0, 3)
+}
+
+fn default_period() -> Duration {
+    Duration::from_secs(30)
+}
+
+impl RawRotating {
+    /// Checks the settings and reads the secret; a relative `secret_file` is
+    /// taken from the configuration file's directory.
+    pub(crate) fn validate(
+        &self,
+        errors: &ErrorContext,
+        key: &dyn Fn(&str) -> String,
+    ) -> Result<Rotating, ConfigError> {
+        let length = *self.length.get_ref();
+        if length == 0 || usize::from(length) > MAX_SEQUENCE_LEN {
+            let message = format!("length {length} is outside 1..{MAX_SEQUENCE_LEN}");
+            return Err(errors.spanned(&self.length, key("rotating.length"), message));
+        }
+        let ports = parse_port_range(self.ports.get_ref())
+            .map_err(|message| errors.spanned(&self.ports, key("rotating.ports"), message))?;
+        let size = u32::from(*ports.end() - *ports.start()) + 1;
+        if size < MIN_ROTATING_PORTS.max(u32::from(length)) {
+            let message = format!(
+                "the range holds {size} ports; rotating knocks need at least {MIN_ROTATING_PORTS}"
+            );
+            return Err(errors.spanned(&self.ports, key("rotating.ports"), message));
+        }
+        if self.period < Duration::from_secs(1) {
+            let message = "period must be at least 1s".to_owned();
+            return Err(errors.at(None, key("rotating.period"), &message));
+        }
+        let file = errors.relative_path(self.secret_file.get_ref());
+        let secret = Secret::load(&file).map_err(|e| {
+            errors.spanned(
+                &self.secret_file,
+                key("rotating.secret_file"),
+                e.to_string(),
+            )
+        })?;
+        Ok(Rotating {
+            secret,
+            length,
+            period: self.period,
+            ports,
+        })
+    }
+}
+
+/// `20000-59999`, both ends included.
+fn parse_port_range(text: &str) -> Result<RangeInclusive<u16>, String> {
+    let invalid = || format!("\"{text}\" is not a port range such as \"20000-59999\"");
+    let (first, last) = text.split_once('-').ok_or_else(invalid)?;
+    let port = |s: &str| s.trim().parse::<u16>().ok().filter(|&p| p > 0);
+    let (first, last) = (
+        port(first).ok_or_else(invalid)?,
+        port(last).ok_or_else(invalid)?,
+    );
+    if first > last {
+        return Err(format!("port range \"{text}\" ends before it starts"));
+    }
+    Ok(first..=last)
+}
+
 fn default_step_timeout() -> Duration {
     Duration::from_secs(10)
 }
@@ -306,7 +426,7 @@ fn default_strict() -> bool {
 
 /// A TCP port, 1..=65535.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
-struct Port(u16);
+pub(crate) struct Port(pub(crate) u16);
 
 impl<'de> Deserialize<'de> for Port {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -337,7 +457,7 @@ fn at_least_one<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
     }
 }
 
-fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+pub(crate) fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let text = String::deserialize(d)?;
     match humantime::parse_duration(&text) {
         Ok(d) if d.is_zero() => Err(serde::de::Error::custom(format!(
@@ -363,14 +483,11 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
     parse(&text, path)
 }
 
-/// Validates configuration text; `path` is only used in error messages.
+/// Validates configuration text read from `path` (for error messages and
+/// relative secret file paths).
 pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
     let errors = ErrorContext { text, path };
-    let document = toml::Deserializer::parse(text)
-        .map_err(|e| errors.at(e.span(), String::new(), e.message()))?;
-    let raw: RawConfig = serde_path_to_error::deserialize(document)
-        .map_err(|e| errors.at(e.inner().span(), key_path(e.path()), e.inner().message()))?;
-    validate(raw, &errors)
+    validate(errors.deserialize(text)?, &errors)
 }
 
 /// `policy[0].sequence[1]`, without the wrapper fields `Spanned` adds.
@@ -393,13 +510,33 @@ fn key_path(path: &serde_path_to_error::Path) -> String {
     key
 }
 
-struct ErrorContext<'a> {
-    text: &'a str,
-    path: &'a Path,
+/// A TOML file being read: turns byte spans into `file:line: key: message`.
+pub(crate) struct ErrorContext<'a> {
+    pub(crate) text: &'a str,
+    pub(crate) path: &'a Path,
 }
 
 impl ErrorContext<'_> {
-    fn at(&self, span: Option<Range<usize>>, key: String, message: &str) -> ConfigError {
+    /// The file as `T`, refusing unknown keys, with the key of any error.
+    pub(crate) fn deserialize<T: serde::de::DeserializeOwned>(
+        &self,
+        text: &str,
+    ) -> Result<T, ConfigError> {
+        let document = toml::Deserializer::parse(text)
+            .map_err(|e| self.at(e.span(), String::new(), e.message()))?;
+        serde_path_to_error::deserialize(document)
+            .map_err(|e| self.at(e.inner().span(), key_path(e.path()), e.inner().message()))
+    }
+
+    /// `path` as written in the file, relative to the file's directory.
+    fn relative_path(&self, path: &Path) -> PathBuf {
+        match self.path.parent() {
+            Some(dir) if path.is_relative() => dir.join(path),
+            _ => path.to_owned(),
+        }
+    }
+
+    pub(crate) fn at(&self, span: Option<Range<usize>>, key: String, message: &str) -> ConfigError {
         let line = span.map(|span| {
             let start = span.start.min(self.text.len());
             self.text[..start].matches('\n').count() + 1
@@ -412,7 +549,12 @@ impl ErrorContext<'_> {
         }
     }
 
-    fn spanned<T>(&self, value: &Spanned<T>, key: String, message: String) -> ConfigError {
+    pub(crate) fn spanned<T>(
+        &self,
+        value: &Spanned<T>,
+        key: String,
+        message: String,
+    ) -> ConfigError {
         self.at(Some(value.span()), key, &message)
     }
 }
@@ -432,6 +574,7 @@ enum PortUse<'a> {
     Knock(&'a str),
     Close(&'a str),
     Open(&'a str),
+    Rotating(&'a str),
 }
 
 impl fmt::Display for PortUse<'_> {
@@ -440,8 +583,75 @@ impl fmt::Display for PortUse<'_> {
             PortUse::Knock(policy) => write!(f, "a knock port of policy \"{policy}\""),
             PortUse::Close(policy) => write!(f, "the close port of policy \"{policy}\""),
             PortUse::Open(policy) => write!(f, "an open port of policy \"{policy}\""),
+            PortUse::Rotating(policy) => {
+                write!(f, "in the rotating range of policy \"{policy}\"")
+            }
         }
     }
+}
+
+fn in_range<'a>(ranges: &[(RangeInclusive<u16>, &'a str)], port: u16) -> Option<PortUse<'a>> {
+    ranges
+        .iter()
+        .find(|(range, _)| range.contains(&port))
+        .map(|(_, owner)| PortUse::Rotating(owner))
+}
+
+/// A fixed sequence: not empty, not too long, not guessable by a scan, and
+/// every port used by nothing else.
+fn check_sequence(
+    sequence: &Spanned<Vec<Port>>,
+    policy: &RawPolicy,
+    open: &HashMap<u16, &str>,
+    claimed: &HashMap<u16, PortUse>,
+    ranges: &[(RangeInclusive<u16>, &str)],
+    errors: &ErrorContext,
+    key: &dyn Fn(&str) -> String,
+) -> Result<(), ConfigError> {
+    let name = policy.name.get_ref();
+    let fail = |message: String| Err(errors.spanned(sequence, key("sequence"), message));
+    let ports = sequence.get_ref();
+    if ports.is_empty() {
+        return fail("the sequence is empty: give at least one knock port".to_owned());
+    }
+    if ports.len() > MAX_SEQUENCE_LEN {
+        return fail(format!(
+            "the sequence has {} ports; at most {MAX_SEQUENCE_LEN} are supported",
+            ports.len()
+        ));
+    }
+    if !policy.allow_weak_sequence && is_consecutive(ports) {
+        let list: Vec<String> = ports.iter().map(|p| p.0.to_string()).collect();
+        return fail(format!(
+            "the sequence {} is consecutive ports: a port scan in order knocks it by itself; \
+             scatter the ports, or set allow_weak_sequence = true",
+            list.join(", ")
+        ));
+    }
+    for (step, port) in ports.iter().enumerate() {
+        let port = port.0;
+        let conflict = if ports[..step].iter().any(|p| p.0 == port) {
+            Some("a port that appears earlier in the same sequence".to_owned())
+        } else if let Some(owner) = open.get(&port) {
+            Some(PortUse::Open(owner).to_string())
+        } else if policy
+            .close_port
+            .as_ref()
+            .is_some_and(|c| c.get_ref().0 == port)
+        {
+            Some(PortUse::Close(name).to_string())
+        } else {
+            claimed
+                .get(&port)
+                .copied()
+                .or_else(|| in_range(ranges, port))
+                .map(|used| used.to_string())
+        };
+        if let Some(conflict) = conflict {
+            return fail(format!("knock port {port} is also {conflict}"));
+        }
+    }
+    Ok(())
 }
 
 fn validate(raw: RawConfig, errors: &ErrorContext) -> Result<Config, ConfigError> {
@@ -478,6 +688,8 @@ fn validate(raw: RawConfig, errors: &ErrorContext) -> Result<Config, ConfigError
         }
     }
     let mut claimed: HashMap<u16, PortUse> = HashMap::new();
+    let mut ranges: Vec<(RangeInclusive<u16>, &str)> = Vec::new();
+    let mut knocks = Vec::with_capacity(raw.policies.len());
     let mut names: HashMap<&str, usize> = HashMap::new();
     for (i, policy) in raw.policies.iter().enumerate() {
         let name = policy.name.get_ref().as_str();
@@ -495,73 +707,89 @@ fn validate(raw: RawConfig, errors: &ErrorContext) -> Result<Config, ConfigError
             return Err(errors.spanned(&policy.name, key("name"), message));
         }
 
-        let sequence = policy.sequence.get_ref();
-        if sequence.is_empty() {
-            let message = "the sequence is empty: give at least one knock port".to_owned();
-            return Err(errors.spanned(&policy.sequence, key("sequence"), message));
-        }
-        if sequence.len() > MAX_SEQUENCE_LEN {
-            let message = format!(
-                "the sequence has {} ports; at most {MAX_SEQUENCE_LEN} are supported",
-                sequence.len()
-            );
-            return Err(errors.spanned(&policy.sequence, key("sequence"), message));
-        }
-        if !policy.allow_weak_sequence && is_consecutive(sequence) {
-            let ports: Vec<String> = sequence.iter().map(|p| p.0.to_string()).collect();
-            let message = format!(
-                "the sequence {} is consecutive ports: a port scan in order knocks it by itself; \
-                 scatter the ports, or set allow_weak_sequence = true",
-                ports.join(", ")
-            );
-            return Err(errors.spanned(&policy.sequence, key("sequence"), message));
-        }
         if policy.open_ports.get_ref().is_empty() {
             let message = "open_ports is empty: give at least one port to open".to_owned();
             return Err(errors.spanned(&policy.open_ports, key("open_ports"), message));
         }
-        for (step, port) in sequence.iter().enumerate() {
-            let port = port.0;
-            let conflict = if sequence[..step].iter().any(|p| p.0 == port) {
-                Some("a port that appears earlier in the same sequence".to_owned())
-            } else if let Some(owner) = open.get(&port) {
-                Some(PortUse::Open(owner).to_string())
-            } else if policy
-                .close_port
-                .as_ref()
-                .is_some_and(|c| c.get_ref().0 == port)
-            {
-                Some(PortUse::Close(name).to_string())
-            } else {
-                claimed.get(&port).map(PortUse::to_string)
-            };
-            if let Some(conflict) = conflict {
-                let message = format!("knock port {port} is also {conflict}");
-                return Err(errors.spanned(&policy.sequence, key("sequence"), message));
+        let knock = match (&policy.sequence, &policy.rotating) {
+            (Some(sequence), None) => {
+                check_sequence(sequence, policy, &open, &claimed, &ranges, errors, &key)?;
+                for port in sequence.get_ref() {
+                    claimed.insert(port.0, PortUse::Knock(name));
+                }
+                Knock::Fixed(sequence.get_ref().iter().map(|p| p.0).collect())
             }
-            claimed.insert(port, PortUse::Knock(name));
-        }
+            (None, Some(rotating)) => {
+                let r = rotating.get_ref().validate(errors, &key)?;
+                let conflict = open
+                    .iter()
+                    .filter(|&(port, _)| r.ports.contains(port))
+                    .min_by_key(|&(&port, _)| port)
+                    .map(|(&port, owner)| (port, PortUse::Open(owner)))
+                    .or_else(|| {
+                        claimed
+                            .iter()
+                            .filter(|&(port, _)| r.ports.contains(port))
+                            .min_by_key(|&(&port, _)| port)
+                            .map(|(&port, &used)| (port, used))
+                    })
+                    .or_else(|| {
+                        ranges
+                            .iter()
+                            .find(|(other, _)| {
+                                other.start() <= r.ports.end() && r.ports.start() <= other.end()
+                            })
+                            .map(|(other, owner)| {
+                                let overlap = *other.start().max(r.ports.start());
+                                (overlap, PortUse::Rotating(owner))
+                            })
+                    });
+                if let Some((port, conflict)) = conflict {
+                    let message = format!(
+                        "the rotating range {}-{} takes port {port}, which is {conflict}",
+                        r.ports.start(),
+                        r.ports.end()
+                    );
+                    return Err(errors.spanned(rotating, key("rotating"), message));
+                }
+                ranges.push((r.ports.clone(), name));
+                Knock::Rotating(r)
+            }
+            (Some(sequence), Some(_)) => {
+                let message = "give either sequence or [policy.rotating], not both".to_owned();
+                return Err(errors.spanned(sequence, key("sequence"), message));
+            }
+            (None, None) => {
+                let message =
+                    "no knock: give a sequence of ports or a [policy.rotating] table".to_owned();
+                return Err(errors.spanned(&policy.name, key("sequence"), message));
+            }
+        };
         if let Some(close) = &policy.close_port {
             let port = close.get_ref().0;
             // Its own knock ports were checked against it above.
             let conflict = open
                 .get(&port)
                 .map(|owner| PortUse::Open(owner))
-                .or_else(|| claimed.get(&port).copied());
+                .or_else(|| claimed.get(&port).copied())
+                .or_else(|| in_range(&ranges, port));
             if let Some(conflict) = conflict {
                 let message = format!("close port {port} is also {conflict}");
                 return Err(errors.spanned(close, key("close_port"), message));
             }
             claimed.insert(port, PortUse::Close(name));
         }
+        knocks.push(knock);
     }
+    drop(claimed);
 
     let policies = raw
         .policies
         .into_iter()
-        .map(|raw| Policy {
+        .zip(knocks)
+        .map(|(raw, knock)| Policy {
             name: raw.name.into_inner(),
-            sequence: raw.sequence.into_inner().into_iter().map(|p| p.0).collect(),
+            knock,
             step_timeout: raw.step_timeout,
             open_ports: raw
                 .open_ports

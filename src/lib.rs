@@ -5,6 +5,7 @@
 //! - [`engine`]: the pure state machine (no I/O; the clock is an argument).
 //! - [`packet`]: packet bytes to the facts the engine needs.
 //! - [`config`]: the TOML configuration and its validation.
+//! - [`rotating`]: rotating knock sequences derived from a shared secret.
 //! - [`firewall`]: the rules that feed the queue, as iptables or nft text.
 //! - [`daemon`]: the NFQUEUE workers around the engine, metrics, control socket.
 //! - [`control`]: the control protocol, both sides.
@@ -18,4 +19,5 @@ pub mod daemon;
 pub mod engine;
 pub mod firewall;
 pub mod packet;
+pub mod rotating;
 pub mod simulate;

@@ -29,7 +29,7 @@ pub fn summary(path: &Path, config: &Config) -> String {
             out,
             "policy {}: knock {} (at most {} between knocks{}) to open {}",
             policy.name,
-            ports(&policy.sequence),
+            policy.knock.describe(),
             humantime::format_duration(policy.step_timeout),
             if policy.strict {
                 ", other ports reset"

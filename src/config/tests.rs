@@ -28,7 +28,7 @@ fn only_policies_are_needed() {
     assert_eq!(policy.step_timeout, Duration::from_secs(10));
     assert_eq!(policy.grant_timeout, None);
     assert!(policy.strict);
-    assert_eq!(policy.sequence, [1111, 2222]);
+    assert_eq!(policy.knock, Knock::Fixed(vec![1111, 2222]));
     assert_eq!(policy.close_port, Some(3333));
 }
 
@@ -47,7 +47,7 @@ fn the_example_configuration_is_valid() {
 fn unknown_keys_are_refused() {
     assert_eq!(
         error(&format!("{SSH}colour = \"blue\"\n")),
-        "knockq.toml:6: policy[0].colour: unknown field `colour`, expected one of `name`, `sequence`, \
+        "knockq.toml:6: policy[0].colour: unknown field `colour`, expected one of `name`, `sequence`, `rotating`, \
          `step_timeout`, `open_ports`, `close_port`, `grant_timeout`, `strict`, `allow_weak_sequence`"
     );
     assert!(error(&format!("[queue]\nnumber = 1\n{SSH}"))
@@ -228,4 +228,158 @@ fn restart_only_settings_are_named() {
     )
     .unwrap();
     assert_eq!(old.needs_restart_for(&moved), Some("[control]"));
+}
+
+/// A directory with a private secret file `ops.key` and a configuration
+/// beside it that names the file relatively.
+struct RotatingFixture {
+    dir: tempfile::TempDir,
+}
+
+impl RotatingFixture {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        crate::rotating::keygen(&dir.path().join("ops.key")).unwrap();
+        RotatingFixture { dir }
+    }
+
+    fn parse(&self, text: &str) -> Result<Config, String> {
+        parse(text, &self.dir.path().join("knockq.toml")).map_err(|e| e.to_string())
+    }
+
+    fn error(&self, text: &str) -> String {
+        let err = self.parse(text).unwrap_err();
+        let prefix = format!("{}/", self.dir.path().display());
+        err.strip_prefix(&prefix).unwrap_or(&err).to_owned()
+    }
+}
+
+const OPS: &str = r#"[[policy]]
+name = "ops"
+open_ports = [22]
+close_port = 3333
+[policy.rotating]
+secret_file = "ops.key"
+ports = "20000-59999"
+"#;
+
+#[test]
+fn a_rotating_policy_reads_its_secret_beside_the_config() {
+    let fixture = RotatingFixture::new();
+    let config = fixture.parse(OPS).unwrap();
+    let Knock::Rotating(rotating) = &config.policies[0].knock else {
+        panic!("not rotating: {:?}", config.policies[0].knock);
+    };
+    assert_eq!(rotating.length, 3);
+    assert_eq!(rotating.period, Duration::from_secs(30));
+    assert_eq!(rotating.ports, 20000..=59999);
+    assert_eq!(
+        config.policies[0].knock.describe(),
+        "rotating: 3 ports of 20000-59999 every 30s"
+    );
+    // The secret never shows in debug output.
+    assert!(!format!("{config:?}")
+        .contains(&std::fs::read_to_string(fixture.dir.path().join("ops.key")).unwrap()[..16]));
+}
+
+#[test]
+fn rotating_settings_are_checked() {
+    let fixture = RotatingFixture::new();
+    let with = |line: &str| fixture.error(&format!("{OPS}{line}\n"));
+    assert_eq!(
+        with("length = 0"),
+        "knockq.toml:8: policy[0].rotating.length: length 0 is outside 1..64"
+    );
+    assert_eq!(
+        fixture.error(&OPS.replace("20000-59999", "20000-20099")),
+        "knockq.toml:7: policy[0].rotating.ports: the range holds 100 ports; \
+         rotating knocks need at least 256"
+    );
+    assert_eq!(
+        fixture.error(&OPS.replace("20000-59999", "9-5")),
+        "knockq.toml:7: policy[0].rotating.ports: port range \"9-5\" ends before it starts"
+    );
+    assert_eq!(
+        fixture.error(&OPS.replace("20000-59999", "high")),
+        "knockq.toml:7: policy[0].rotating.ports: \"high\" is not a port range such as \"20000-59999\""
+    );
+    assert_eq!(
+        with("period = \"0s\""),
+        "knockq.toml:8: policy[0].rotating.period: duration \"0s\" must be longer than zero"
+    );
+    assert_eq!(
+        with("period = \"500ms\""),
+        "knockq.toml: policy[0].rotating.period: period must be at least 1s"
+    );
+    assert_eq!(
+        fixture.error(&OPS.replace(
+            "[policy.rotating]",
+            "sequence = [1111, 2222]\n[policy.rotating]"
+        )),
+        "knockq.toml:5: policy[0].sequence: give either sequence or [policy.rotating], not both"
+    );
+    assert_eq!(
+        fixture.error(&OPS.replace("[policy.rotating]\nsecret_file = \"ops.key\"\nports = \"20000-59999\"\n", "")),
+        "knockq.toml:2: policy[0].sequence: no knock: give a sequence of ports or a [policy.rotating] table"
+    );
+}
+
+#[test]
+fn a_missing_or_open_secret_file_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let fixture = RotatingFixture::new();
+    let missing = fixture.error(&OPS.replace("ops.key", "nope.key"));
+    assert!(
+        missing.starts_with("knockq.toml:6: policy[0].rotating.secret_file: secret file ")
+            && missing.contains("nope.key"),
+        "{missing}"
+    );
+    let key = fixture.dir.path().join("ops.key");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let open = fixture.error(OPS);
+    assert!(
+        open.starts_with("knockq.toml:6: policy[0].rotating.secret_file: secret file ")
+            && open.ends_with(
+                "can be read or written by group or others (mode 0644): run chmod 600 on it"
+            ),
+        "{open}"
+    );
+}
+
+#[test]
+fn a_rotating_range_takes_no_port_of_another_use() {
+    let fixture = RotatingFixture::new();
+    assert_eq!(
+        fixture.error(&OPS.replace("open_ports = [22]", "open_ports = [22, 30000]")),
+        "knockq.toml:5: policy[0].rotating: the rotating range 20000-59999 takes port 30000, \
+         which is an open port of policy \"ops\""
+    );
+    assert_eq!(
+        fixture.error(&OPS.replace("close_port = 3333", "close_port = 40000")),
+        "knockq.toml:4: policy[0].close_port: close port 40000 is also in the rotating range \
+         of policy \"ops\""
+    );
+    let fixed_after =
+        format!("{OPS}[[policy]]\nname = \"web\"\nsequence = [1111, 25000]\nopen_ports = [8080]\n");
+    assert_eq!(
+        fixture.error(&fixed_after),
+        "knockq.toml:10: policy[1].sequence: knock port 25000 is also in the rotating range \
+         of policy \"ops\""
+    );
+    let fixed_before =
+        format!("[[policy]]\nname = \"web\"\nsequence = [1111, 25000]\nopen_ports = [8080]\n{OPS}");
+    assert_eq!(
+        fixture.error(&fixed_before),
+        "knockq.toml:9: policy[1].rotating: the rotating range 20000-59999 takes port 25000, \
+         which is a knock port of policy \"web\""
+    );
+    let two_ranges = format!(
+        "{OPS}[[policy]]\nname = \"dev\"\nopen_ports = [2222]\n[policy.rotating]\n\
+         secret_file = \"ops.key\"\nports = \"59000-60999\"\n"
+    );
+    assert_eq!(
+        fixture.error(&two_ranges),
+        "knockq.toml:11: policy[1].rotating: the rotating range 59000-60999 takes port 59000, \
+         which is in the rotating range of policy \"ops\""
+    );
 }

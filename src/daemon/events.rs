@@ -77,7 +77,8 @@ impl EventReport {
             EventKind::Granted
             | EventKind::Refreshed
             | EventKind::Restored
-            | EventKind::Revoked(_) => &mut self.grants,
+            | EventKind::Revoked(_)
+            | EventKind::Replayed => &mut self.grants,
             EventKind::Reset | EventKind::Expired => &mut self.noise,
             EventKind::Advanced { stage } => {
                 return debug!(event = %"knock", %src, policy = %name, stage);
@@ -105,6 +106,7 @@ impl EventReport {
             }
             EventKind::Reset => info!(event = %"reset", %src, policy = %name),
             EventKind::Expired => info!(event = %"expire", %src, policy = %name),
+            EventKind::Replayed => warn!(event = %"replay", %src, policy = %name),
             _ => unreachable!("handled above"),
         }
     }

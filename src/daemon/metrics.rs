@@ -17,7 +17,14 @@ use prometheus::{
 use crate::engine::{Event, EventKind, Policies, PolicyKey, Reason, Reloaded, RevokeReason};
 
 /// Knock outcomes, in label order.
-const KNOCK_OUTCOMES: [&str; 5] = ["advanced", "duplicate", "restarted", "reset", "expired"];
+const KNOCK_OUTCOMES: [&str; 6] = [
+    "advanced",
+    "duplicate",
+    "restarted",
+    "reset",
+    "expired",
+    "replayed",
+];
 /// Why grants end, in label order; `evicted` stays at zero, since grants are
 /// never evicted, but is exported so dashboards need no special case.
 const REVOKE_REASONS: [&str; 4] = ["close_knock", "timeout", "evicted", "admin"];
@@ -204,6 +211,7 @@ impl Metrics {
                 EventKind::Restarted => knock(2),
                 EventKind::Reset => knock(3),
                 EventKind::Expired => knock(4),
+                EventKind::Replayed => knock(5),
                 EventKind::Granted => {
                     policy.grants.inc();
                     policy.active.inc();

@@ -15,7 +15,7 @@ use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam::channel::{self, RecvTimeoutError};
 use sd_notify::NotifyState;
@@ -39,13 +39,25 @@ const SAVE_INTERVAL: Duration = Duration::from_secs(3);
 /// A worker that has not looped for this long is stuck: the watchdog starves.
 const STUCK_AFTER: Duration = Duration::from_secs(3);
 
-/// The daemon's monotonic clock, as the engine's timestamps.
+/// The engine's timestamps: Unix time as read at start, carried on by the
+/// monotonic clock, so a wall-clock step while running moves no deadline.
+/// Rotating windows follow the host clock, which should be synchronised
+/// before the daemon starts (the unit orders itself after time-sync.target).
 #[derive(Clone, Copy)]
-pub struct Clock(Instant);
+pub struct Clock {
+    started: Instant,
+    unix_millis_at_start: u64,
+}
 
 impl Clock {
     pub fn start() -> Self {
-        Clock(Instant::now())
+        let unix = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        Clock {
+            started: Instant::now(),
+            unix_millis_at_start: u64::try_from(unix.as_millis()).unwrap_or(u64::MAX),
+        }
     }
 
     pub fn now(&self) -> Timestamp {
@@ -54,8 +66,9 @@ impl Clock {
 
     /// The timestamp of an instant read earlier.
     pub fn at(&self, instant: Instant) -> Timestamp {
-        let elapsed = instant.saturating_duration_since(self.0);
-        Timestamp::from_millis(u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX))
+        let elapsed = instant.saturating_duration_since(self.started);
+        let elapsed = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX);
+        Timestamp::from_millis(self.unix_millis_at_start.saturating_add(elapsed))
     }
 }
 

@@ -1,6 +1,8 @@
-//! Grants saved across restarts: a JSON file written atomically (temporary
-//! file, fsync, rename) and read back at start. A grant comes back only under
-//! a policy with the same name, sequence and ports, with the time it had left.
+//! Grants and spent rotating windows saved across restarts: a JSON file
+//! written atomically (temporary file, fsync, rename) and read back at start.
+//! A grant comes back only under a policy with the same name, knock and
+//! ports, with the time it had left; a spent window stays spent, so a
+//! restart does not reopen a recorded knock to replay.
 
 use std::fs;
 use std::io::{self, Write};
@@ -13,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::engine::{Engine, EventSink, GrantLeft, Policies, PolicyKey, Timestamp};
 
-const FORMAT_VERSION: u32 = 1;
+const FORMAT_VERSION: u32 = 2;
 
 #[derive(Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -22,6 +24,7 @@ struct StateFile {
     /// When the file was written, seconds from the Unix epoch.
     saved_at: f64,
     grants: Vec<SavedGrant>,
+    spent: Vec<SavedSpent>,
 }
 
 #[derive(Debug, PartialEq, Serialize, Deserialize)]
@@ -29,11 +32,21 @@ struct StateFile {
 struct SavedGrant {
     source: IpAddr,
     policy: String,
-    sequence: Vec<u16>,
+    /// As `Knock::describe` puts it.
+    knock: String,
     open_ports: Vec<u16>,
     close_port: Option<u16>,
     /// `None`: open until the close knock.
     seconds_left: Option<f64>,
+}
+
+/// A rotating window some source completed.
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SavedSpent {
+    policy: String,
+    knock: String,
+    window: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -70,7 +83,7 @@ impl StateStore {
         &self.path
     }
 
-    /// Writes every open grant; returns how many.
+    /// Writes every open grant and spent window; returns how many grants.
     pub fn save(&self, engine: &Engine, now: Timestamp) -> Result<usize, StateError> {
         let policies = engine.policies();
         let grants: Vec<SavedGrant> = engine
@@ -82,7 +95,7 @@ impl StateStore {
                 Some(SavedGrant {
                     source: s.src,
                     policy: s.policy,
-                    sequence: policy.sequence.clone(),
+                    knock: policy.knock.describe(),
                     open_ports: policy.open_ports.clone(),
                     close_port: policy.close_port,
                     seconds_left: match left {
@@ -92,11 +105,24 @@ impl StateStore {
                 })
             })
             .collect();
+        let spent = engine
+            .spent_windows()
+            .into_iter()
+            .filter_map(|(key, window)| {
+                let policy = policies.get(key)?;
+                Some(SavedSpent {
+                    policy: policy.name.clone(),
+                    knock: policy.knock.describe(),
+                    window,
+                })
+            })
+            .collect();
         let count = grants.len();
         let file = StateFile {
             version: FORMAT_VERSION,
             saved_at: unix_now(),
             grants,
+            spent,
         };
         let text = serde_json::to_vec_pretty(&file).expect("the state serialises");
         self.write_atomically(&text)
@@ -154,7 +180,13 @@ impl StateStore {
                 found: file.version,
             });
         }
-        let restorable = still_valid(file, &engine.policies(), unix_now());
+        let policies = engine.policies();
+        for spent in &file.spent {
+            if let Some(key) = same_knock(&policies, &spent.policy, &spent.knock) {
+                engine.restore_spent(key, spent.window);
+            }
+        }
+        let restorable = still_valid(file, &policies, unix_now());
         let count = restorable.len();
         for (source, key, left) in restorable {
             // Only a full table of grants refuses: nothing else is tracked yet.
@@ -162,6 +194,12 @@ impl StateStore {
         }
         Ok(count)
     }
+}
+
+/// The key of the policy in force named `name`, if its knock is `knock`.
+fn same_knock(policies: &Policies, name: &str, knock: &str) -> Option<PolicyKey> {
+    let key = policies.by_name(name)?;
+    (policies.get(key)?.knock.describe() == knock).then_some(key)
 }
 
 /// The saved grants whose policy is still in force unchanged and whose time
@@ -175,11 +213,10 @@ fn still_valid(
     file.grants
         .into_iter()
         .filter_map(|grant| {
-            let key = policies.by_name(&grant.policy)?;
+            let key = same_knock(policies, &grant.policy, &grant.knock)?;
             let policy = policies.get(key)?;
-            let same = policy.sequence == grant.sequence
-                && policy.open_ports == grant.open_ports
-                && policy.close_port == grant.close_port;
+            let same =
+                policy.open_ports == grant.open_ports && policy.close_port == grant.close_port;
             let left = match grant.seconds_left {
                 None => GrantLeft::UntilClosed,
                 Some(left) if left - elapsed > 0.0 => {
@@ -250,24 +287,25 @@ mod tests {
     #[test]
     fn a_changed_policy_or_an_expired_grant_is_not_restored() {
         let policies = engine(SSH).policies();
-        let grant = |policy: &str, sequence: Vec<u16>, seconds_left| SavedGrant {
+        let grant = |policy: &str, knock: &str, seconds_left| SavedGrant {
             source: "10.0.0.2".parse().unwrap(),
             policy: policy.into(),
-            sequence,
+            knock: knock.into(),
             open_ports: vec![22],
             close_port: None,
             seconds_left,
         };
         let file = StateFile {
-            version: 1,
+            version: FORMAT_VERSION,
             saved_at: 1000.0,
             grants: vec![
-                grant("ssh", vec![1111, 2222], Some(100.0)),
-                grant("ssh", vec![1111, 2222], Some(10.0)),
-                grant("ssh", vec![1111, 2222], None),
-                grant("ssh", vec![1111, 3333], Some(100.0)),
-                grant("web", vec![1111, 2222], Some(100.0)),
+                grant("ssh", "1111, 2222", Some(100.0)),
+                grant("ssh", "1111, 2222", Some(10.0)),
+                grant("ssh", "1111, 2222", None),
+                grant("ssh", "1111, 3333", Some(100.0)),
+                grant("web", "1111, 2222", Some(100.0)),
             ],
+            spent: Vec::new(),
         };
         let valid = still_valid(file, &policies, 1030.0);
         let lefts: Vec<GrantLeft> = valid.iter().map(|(_, _, left)| *left).collect();

@@ -4,6 +4,7 @@
 
 mod policies;
 mod ports;
+mod rotation;
 mod source;
 mod table;
 
@@ -21,6 +22,7 @@ use crate::config::{Config, Policy};
 
 pub use policies::{Policies, PolicyKey};
 pub use ports::{PolicySet, PortMap, PortRole};
+use rotation::SpentWindows;
 use source::SourceState;
 pub use source::{GrantLeft, PolicyStatus, Progress};
 use table::SourceTable;
@@ -28,7 +30,8 @@ use table::SourceTable;
 /// Index of a policy in the list in force.
 pub type PolicyId = u8;
 
-/// A point on a monotonic clock, in milliseconds from an arbitrary origin.
+/// A point in time, in milliseconds. Rotating sequences read it as Unix
+/// time; everything else only compares timestamps.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct Timestamp(u64);
 
@@ -169,6 +172,9 @@ pub enum EventKind {
     Granted,
     /// The sequence was completed again while granted: the grant starts over.
     Refreshed,
+    /// A rotating sequence was completed in a window already spent: a
+    /// replay, refused.
+    Replayed,
     /// A grant saved before a restart was put back.
     Restored,
     Revoked(RevokeReason),
@@ -241,6 +247,7 @@ pub struct Reloaded {
 pub struct Engine {
     policies: ArcSwap<Policies>,
     sources: SourceTable,
+    spent: SpentWindows,
     next_key: AtomicU32,
 }
 
@@ -250,6 +257,7 @@ impl Engine {
         Engine {
             policies: ArcSwap::from_pointee(Policies::new(&config.policies, None, &next_key)),
             sources: SourceTable::new(config.limits.max_sources),
+            spent: SpentWindows::default(),
             next_key,
         }
     }
@@ -291,11 +299,19 @@ impl Engine {
     /// source already sees it.
     pub fn decide(&self, syn: Syn, now: Timestamp, events: &mut impl EventSink) -> Decision {
         let policies = self.policies.load();
-        let role = policies.ports.role(syn.dst_port);
+        let role = policies.role(syn.dst_port, now);
         // Only the first port of a sequence starts tracking a stranger.
         let starts = match role {
-            PortRole::Knock { step: 0, policy } => Some(policies.key(policy)),
+            PortRole::Knock {
+                first: true,
+                policy,
+            } => Some(policies.key(policy)),
             _ => None,
+        };
+        let knock = Knock {
+            role,
+            port: syn.dst_port,
+            spent: &self.spent,
         };
         let granted = self
             .sources
@@ -303,14 +319,16 @@ impl Engine {
                 if let Some(key) = starts {
                     source.slot_or_insert(key, now);
                 }
-                apply(&policies, syn.src, source, role, now, events)
+                apply(&policies, syn.src, source, knock, now, events)
             })
             .unwrap_or(false);
         match role {
             PortRole::Knock { .. } => Decision::reject(Reason::Knock),
             PortRole::Close { .. } => Decision::reject(Reason::Close),
             PortRole::Open { .. } if granted => Decision::ACCEPT,
-            PortRole::Open { .. } | PortRole::Unrelated => Decision::reject(Reason::NoGrant),
+            PortRole::Open { .. } | PortRole::Unrelated | PortRole::Rotating { .. } => {
+                Decision::reject(Reason::NoGrant)
+            }
         }
     }
 
@@ -405,6 +423,17 @@ impl Engine {
             .unwrap_or(0)
     }
 
+    /// The rotating windows some source completed and that are still
+    /// accepted, so a replay is refused.
+    pub fn spent_windows(&self) -> Vec<(PolicyKey, u64)> {
+        self.spent.list()
+    }
+
+    /// Marks a window spent again after a restart.
+    pub fn restore_spent(&self, key: PolicyKey, window: u64) {
+        self.spent.spend(key, window);
+    }
+
     /// Every tracked source's progress and grants at `now`.
     pub fn status(&self, now: Timestamp) -> Vec<SourceStatus> {
         let policies = self.policies.load();
@@ -450,6 +479,14 @@ impl Engine {
             }
             source.remove_empty_slots();
         });
+        self.spent.prune(|key, window| {
+            policies.find(key).is_some_and(|(id, _)| {
+                policies
+                    .accepted(id, now, &self.spent)
+                    .sequence(window)
+                    .is_some()
+            })
+        });
     }
 }
 
@@ -461,13 +498,21 @@ pub enum GrantError {
     TableFull(TableFull),
 }
 
+/// One SYN as `apply` needs it.
+#[derive(Clone, Copy)]
+struct Knock<'a> {
+    role: PortRole,
+    port: u16,
+    spent: &'a SpentWindows,
+}
+
 /// Applies one SYN to every policy the source has state in. Returns whether
 /// the source holds a grant that opens the SYN's port.
 fn apply(
     policies: &Policies,
     src: IpAddr,
     source: &mut SourceState,
-    role: PortRole,
+    Knock { role, port, spent }: Knock,
     now: Timestamp,
     events: &mut impl EventSink,
 ) -> bool {
@@ -488,8 +533,9 @@ fn apply(
         };
         slot.settle(policy, now, &mut emit);
         match role {
-            PortRole::Knock { policy: p, step } if p == id => {
-                slot.knock(policy, step, now, &mut emit)
+            PortRole::Knock { policy: p, .. } if p == id => {
+                let accepted = policies.accepted(id, now, spent);
+                slot.knock(policy, &accepted, port, now, &mut emit)
             }
             PortRole::Close { policy: p } if p == id => {
                 slot.revoke(RevokeReason::CloseKnock, &mut emit);

@@ -4,9 +4,10 @@
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use super::{PolicyId, PortMap};
+use super::rotation::{rotating_role, Accepted, ScheduleCache, SpentWindows};
+use super::{PolicyId, PortMap, PortRole, Timestamp};
 
-use crate::config::Policy;
+use crate::config::{Knock, Policy};
 
 /// Names a policy across reloads: a policy keeps its key while its name,
 /// sequence and ports stay the same.
@@ -16,14 +17,15 @@ pub struct PolicyKey(u32);
 pub struct Policies {
     list: Vec<Policy>,
     keys: Vec<PolicyKey>,
-    pub(super) ports: PortMap,
+    ports: PortMap,
+    schedule: ScheduleCache,
 }
 
 /// Whether two policies are the same knock for the same ports: the state of
 /// one is valid for the other. Timeouts and strictness may differ.
 fn same_knock(a: &Policy, b: &Policy) -> bool {
     a.name == b.name
-        && a.sequence == b.sequence
+        && a.knock == b.knock
         && a.open_ports == b.open_ports
         && a.close_port == b.close_port
 }
@@ -49,6 +51,7 @@ impl Policies {
             list: list.to_vec(),
             keys,
             ports: PortMap::new(list),
+            schedule: ScheduleCache::new(),
         }
     }
 
@@ -56,8 +59,32 @@ impl Policies {
         &self.list
     }
 
-    pub fn role(&self, port: u16) -> super::PortRole {
-        self.ports.role(port)
+    /// What a SYN to `port` is at `now`: a port in a rotating range is a
+    /// knock only while a live sequence holds it.
+    pub fn role(&self, port: u16, now: Timestamp) -> PortRole {
+        match self.ports.role(port) {
+            PortRole::Rotating { policy } => {
+                rotating_role(&self.schedule.at(&self.list, now), policy, port)
+            }
+            role => role,
+        }
+    }
+
+    /// The sequences policy `id` accepts at `now`.
+    pub(super) fn accepted<'a>(
+        &'a self,
+        id: PolicyId,
+        now: Timestamp,
+        spent: &'a SpentWindows,
+    ) -> Accepted<'a> {
+        let key = self.key(id);
+        match &self.list[usize::from(id)].knock {
+            Knock::Fixed(sequence) => Accepted::fixed(sequence, spent, key),
+            Knock::Rotating(rotating) => {
+                let schedule = self.schedule.at(&self.list, now);
+                Accepted::rotating(rotating, schedule, id, spent, key)
+            }
+        }
     }
 
     pub fn key(&self, id: PolicyId) -> PolicyKey {

@@ -1,7 +1,7 @@
 //! What each destination port means to the gate, looked up in one step.
 
 use super::PolicyId;
-use crate::config::Policy;
+use crate::config::{Knock, Policy};
 
 /// A set of policies, as a bit mask; configurations hold at most
 /// [`PolicySet::CAPACITY`] policies.
@@ -24,10 +24,15 @@ impl PolicySet {
 pub enum PortRole {
     /// No policy knocks, closes or opens this port.
     Unrelated,
-    /// Port number `step` (from 0) of `policy`'s sequence.
+    /// A port of a sequence `policy` accepts; `first`: the first port of one.
     Knock {
         policy: PolicyId,
-        step: u8,
+        first: bool,
+    },
+    /// In the range of a rotating policy: a knock or unrelated, depending on
+    /// the time (see `Policies::role`).
+    Rotating {
+        policy: PolicyId,
     },
     Close {
         policy: PolicyId,
@@ -42,8 +47,9 @@ pub enum PortRole {
 pub struct PortMap(Box<[PortRole]>);
 
 impl PortMap {
-    /// Builds the map from validated policies: knock and close ports are
-    /// unique across policies, so only open ports can be shared.
+    /// Builds the map from validated policies: knock and close ports and
+    /// rotating ranges are unique across policies, so only open ports can be
+    /// shared.
     pub fn new(policies: &[Policy]) -> Self {
         let mut roles = vec![PortRole::Unrelated; 1 << 16].into_boxed_slice();
         for (id, policy) in policies.iter().enumerate() {
@@ -60,9 +66,20 @@ impl PortMap {
             if let Some(port) = policy.close_port {
                 roles[usize::from(port)] = PortRole::Close { policy: id };
             }
-            for (step, &port) in policy.sequence.iter().enumerate() {
-                let step = u8::try_from(step).expect("validated: short sequence");
-                roles[usize::from(port)] = PortRole::Knock { policy: id, step };
+            match &policy.knock {
+                Knock::Fixed(sequence) => {
+                    for (step, &port) in sequence.iter().enumerate() {
+                        roles[usize::from(port)] = PortRole::Knock {
+                            policy: id,
+                            first: step == 0,
+                        };
+                    }
+                }
+                Knock::Rotating(rotating) => {
+                    for port in rotating.ports.clone() {
+                        roles[usize::from(port)] = PortRole::Rotating { policy: id };
+                    }
+                }
             }
         }
         PortMap(roles)

@@ -4,6 +4,7 @@ use smallvec::SmallVec;
 
 use std::time::Duration;
 
+use super::rotation::Accepted;
 use super::{EventKind, PolicyKey, RevokeReason, Timestamp};
 use crate::config::Policy;
 
@@ -98,6 +99,10 @@ pub struct PolicyState {
     /// Ports of the sequence matched so far; equal to the sequence length
     /// right after completion, so a retransmitted last knock is a duplicate.
     stage: u8,
+    /// Which window's sequence the progress follows, as windows before the
+    /// one current at `knocked_at`: 0 or 1 (always 0 for fixed sequences).
+    /// A byte where a window number would take eight.
+    lag: u8,
     /// Time of the last matched knock.
     knocked_at: Timestamp,
     /// `None`: no grant. `Some(end)`: open until `end` (possibly never).
@@ -109,6 +114,7 @@ impl PolicyState {
         PolicyState {
             policy,
             stage: 0,
+            lag: 0,
             knocked_at: now,
             grant_until: None,
         }
@@ -129,7 +135,7 @@ impl PolicyState {
     }
 
     fn in_progress(&self, policy: &Policy) -> bool {
-        self.stage > 0 && usize::from(self.stage) < policy.sequence.len()
+        self.stage > 0 && usize::from(self.stage) < policy.knock.len()
     }
 
     /// Ends progress whose step window has passed and grants whose time is up.
@@ -146,37 +152,62 @@ impl PolicyState {
         }
     }
 
-    /// A SYN to the sequence's port number `step`.
+    /// A SYN to `port`, a port of a sequence the policy accepts now.
     pub fn knock(
         &mut self,
         policy: &Policy,
-        step: u8,
+        accepted: &Accepted,
+        port: u16,
         now: Timestamp,
         emit: &mut impl FnMut(EventKind),
     ) {
-        let len = policy.sequence.len();
-        if step == self.stage && usize::from(self.stage) < len {
-            self.advance(policy, now, emit);
-        } else if self.stage > 0 && step == self.stage - 1 {
-            emit(EventKind::Duplicate);
-        } else if step == 0 {
-            // Only reached from stage 2 or later: the sequence has >= 2 ports.
-            self.stage = 1;
-            self.knocked_at = now;
-            emit(EventKind::Restarted);
-        } else {
-            self.other_syn(policy, emit);
+        if self.stage > 0 {
+            let window = accepted.window_at(self.knocked_at) - u64::from(self.lag);
+            if let Some(sequence) = accepted.sequence(window) {
+                let stage = usize::from(self.stage);
+                if sequence.get(stage) == Some(&port) {
+                    return self.advance(policy, accepted, window, now, emit);
+                }
+                if sequence[stage - 1] == port {
+                    return emit(EventKind::Duplicate);
+                }
+            }
+        }
+        match accepted.starting_with(port) {
+            Some(window) if self.stage == 0 => self.advance(policy, accepted, window, now, emit),
+            Some(window) => {
+                self.stage = 1;
+                self.follow(accepted, window, now);
+                emit(EventKind::Restarted);
+            }
+            None => self.other_syn(policy, emit),
         }
     }
 
-    fn advance(&mut self, policy: &Policy, now: Timestamp, emit: &mut impl FnMut(EventKind)) {
-        self.stage += 1;
+    /// Records a matched knock of `window`'s sequence at `now`.
+    fn follow(&mut self, accepted: &Accepted, window: u64, now: Timestamp) {
         self.knocked_at = now;
-        if usize::from(self.stage) < policy.sequence.len() {
+        self.lag = u8::try_from(accepted.window_at(now) - window).expect("an accepted window");
+    }
+
+    fn advance(
+        &mut self,
+        policy: &Policy,
+        accepted: &Accepted,
+        window: u64,
+        now: Timestamp,
+        emit: &mut impl FnMut(EventKind),
+    ) {
+        self.stage += 1;
+        self.follow(accepted, window, now);
+        if usize::from(self.stage) < policy.knock.len() {
             emit(EventKind::Advanced { stage: self.stage });
-            return;
+        } else if accepted.spend(window) {
+            self.grant(grant_end(policy.grant_timeout, now), emit);
+        } else {
+            self.stage = 0;
+            emit(EventKind::Replayed);
         }
-        self.grant(grant_end(policy.grant_timeout, now), emit);
     }
 
     /// Ends the grant, if any; true if there was one.
@@ -211,7 +242,7 @@ impl PolicyState {
             && now.since(self.knocked_at) <= policy.step_timeout)
             .then(|| Progress {
                 stage: self.stage,
-                of: policy.sequence.len(),
+                of: policy.knock.len(),
                 left: policy
                     .step_timeout
                     .saturating_sub(now.since(self.knocked_at)),

@@ -60,6 +60,13 @@ impl Gate {
         }
     }
 
+    /// SYNs that may or may not be knocks, such as a wrong rotating sequence.
+    fn knock_ports_ignoring_verdicts(&mut self, src: &str, ports: &[u16]) {
+        for &port in ports {
+            self.syn(src, port);
+        }
+    }
+
     fn advance(&mut self, ms: u64) {
         self.now += ms;
     }
@@ -639,4 +646,149 @@ fn restored_grants_keep_the_time_they_had_left() {
     assert_eq!(gate.syn("10.0.0.2", 22), NO_GRANT);
     assert_eq!(gate.syn("10.0.0.3", 8080), ACCEPT);
     assert_eq!(gate.kinds("10.0.0.3"), [EventKind::Restored]);
+}
+
+// Rotating sequences. Times are Unix milliseconds, as the daemon gives them.
+
+const PERIOD_MS: u64 = 30_000;
+/// The start of window 1000.
+const WINDOW_1000: u64 = 1000 * PERIOD_MS;
+
+fn rotating_with(secret: &[u8]) -> crate::rotating::Rotating {
+    crate::rotating::Rotating {
+        secret: crate::rotating::Secret::from_bytes(secret),
+        length: 3,
+        period: Duration::from_millis(PERIOD_MS),
+        ports: 20000..=59999,
+    }
+}
+
+const OPS_SECRET: &[u8] = b"ops secret: thirty-two bytes at least";
+
+/// A gate with one rotating policy, "ops", opening 22 until the close knock
+/// on 3333, at the start of window 1000.
+fn rotating_gate() -> Gate {
+    let policy = config::Policy {
+        name: "ops".into(),
+        knock: config::Knock::Rotating(rotating_with(OPS_SECRET)),
+        step_timeout: Duration::from_secs(10),
+        open_ports: vec![22],
+        close_port: Some(3333),
+        grant_timeout: None,
+        strict: true,
+    };
+    let mut gate = Gate::new(SSH);
+    gate.engine.reload(&[policy]);
+    gate.now = WINDOW_1000;
+    gate
+}
+
+fn ops_sequence(window: u64) -> Vec<u16> {
+    rotating_with(OPS_SECRET).sequence("ops", window)
+}
+
+#[test]
+fn the_current_windows_sequence_opens() {
+    let mut gate = rotating_gate();
+    gate.knock("10.0.0.2", &ops_sequence(1000));
+    assert_eq!(gate.syn("10.0.0.2", 22), ACCEPT);
+    assert_eq!(gate.syn("10.0.0.3", 22), NO_GRANT);
+}
+
+#[test]
+fn a_completed_window_cannot_be_replayed_from_anywhere() {
+    let mut gate = rotating_gate();
+    let sequence = ops_sequence(1000);
+    gate.knock("10.0.0.2", &sequence);
+    gate.advance(1_000);
+    gate.knock("10.0.0.66", &sequence);
+    assert_eq!(gate.syn("10.0.0.66", 22), NO_GRANT, "same window");
+    assert_eq!(gate.kinds("10.0.0.66").last(), Some(&EventKind::Replayed));
+    // The next window still accepts window 1000's sequence, as the previous
+    // one: spent all the same.
+    gate.advance(PERIOD_MS);
+    gate.knock("10.0.0.67", &sequence);
+    assert_eq!(gate.syn("10.0.0.67", 22), NO_GRANT, "next window");
+    // Two windows on, its ports are not even knocks.
+    gate.advance(PERIOD_MS);
+    for &port in &sequence {
+        assert_eq!(gate.syn("10.0.0.68", port), NO_GRANT);
+    }
+    assert_eq!(gate.syn("10.0.0.68", 22), NO_GRANT);
+    // The source that knocked first kept its grant.
+    assert_eq!(gate.syn("10.0.0.2", 22), ACCEPT);
+}
+
+#[test]
+fn the_previous_window_is_accepted_for_a_clock_behind() {
+    let mut gate = rotating_gate();
+    gate.advance(5_000);
+    gate.knock("10.0.0.2", &ops_sequence(999));
+    assert_eq!(gate.syn("10.0.0.2", 22), ACCEPT);
+    gate.knock_ports_ignoring_verdicts("10.0.0.3", &ops_sequence(998));
+    assert_eq!(gate.syn("10.0.0.3", 22), NO_GRANT, "two windows behind");
+}
+
+#[test]
+fn a_knock_may_span_the_turn_of_a_window() {
+    let mut gate = rotating_gate();
+    let sequence = ops_sequence(1000);
+    gate.advance(PERIOD_MS - 1_000);
+    gate.knock("10.0.0.2", &sequence[..2]);
+    gate.advance(2_000);
+    gate.knock("10.0.0.2", &sequence[2..]);
+    assert_eq!(gate.syn("10.0.0.2", 22), ACCEPT);
+}
+
+#[test]
+fn sequences_of_another_secret_or_mixed_windows_never_open() {
+    let mut gate = rotating_gate();
+    let wrong = rotating_with(b"not the ops secret, but as long as it").sequence("ops", 1000);
+    gate.knock_ports_ignoring_verdicts("10.0.0.2", &wrong);
+    assert_eq!(gate.syn("10.0.0.2", 22), NO_GRANT);
+    // Two ports of one window and the last of another.
+    let (now, before) = (ops_sequence(1000), ops_sequence(999));
+    gate.knock("10.0.0.3", &[now[0], now[1], before[2]]);
+    assert_eq!(gate.syn("10.0.0.3", 22), NO_GRANT);
+}
+
+#[test]
+fn a_range_port_outside_the_live_sequences_resets_progress() {
+    let mut gate = rotating_gate();
+    let sequence = ops_sequence(1000);
+    let stray = (20000..=59999)
+        .find(|p| !ops_sequence(1000).contains(p) && !ops_sequence(999).contains(p))
+        .unwrap();
+    gate.knock("10.0.0.2", &sequence[..2]);
+    assert_eq!(gate.syn("10.0.0.2", stray), NO_GRANT);
+    assert_eq!(gate.kinds("10.0.0.2").last(), Some(&EventKind::Reset));
+    gate.knock("10.0.0.2", &sequence[2..]);
+    assert_eq!(gate.syn("10.0.0.2", 22), NO_GRANT);
+}
+
+#[test]
+fn spent_windows_are_forgotten_once_no_longer_accepted() {
+    let mut gate = rotating_gate();
+    gate.knock("10.0.0.2", &ops_sequence(1000));
+    let key = gate.key("ops");
+    assert_eq!(gate.engine.spent_windows(), [(key, 1000)]);
+    gate.advance(PERIOD_MS);
+    gate.expire();
+    assert_eq!(
+        gate.engine.spent_windows(),
+        [(key, 1000)],
+        "still the previous"
+    );
+    gate.advance(PERIOD_MS);
+    gate.expire();
+    assert!(gate.engine.spent_windows().is_empty());
+}
+
+#[test]
+fn a_restored_spent_window_stays_spent() {
+    let mut gate = rotating_gate();
+    let key = gate.key("ops");
+    gate.engine.restore_spent(key, 1000);
+    gate.knock("10.0.0.2", &ops_sequence(1000));
+    assert_eq!(gate.syn("10.0.0.2", 22), NO_GRANT);
 }

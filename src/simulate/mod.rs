@@ -82,6 +82,8 @@ pub enum Why {
     WrongOrder { port: u16 },
     /// Dropped to make room in a full source table.
     Evicted,
+    /// Completed a rotating sequence whose window was already spent.
+    Replayed,
     /// Still part-way through when the capture ended.
     KnockingAtEnd,
 }
@@ -93,6 +95,7 @@ impl Why {
             Why::ResetByOtherPort { port } => format!("reset by another port ({port})"),
             Why::WrongOrder { port } => format!("wrong order ({port})"),
             Why::Evicted => "evicted from a full table".to_owned(),
+            Why::Replayed => "replay of a spent rotating window".to_owned(),
             Why::KnockingAtEnd => "still knocking when the capture ended".to_owned(),
         }
     }
@@ -191,7 +194,7 @@ impl Simulation<'_> {
             .verdicts
             .entry(verdict_key(decision.reason))
             .or_default() += 1;
-        let role = self.policies.role(syn.dst_port);
+        let role = self.policies.role(syn.dst_port, now);
         if let PortRole::Knock { policy, .. } = role {
             let key = self.policies.key(policy);
             self.tracks.entry((key, syn.src)).or_default().knocks += 1;
@@ -223,7 +226,7 @@ impl Simulation<'_> {
             let Some((id, rules)) = self.policies.find(policy) else {
                 continue;
             };
-            let steps = rules.sequence.len();
+            let steps = rules.knock.len();
             let change = match kind {
                 EventKind::Advanced { stage } => {
                     track.progressed = true;
@@ -259,6 +262,10 @@ impl Simulation<'_> {
                 }
                 EventKind::Revoked(reason) => format!("revoke ({})", reason.as_str()),
                 EventKind::Restored => "grant restored".to_owned(),
+                EventKind::Replayed => {
+                    track.ended = Some(Why::Replayed);
+                    "replay of a spent window, refused".to_owned()
+                }
                 EventKind::Evicted => {
                     track.ended = Some(Why::Evicted);
                     "evicted from a full table".to_owned()
