@@ -229,7 +229,7 @@ pub enum Knock {
 
 impl Knock {
     /// Ports per sequence.
-    pub fn len(&self) -> usize {
+    pub fn sequence_len(&self) -> usize {
         match self {
             Knock::Fixed(sequence) => sequence.len(),
             Knock::Rotating(rotating) => usize::from(rotating.length),

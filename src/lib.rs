@@ -10,9 +10,11 @@
 //! - [`daemon`]: the NFQUEUE workers around the engine, metrics, control socket.
 //! - [`control`]: the control protocol, both sides.
 //! - [`simulate`]: the engine replayed over captures and generated sweeps.
+//! - [`client`]: `knockq knock` and `knockq connect`, the knock client.
 //! - [`cli`]: the `knockq` command line.
 
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod control;
 pub mod daemon;

@@ -3,6 +3,7 @@
 use std::io;
 use std::process::ExitCode;
 
+use crate::client::ClientError;
 use crate::config::ConfigError;
 use crate::daemon::DaemonError;
 use crate::simulate::capture::CaptureError;
@@ -15,10 +16,21 @@ pub const FAILURE: u8 = 1;
 pub const BAD_CAPTURE: u8 = 65;
 /// Missing privilege (CAP_NET_ADMIN) to bind a queue.
 pub const NO_PERMISSION: u8 = 77;
+/// The client cannot resolve the gate's host name (EX_NOHOST).
+pub const NO_HOST: u8 = 68;
+/// The client cannot reach the gate or the port behind it (EX_UNAVAILABLE).
+pub const UNAVAILABLE: u8 = 69;
 
 pub fn code_for(err: &anyhow::Error) -> ExitCode {
     let code = if err.downcast_ref::<ConfigError>().is_some() {
         CONFIG
+    } else if let Some(client) = err.downcast_ref::<ClientError>() {
+        match client {
+            ClientError::Profile(_) | ClientError::Usage(_) => CONFIG,
+            ClientError::Resolve { .. } => NO_HOST,
+            ClientError::Knock { .. } | ClientError::Connect { .. } => UNAVAILABLE,
+            ClientError::Relay(_) => FAILURE,
+        }
     } else if err.downcast_ref::<CaptureError>().is_some() {
         BAD_CAPTURE
     } else if let Some(DaemonError::Bind(bind)) = err.downcast_ref::<DaemonError>() {

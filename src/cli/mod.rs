@@ -2,6 +2,7 @@
 //! errors become messages and exit codes.
 
 mod check;
+mod client;
 mod control;
 pub mod exit;
 mod simulate;
@@ -112,6 +113,38 @@ enum Command {
         #[arg(long, short, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
+    /// Knock: one TCP SYN per port, in order, each after the last one's answer.
+    Knock {
+        /// The gate's host name or address [default: the profile's].
+        host: Option<String>,
+        /// The ports to knock [default: the profile's sequence].
+        #[arg(value_parser = clap::value_parser!(u16).range(1..))]
+        ports: Vec<u16>,
+        #[command(flatten)]
+        client: client::ClientArgs,
+    },
+    /// Knock, connect, and relay stdin and stdout to the connection: an ssh
+    /// ProxyCommand (`ProxyCommand knockq connect --profile NAME %h %p`).
+    Connect {
+        /// The host to connect to [default: the profile's].
+        host: Option<String>,
+        /// The port to connect to [default: the profile's].
+        #[arg(value_parser = clap::value_parser!(u16).range(1..))]
+        port: Option<u16>,
+        /// Knock these ports first [default: the profile's sequence].
+        #[arg(long, value_delimiter = ',', value_name = "PORT,...")]
+        knock: Vec<u16>,
+        /// Knock the profile's close port when the connection ends.
+        #[arg(long)]
+        close: bool,
+        /// How long to keep trying to connect after knocking.
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        wait: std::time::Duration,
+        #[command(flatten)]
+        client: client::ClientArgs,
+    },
+    /// Write a new secret for rotating sequences (mode 0600; never overwrites).
+    Keygen { file: PathBuf },
 }
 
 #[derive(clap::Args)]
@@ -214,6 +247,35 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Check { config: path } => {
             let config = config::load(&path)?;
             print!("{}", check::summary(&path, &config));
+        }
+        Command::Knock {
+            host,
+            ports,
+            client,
+        } => client::knock(host, ports, &client)?,
+        Command::Connect {
+            host,
+            port,
+            knock,
+            close,
+            wait,
+            client,
+        } => client::connect(
+            client::Connect {
+                host,
+                port,
+                knock,
+                close,
+                patience: wait,
+            },
+            &client,
+        )?,
+        Command::Keygen { file } => {
+            crate::rotating::keygen(&file)?;
+            eprintln!(
+                "knockq: wrote a new secret to {} (mode 0600); give the gate and each client a copy",
+                file.display()
+            );
         }
     }
     Ok(())

@@ -18,9 +18,12 @@ use crate::rotating::Rotating;
 pub(super) struct Schedule {
     /// Unix milliseconds during which no rotating policy changes window.
     span: Range<u64>,
-    /// By policy id; `None` for fixed policies. Current window first.
-    live: Vec<Option<[(u64, Vec<u16>); 2]>>,
+    /// By policy id; `None` for fixed policies.
+    live: Vec<Option<LiveWindows>>,
 }
+
+/// The current and the previous window, each with its sequence.
+type LiveWindows = [(u64, Vec<u16>); 2];
 
 impl Schedule {
     fn at(list: &[Policy], now: Timestamp) -> Self {

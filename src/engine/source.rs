@@ -135,7 +135,7 @@ impl PolicyState {
     }
 
     fn in_progress(&self, policy: &Policy) -> bool {
-        self.stage > 0 && usize::from(self.stage) < policy.knock.len()
+        self.stage > 0 && usize::from(self.stage) < policy.knock.sequence_len()
     }
 
     /// Ends progress whose step window has passed and grants whose time is up.
@@ -200,7 +200,7 @@ impl PolicyState {
     ) {
         self.stage += 1;
         self.follow(accepted, window, now);
-        if usize::from(self.stage) < policy.knock.len() {
+        if usize::from(self.stage) < policy.knock.sequence_len() {
             emit(EventKind::Advanced { stage: self.stage });
         } else if accepted.spend(window) {
             self.grant(grant_end(policy.grant_timeout, now), emit);
@@ -242,7 +242,7 @@ impl PolicyState {
             && now.since(self.knocked_at) <= policy.step_timeout)
             .then(|| Progress {
                 stage: self.stage,
-                of: policy.knock.len(),
+                of: policy.knock.sequence_len(),
                 left: policy
                     .step_timeout
                     .saturating_sub(now.since(self.knocked_at)),

@@ -226,7 +226,7 @@ impl Simulation<'_> {
             let Some((id, rules)) = self.policies.find(policy) else {
                 continue;
             };
-            let steps = rules.knock.len();
+            let steps = rules.knock.sequence_len();
             let change = match kind {
                 EventKind::Advanced { stage } => {
                     track.progressed = true;

@@ -1,0 +1,131 @@
+//! `knockq knock`, `knockq connect` and `knockq keygen`: the client side.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::client::knock::{self, KnockOptions};
+use crate::client::profile::{self, Profile};
+use crate::client::{profile_sequence, relay, ClientError};
+
+/// Options every client command takes.
+#[derive(clap::Args)]
+pub struct ClientArgs {
+    /// Knock as this profile of the client configuration says.
+    #[arg(long, value_name = "NAME")]
+    profile: Option<String>,
+    /// The client configuration [default: ~/.config/knockq/client.toml].
+    #[arg(long, value_name = "FILE")]
+    client_config: Option<PathBuf>,
+    /// How long to wait for the gate's answer to each knock.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    timeout: Duration,
+    /// Pause between knocks.
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    delay: Duration,
+    /// Print each knock and the gate's answer on stderr.
+    #[arg(long, short)]
+    verbose: bool,
+}
+
+impl ClientArgs {
+    fn profile(&self) -> Result<Option<Profile>, ClientError> {
+        let Some(name) = &self.profile else {
+            return Ok(None);
+        };
+        let path = self
+            .client_config
+            .clone()
+            .unwrap_or_else(profile::default_path);
+        Ok(Some(profile::load(&path, name)?))
+    }
+
+    fn options(&self) -> KnockOptions {
+        KnockOptions {
+            timeout: self.timeout,
+            delay: self.delay,
+        }
+    }
+
+    /// Knocks `ports` at `addr`, saying what happened if asked to.
+    fn send(&self, host: &str, addr: IpAddr, ports: &[u16]) -> Result<(), ClientError> {
+        knock::send(addr, ports, self.options(), |port, answer| {
+            if self.verbose {
+                eprintln!(
+                    "knockq: knocked {host} ({addr}) port {port}: {}",
+                    answer.as_str()
+                );
+            }
+        })
+    }
+}
+
+fn usage(message: &str) -> ClientError {
+    ClientError::Usage(message.to_owned())
+}
+
+/// The host named on the command line, else the profile's.
+fn host_of(host: Option<String>, profile: Option<&Profile>) -> Result<String, ClientError> {
+    host.or_else(|| profile.map(|p| p.host.clone()))
+        .ok_or_else(|| usage("give a HOST, or a --profile that names one"))
+}
+
+pub fn knock(host: Option<String>, ports: Vec<u16>, args: &ClientArgs) -> Result<(), ClientError> {
+    let profile = args.profile()?;
+    let host = host_of(host, profile.as_ref())?;
+    let ports = match (&profile, ports.is_empty()) {
+        (_, false) => ports,
+        (Some(profile), true) => profile_sequence(profile),
+        (None, true) => return Err(usage("give the ports to knock, or a --profile")),
+    };
+    let addr = knock::resolve(&host)?;
+    args.send(&host, addr, &ports)
+}
+
+pub struct Connect {
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    pub knock: Vec<u16>,
+    pub close: bool,
+    pub patience: Duration,
+}
+
+pub fn connect(request: Connect, args: &ClientArgs) -> Result<(), ClientError> {
+    let profile = args.profile()?;
+    let host = host_of(request.host, profile.as_ref())?;
+    let port = request
+        .port
+        .or_else(|| profile.as_ref().and_then(|p| p.port))
+        .ok_or_else(|| usage("give a PORT, or a --profile with a port"))?;
+    let close_port = match request.close {
+        false => None,
+        true => Some(
+            profile
+                .as_ref()
+                .and_then(|p| p.close_port)
+                .ok_or_else(|| usage("--close needs a --profile with a close_port"))?,
+        ),
+    };
+    let knock = match (&profile, request.knock.is_empty()) {
+        (_, false) => request.knock,
+        (Some(profile), true) => profile_sequence(profile),
+        (None, true) => Vec::new(),
+    };
+    let addr = knock::resolve(&host)?;
+    args.send(&host, addr, &knock)?;
+    let stream = relay::connect(addr, port, args.timeout, request.patience)?;
+    if close_port.is_some() {
+        // ssh hangs up its ProxyCommand as it exits: live on to close.
+        let _ = signal_hook::flag::register(
+            signal_hook::consts::SIGHUP,
+            Arc::new(AtomicBool::new(false)),
+        );
+    }
+    let relayed = relay::relay(stream).map_err(ClientError::Relay);
+    if let Some(close_port) = close_port {
+        args.send(&host, addr, &[close_port])?;
+    }
+    relayed
+}

@@ -1,0 +1,109 @@
+//! Sending knocks: one TCP connection attempt per port, in order, each
+//! waiting for the gate's answer so the SYNs cannot overtake one another.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr, TcpStream, ToSocketAddrs};
+use std::time::Duration;
+
+use super::ClientError;
+
+/// How the gate answered one knock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answer {
+    /// A TCP reset.
+    Refused,
+    /// An ICMP error: knockq's default reject (host prohibited).
+    Unreachable,
+    /// Nothing within the timeout: a gate that drops.
+    Silence,
+    /// The connection was accepted: the port is open, not a knock port.
+    Open,
+}
+
+impl Answer {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Answer::Refused => "refused",
+            Answer::Unreachable => "unreachable",
+            Answer::Silence => "no answer",
+            Answer::Open => "open",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct KnockOptions {
+    /// How long to wait for each answer.
+    pub timeout: Duration,
+    /// Pause after each answer before the next knock.
+    pub delay: Duration,
+}
+
+/// The first address `host` resolves to.
+pub fn resolve(host: &str) -> Result<IpAddr, ClientError> {
+    let resolve_error = |source| ClientError::Resolve {
+        host: host.to_owned(),
+        source,
+    };
+    (host, 0)
+        .to_socket_addrs()
+        .map_err(resolve_error)?
+        .next()
+        .map(|addr| addr.ip())
+        .ok_or_else(|| resolve_error(io::Error::other("no address")))
+}
+
+/// Knocks each port of `ports` at `addr`, in order.
+pub fn send(
+    addr: IpAddr,
+    ports: &[u16],
+    options: KnockOptions,
+    mut on_answer: impl FnMut(u16, Answer),
+) -> Result<(), ClientError> {
+    for (i, &port) in ports.iter().enumerate() {
+        if i > 0 && !options.delay.is_zero() {
+            std::thread::sleep(options.delay);
+        }
+        let target = SocketAddr::new(addr, port);
+        let answer = match TcpStream::connect_timeout(&target, options.timeout) {
+            Ok(_) => Answer::Open,
+            Err(e) => answer_to(e).map_err(|source| ClientError::Knock { target, source })?,
+        };
+        on_answer(port, answer);
+    }
+    Ok(())
+}
+
+/// A failed connection attempt as the gate's answer, or as the error that
+/// kept the knock from being sent.
+fn answer_to(error: io::Error) -> Result<Answer, io::Error> {
+    match error.kind() {
+        io::ErrorKind::ConnectionRefused => Ok(Answer::Refused),
+        io::ErrorKind::HostUnreachable => Ok(Answer::Unreachable),
+        io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => Ok(Answer::Silence),
+        // No route from here (ENETUNREACH), no such local address, …: the
+        // knock never left.
+        _ => Err(error),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_are_told_apart_from_failures_to_send() {
+        let kind = |k: io::ErrorKind| answer_to(io::Error::from(k));
+        assert_eq!(
+            kind(io::ErrorKind::ConnectionRefused).unwrap(),
+            Answer::Refused
+        );
+        assert_eq!(
+            kind(io::ErrorKind::HostUnreachable).unwrap(),
+            Answer::Unreachable
+        );
+        assert_eq!(kind(io::ErrorKind::TimedOut).unwrap(), Answer::Silence);
+        assert!(kind(io::ErrorKind::NetworkUnreachable).is_err());
+        assert!(kind(io::ErrorKind::AddrNotAvailable).is_err());
+    }
+}

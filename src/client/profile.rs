@@ -1,0 +1,234 @@
+//! The client configuration, `~/.config/knockq/client.toml`: named profiles,
+//! each a host and how to knock it.
+//!
+//! ```toml
+//! [profile.myserver]
+//! host = "gate.example.org"
+//! sequence = [1111, 2222]
+//! close_port = 3333
+//! port = 22
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::config::{ConfigError, ErrorContext, Knock, Port, RawRotating};
+
+/// One way to knock one host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Profile {
+    pub name: String,
+    pub host: String,
+    /// The gate's policy name, which rotating sequences are derived from.
+    pub policy: String,
+    pub knock: Knock,
+    pub close_port: Option<u16>,
+    /// The port `knockq connect` connects to when none is given.
+    pub port: Option<u16>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawClientConfig {
+    #[serde(default)]
+    profile: BTreeMap<String, RawProfile>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProfile {
+    host: String,
+    policy: Option<String>,
+    sequence: Option<Spanned<Vec<Port>>>,
+    rotating: Option<Spanned<RawRotating>>,
+    close_port: Option<Port>,
+    port: Option<Port>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProfileError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("{}: no profile \"{name}\"{}", path.display(), Known(known))]
+    Unknown {
+        path: PathBuf,
+        name: String,
+        known: Vec<String>,
+    },
+}
+
+struct Known<'a>(&'a [String]);
+
+impl std::fmt::Display for Known<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            [] => f.write_str(" (it has none)"),
+            known => write!(f, " (it has: {})", known.join(", ")),
+        }
+    }
+}
+
+/// `$XDG_CONFIG_HOME/knockq/client.toml`, else `~/.config/knockq/client.toml`.
+pub fn default_path() -> PathBuf {
+    let config_home = std::env::var_os("XDG_CONFIG_HOME")
+        .filter(|dir| !dir.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let home = std::env::var_os("HOME").unwrap_or_default();
+            Path::new(&home).join(".config")
+        });
+    config_home.join("knockq").join("client.toml")
+}
+
+/// Reads profile `name` from the client configuration at `path`. The whole
+/// file is validated, so a mistake in any profile is reported at once.
+pub fn load(path: &Path, name: &str) -> Result<Profile, ProfileError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let errors = ErrorContext { text: &text, path };
+    let raw: RawClientConfig = errors.deserialize(&text)?;
+    let known: Vec<String> = raw.profile.keys().cloned().collect();
+    let mut found = None;
+    for (profile_name, profile) in raw.profile {
+        let checked = profile.validate(&profile_name, &errors)?;
+        if profile_name == name {
+            found = Some(checked);
+        }
+    }
+    found.ok_or_else(|| ProfileError::Unknown {
+        path: path.to_owned(),
+        name: name.to_owned(),
+        known,
+    })
+}
+
+impl RawProfile {
+    fn validate(self, name: &str, errors: &ErrorContext) -> Result<Profile, ConfigError> {
+        let key = |field: &str| format!("profile.{name}.{field}");
+        let knock = match (self.sequence, &self.rotating) {
+            (Some(sequence), None) if sequence.get_ref().is_empty() => {
+                let message = "the sequence is empty".to_owned();
+                return Err(errors.spanned(&sequence, key("sequence"), message));
+            }
+            (Some(sequence), None) => {
+                Knock::Fixed(sequence.into_inner().into_iter().map(|p| p.0).collect())
+            }
+            (None, Some(rotating)) => Knock::Rotating(rotating.get_ref().validate(errors, &key)?),
+            (Some(sequence), Some(_)) => {
+                let message = "give either sequence or a rotating table, not both".to_owned();
+                return Err(errors.spanned(&sequence, key("sequence"), message));
+            }
+            (None, None) => {
+                let message = "no knock: give a sequence or a rotating table".to_owned();
+                return Err(errors.at(None, key("sequence"), &message));
+            }
+        };
+        Ok(Profile {
+            name: name.to_owned(),
+            host: self.host,
+            policy: self.policy.unwrap_or_else(|| name.to_owned()),
+            knock,
+            close_port: self.close_port.map(|p| p.0),
+            port: self.port.map(|p| p.0),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, text: &str) -> PathBuf {
+        let path = dir.join("client.toml");
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    fn error(text: &str, name: &str) -> String {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), text);
+        let err = load(&path, name).unwrap_err().to_string();
+        err.replace(&format!("{}/", dir.path().display()), "")
+    }
+
+    const PROFILES: &str = r#"
+[profile.web]
+host = "gate.example.org"
+sequence = [1111, 2222]
+close_port = 3333
+port = 22
+
+[profile.ops]
+host = "10.0.0.1"
+policy = "operations"
+[profile.ops.rotating]
+secret_file = "ops.key"
+length = 4
+period = "1m"
+ports = "20000-29999"
+"#;
+
+    #[test]
+    fn profiles_load_with_their_knock() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::rotating::keygen(&dir.path().join("ops.key")).unwrap();
+        let path = write(dir.path(), PROFILES);
+        let web = load(&path, "web").unwrap();
+        assert_eq!(web.host, "gate.example.org");
+        assert_eq!(web.policy, "web");
+        assert_eq!(web.knock, Knock::Fixed(vec![1111, 2222]));
+        assert_eq!((web.close_port, web.port), (Some(3333), Some(22)));
+        let ops = load(&path, "ops").unwrap();
+        assert_eq!(ops.policy, "operations");
+        assert_eq!(
+            ops.knock.describe(),
+            "rotating: 4 ports of 20000-29999 every 1m"
+        );
+    }
+
+    #[test]
+    fn bad_profiles_are_one_line_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::rotating::keygen(&dir.path().join("ops.key")).unwrap();
+        let path = write(dir.path(), PROFILES);
+        let unknown = load(&path, "db").unwrap_err().to_string();
+        assert!(
+            unknown.ends_with("client.toml: no profile \"db\" (it has: ops, web)"),
+            "{unknown}"
+        );
+        assert_eq!(
+            error(
+                "[profile.web]\nhost = \"h\"\nsequence = [1111]\ncolor = 1\n",
+                "web"
+            ),
+            "client.toml:4: profile.web.color: unknown field `color`, expected one of \
+             `host`, `policy`, `sequence`, `rotating`, `close_port`, `port`"
+        );
+        assert_eq!(
+            error("[profile.web]\nhost = \"h\"\n", "web"),
+            "client.toml: profile.web.sequence: no knock: give a sequence or a rotating table"
+        );
+        assert_eq!(
+            error("[profile.web]\nhost = \"h\"\nsequence = [0]\n", "web"),
+            "client.toml:3: profile.web.sequence[0]: port 0 is outside 1..65535"
+        );
+        let broken = error("[profile.web\n", "web");
+        assert!(
+            broken.starts_with("client.toml:1: ") && !broken.contains('\n'),
+            "{broken}"
+        );
+        let missing = error(
+            "[profile.ops]\nhost = \"h\"\n[profile.ops.rotating]\nsecret_file = \"none.key\"\nports = \"20000-29999\"\n",
+            "ops",
+        );
+        assert!(
+            missing.starts_with("client.toml:4: profile.ops.rotating.secret_file: secret file "),
+            "{missing}"
+        );
+    }
+}
