@@ -236,12 +236,12 @@ impl Knock {
         }
     }
 
-    /// The knock for people: `1111, 2222` or `rotating: 3 ports of 20000-59999 every 30s`.
+    /// The knock for people: `1111 2222` or `rotating: 3 ports of 20000-59999 every 30s`.
     pub fn describe(&self) -> String {
         match self {
             Knock::Fixed(sequence) => {
                 let ports: Vec<String> = sequence.iter().map(u16::to_string).collect();
-                ports.join(", ")
+                ports.join(" ")
             }
             Knock::Rotating(r) => format!(
                 "rotating: {} ports of {}-{} every {}",

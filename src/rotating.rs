@@ -32,8 +32,9 @@ impl fmt::Debug for Secret {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SecretError {
-    #[error("secret file {}: {source}", path.display())]
-    Io { path: PathBuf, source: io::Error },
+    // Not a `source`: the message is shown whole in configuration errors.
+    #[error("secret file {}: {error}", path.display())]
+    Io { path: PathBuf, error: io::Error },
     #[error(
         "secret file {} can be read or written by group or others (mode {mode:04o}): run chmod 600 on it",
         path.display()
@@ -52,9 +53,9 @@ impl Secret {
     /// Reads a secret file: its bytes without trailing whitespace, so a key
     /// copied through an editor or a terminal stays the same key.
     pub fn load(path: &Path) -> Result<Self, SecretError> {
-        let io_error = |source| SecretError::Io {
+        let io_error = |error| SecretError::Io {
             path: path.to_owned(),
-            source,
+            error,
         };
         let file = fs::File::open(path).map_err(io_error)?;
         let mode = file.metadata().map_err(io_error)?.permissions().mode() & 0o777;
@@ -91,9 +92,9 @@ pub fn keygen(path: &Path) -> Result<(), SecretError> {
     getrandom::fill(&mut random).map_err(|e| SecretError::Random(e.to_string()))?;
     let mut text: String = random.iter().map(|b| format!("{b:02x}")).collect();
     text.push('\n');
-    let io_error = |source| SecretError::Io {
+    let io_error = |error| SecretError::Io {
         path: path.to_owned(),
-        source,
+        error,
     };
     let mut file = fs::OpenOptions::new()
         .write(true)

@@ -12,8 +12,9 @@ use super::ClientError;
 pub enum Answer {
     /// A TCP reset.
     Refused,
-    /// An ICMP error: knockq's default reject (host prohibited).
-    Unreachable,
+    /// An ICMP error, such as knockq's default reject (host prohibited;
+    /// admin prohibited over IPv6).
+    Prohibited,
     /// Nothing within the timeout: a gate that drops.
     Silence,
     /// The connection was accepted: the port is open, not a knock port.
@@ -24,7 +25,7 @@ impl Answer {
     pub fn as_str(self) -> &'static str {
         match self {
             Answer::Refused => "refused",
-            Answer::Unreachable => "unreachable",
+            Answer::Prohibited => "prohibited",
             Answer::Silence => "no answer",
             Answer::Open => "open",
         }
@@ -79,7 +80,7 @@ pub fn send(
 fn answer_to(error: io::Error) -> Result<Answer, io::Error> {
     match error.kind() {
         io::ErrorKind::ConnectionRefused => Ok(Answer::Refused),
-        io::ErrorKind::HostUnreachable => Ok(Answer::Unreachable),
+        io::ErrorKind::HostUnreachable | io::ErrorKind::PermissionDenied => Ok(Answer::Prohibited),
         io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => Ok(Answer::Silence),
         // No route from here (ENETUNREACH), no such local address, …: the
         // knock never left.
@@ -100,7 +101,11 @@ mod tests {
         );
         assert_eq!(
             kind(io::ErrorKind::HostUnreachable).unwrap(),
-            Answer::Unreachable
+            Answer::Prohibited
+        );
+        assert_eq!(
+            kind(io::ErrorKind::PermissionDenied).unwrap(),
+            Answer::Prohibited
         );
         assert_eq!(kind(io::ErrorKind::TimedOut).unwrap(), Answer::Silence);
         assert!(kind(io::ErrorKind::NetworkUnreachable).is_err());

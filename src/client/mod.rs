@@ -24,20 +24,20 @@ use windows::UsedWindows;
 pub enum ClientError {
     #[error(transparent)]
     Profile(#[from] ProfileError),
-    #[error("cannot resolve {host}: {source}")]
+    #[error("cannot resolve {host}")]
     Resolve { host: String, source: io::Error },
-    #[error("cannot knock {target}: {source}")]
+    #[error("cannot knock {target}")]
     Knock {
         target: SocketAddr,
         source: io::Error,
     },
-    #[error("cannot connect to {target} after knocking: {source}")]
+    #[error("cannot connect to {target} after knocking")]
     Connect {
         target: SocketAddr,
         source: io::Error,
     },
-    #[error("relaying to the connection failed: {0}")]
-    Relay(io::Error),
+    #[error("relaying to the connection failed")]
+    Relay(#[source] io::Error),
     #[error("{0}")]
     Usage(String),
 }

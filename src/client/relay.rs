@@ -2,7 +2,7 @@
 //! through, as an ssh ProxyCommand does.
 
 use std::fs::File;
-use std::io;
+use std::io::{self, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpStream};
 use std::os::fd::AsFd;
 use std::thread;
@@ -35,10 +35,28 @@ pub fn connect(
     }
 }
 
+/// Copies until end of input with plain reads and writes. (`io::copy`
+/// splices between pipes and sockets; ssh sessions relayed that way broke
+/// off during key exchange.)
+fn pump(from: &mut impl Read, to: &mut impl Write) -> io::Result<()> {
+    let mut buffer = [0u8; 16 * 1024];
+    loop {
+        match from.read(&mut buffer) {
+            Ok(0) => return Ok(()),
+            Ok(n) => to.write_all(&buffer[..n])?,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 fn retryable(error: &io::Error) -> bool {
     matches!(
         error.kind(),
-        io::ErrorKind::ConnectionRefused | io::ErrorKind::HostUnreachable | io::ErrorKind::TimedOut
+        io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::HostUnreachable
+            | io::ErrorKind::PermissionDenied
+            | io::ErrorKind::TimedOut
     )
 }
 
@@ -53,11 +71,11 @@ pub fn relay(stream: TcpStream) -> io::Result<()> {
     // The thread may be left blocked on stdin when the far side closes
     // first; the process ends without it.
     thread::spawn(move || {
-        let _ = io::copy(&mut stdin, &mut upload);
+        let _ = pump(&mut stdin, &mut upload);
         let _ = upload.shutdown(Shutdown::Write);
     });
     let mut download = stream;
-    match io::copy(&mut download, &mut stdout) {
+    match pump(&mut download, &mut stdout) {
         Ok(_) => Ok(()),
         // The reader of stdout is gone (ssh exited): nothing left to relay.
         Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),

@@ -299,11 +299,11 @@ mod tests {
             version: FORMAT_VERSION,
             saved_at: 1000.0,
             grants: vec![
-                grant("ssh", "1111, 2222", Some(100.0)),
-                grant("ssh", "1111, 2222", Some(10.0)),
-                grant("ssh", "1111, 2222", None),
-                grant("ssh", "1111, 3333", Some(100.0)),
-                grant("web", "1111, 2222", Some(100.0)),
+                grant("ssh", "1111 2222", Some(100.0)),
+                grant("ssh", "1111 2222", Some(10.0)),
+                grant("ssh", "1111 2222", None),
+                grant("ssh", "1111 3333", Some(100.0)),
+                grant("web", "1111 2222", Some(100.0)),
             ],
             spent: Vec::new(),
         };

@@ -207,3 +207,112 @@ fn systemd_unit_exposure_is_low() {
         });
     assert!(level <= 2.0, "exposure {level}:\n{report}");
 }
+
+/// Runs a client command; returns the exit code and stderr.
+fn client(args: &[&str]) -> (Option<i32>, String) {
+    let out = run(knockq().args(args));
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn keygen_writes_a_private_secret_once() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("ops.key");
+    let key = key.to_str().unwrap();
+    let (code, _) = client(&["keygen", key]);
+    assert_eq!(code, Some(0));
+    let mode = std::fs::metadata(key).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let secret = std::fs::read_to_string(key).unwrap();
+    let (code, stderr) = client(&["keygen", key]);
+    assert_eq!(code, Some(1));
+    assert_eq!(
+        stderr,
+        format!("knockq: secret file {key}: File exists (os error 17)\n")
+    );
+    assert_eq!(
+        std::fs::read_to_string(key).unwrap(),
+        secret,
+        "the key was kept"
+    );
+}
+
+#[test]
+fn bad_client_input_is_one_line_and_exit_2() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display().to_string();
+    let file = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path.display().to_string()
+    };
+    let good = file(
+        "client.toml",
+        "[profile.lab]\nhost = \"10.9.0.1\"\nsequence = [1111, 2222]\n",
+    );
+    let (code, stderr) = client(&["knock", "--profile", "prod", "--client-config", &good]);
+    assert_eq!(code, Some(2));
+    assert_eq!(
+        stderr,
+        format!("knockq: {good}: no profile \"prod\" (it has: lab)\n")
+    );
+
+    let malformed = file(
+        "malformed.toml",
+        "[profile.lab]\nhost = \"10.9.0.1\"\nsequence = [1111, 0]\n",
+    );
+    let (code, stderr) = client(&["knock", "--profile", "lab", "--client-config", &malformed]);
+    assert_eq!(code, Some(2));
+    assert_eq!(
+        stderr,
+        format!("knockq: {malformed}:3: profile.lab.sequence[1]: port 0 is outside 1..65535\n")
+    );
+
+    let missing = format!("{d}/none.toml");
+    let (code, stderr) = client(&["connect", "--profile", "lab", "--client-config", &missing]);
+    assert_eq!(code, Some(2));
+    assert_eq!(
+        stderr,
+        format!("knockq: {missing}: cannot read: No such file or directory (os error 2)\n")
+    );
+
+    let rotating = |secret: &str| {
+        format!(
+            "[profile.ops]\nhost = \"10.9.0.1\"\n[profile.ops.rotating]\n\
+             secret_file = \"{secret}\"\nports = \"20000-59999\"\n"
+        )
+    };
+    let key = format!("{d}/ops.key");
+    std::fs::write(&key, [b'k'; 40]).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let too_open = file("too-open.toml", &rotating("ops.key"));
+    let (code, stderr) = client(&["knock", "--profile", "ops", "--client-config", &too_open]);
+    assert_eq!(code, Some(2));
+    assert_eq!(
+        stderr,
+        format!(
+            "knockq: {too_open}:4: profile.ops.rotating.secret_file: secret file {key} can be \
+             read or written by group or others (mode 0644): run chmod 600 on it\n"
+        )
+    );
+
+    let unreadable = file("unreadable.toml", &rotating("/nonexistent/ops.key"));
+    let (code, stderr) = client(&["knock", "--profile", "ops", "--client-config", &unreadable]);
+    assert_eq!(code, Some(2));
+    assert_eq!(
+        stderr,
+        format!(
+            "knockq: {unreadable}:4: profile.ops.rotating.secret_file: secret file \
+             /nonexistent/ops.key: No such file or directory (os error 2)\n"
+        )
+    );
+
+    let (code, stderr) = client(&["knock", "10.9.0.1"]);
+    assert_eq!(code, Some(2));
+    assert_eq!(stderr, "knockq: give the ports to knock, or a --profile\n");
+}

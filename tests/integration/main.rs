@@ -2,6 +2,7 @@
 //! kernel in network namespaces the tests create and delete.
 
 mod cli;
+mod client;
 mod gate;
 mod observe;
 mod resilience;

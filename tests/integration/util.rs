@@ -241,6 +241,29 @@ impl Net {
         });
     }
 
+    /// Starts a long-running program in the gate namespace, killed on drop;
+    /// its output goes to `NAME.log` in the test's directory.
+    pub fn spawn_in_gate(&mut self, program: &str, args: &[&str]) {
+        let name = Path::new(program).file_name().unwrap().to_string_lossy();
+        let log = fs::File::create(self.dir.path().join(format!("{name}.log"))).unwrap();
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.gate, program])
+            .args(args)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {program}: {e}"));
+        self.children.push(child);
+    }
+
+    /// Gives the client namespace its own /etc/hosts (`ip netns exec`
+    /// mounts /etc/netns/NAME/hosts over it), so names resolve there only.
+    pub fn client_hosts(&self, hosts: &str) {
+        let dir = Path::new("/etc/netns").join(&self.client);
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join("hosts"), hosts).unwrap();
+    }
+
     /// A TCP connection attempt from `src` to the gate's `port` with nc.
     pub fn connect(&self, src: &str, port: u16) -> Reply {
         self.connect_within(src, port, 3)
@@ -395,6 +418,7 @@ impl Drop for Net {
             sh(&format!(
                 "ip netns pids {ns} | xargs -r kill -9; ip netns del {ns}"
             ));
+            let _ = fs::remove_dir_all(Path::new("/etc/netns").join(ns));
         }
     }
 }
