@@ -23,7 +23,7 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use tracing::{error, info, warn};
 
 use crate::config::{Config, ConfigError};
-use crate::engine::{Engine, Timestamp};
+use crate::engine::{Engine, Timestamp, WallClock};
 use control::ControlSocket;
 use events::EventReport;
 use metrics::Metrics;
@@ -39,25 +39,14 @@ const SAVE_INTERVAL: Duration = Duration::from_secs(3);
 /// A worker that has not looped for this long is stuck: the watchdog starves.
 const STUCK_AFTER: Duration = Duration::from_secs(3);
 
-/// The engine's timestamps: Unix time as read at start, carried on by the
-/// monotonic clock, so a wall-clock step while running moves no deadline.
-/// Rotating windows follow the host clock, which should be synchronised
-/// before the daemon starts (the unit orders itself after time-sync.target).
+/// The daemon's monotonic clock, as the engine's timestamps: deadlines do
+/// not move when the wall clock is set.
 #[derive(Clone, Copy)]
-pub struct Clock {
-    started: Instant,
-    unix_millis_at_start: u64,
-}
+pub struct Clock(Instant);
 
 impl Clock {
     pub fn start() -> Self {
-        let unix = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default();
-        Clock {
-            started: Instant::now(),
-            unix_millis_at_start: u64::try_from(unix.as_millis()).unwrap_or(u64::MAX),
-        }
+        Clock(Instant::now())
     }
 
     pub fn now(&self) -> Timestamp {
@@ -66,9 +55,21 @@ impl Clock {
 
     /// The timestamp of an instant read earlier.
     pub fn at(&self, instant: Instant) -> Timestamp {
-        let elapsed = instant.saturating_duration_since(self.started);
-        let elapsed = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX);
-        Timestamp::from_millis(self.unix_millis_at_start.saturating_add(elapsed))
+        let elapsed = instant.saturating_duration_since(self.0);
+        Timestamp::from_millis(u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX))
+    }
+
+    /// How the timestamps map to Unix time now. Read again every tick, so
+    /// rotating windows follow the wall clock when NTP corrects it.
+    pub fn wall(&self) -> WallClock {
+        let unix = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        let unix = i64::try_from(unix.as_millis()).unwrap_or(i64::MAX);
+        let now = i64::try_from(self.now().as_millis()).unwrap_or(i64::MAX);
+        WallClock {
+            offset_millis: unix - now,
+        }
     }
 }
 
@@ -102,6 +103,7 @@ pub fn run(
     let engine = Arc::new(Engine::new(&config));
     let metrics = Arc::new(Metrics::new(&engine.policies(), config.queue.numbers())?);
     let clock = Clock::start();
+    engine.set_wall_clock(clock.wall());
     let grants_changed = Arc::new(AtomicBool::new(false));
     let report = || {
         EventReport::new(
@@ -225,6 +227,7 @@ pub fn run(
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => unreachable!("this loop holds a sender"),
         }
+        engine.set_wall_clock(clock.wall());
         engine.expire(clock.now(), &mut expired);
         main_report.publish(&engine, &mut expired, Instant::now());
         if last_save.elapsed() >= SAVE_INTERVAL && grants_changed.swap(false, Ordering::Relaxed) {

@@ -12,7 +12,7 @@ mod table;
 pub(crate) mod tests;
 
 use std::net::IpAddr;
-use std::sync::atomic::AtomicU32;
+use std::sync::atomic::{AtomicI64, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,8 +30,8 @@ use table::SourceTable;
 /// Index of a policy in the list in force.
 pub type PolicyId = u8;
 
-/// A point in time, in milliseconds. Rotating sequences read it as Unix
-/// time; everything else only compares timestamps.
+/// A point on a monotonic clock, in milliseconds from an arbitrary origin.
+/// Rotating sequences read it as Unix time through a [`WallClock`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct Timestamp(u64);
 
@@ -52,6 +52,20 @@ impl Timestamp {
     /// Time from `earlier` to `self`, zero if `earlier` is later.
     pub fn since(self, earlier: Timestamp) -> Duration {
         Duration::from_millis(self.0.saturating_sub(earlier.0))
+    }
+}
+
+/// How timestamps map to Unix time: the offset from one to the other, in
+/// milliseconds. Kept apart from the timestamps so that correcting the wall
+/// clock moves rotating windows but no deadline.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WallClock {
+    pub offset_millis: i64,
+}
+
+impl WallClock {
+    pub fn unix_millis(self, t: Timestamp) -> u64 {
+        t.0.saturating_add_signed(self.offset_millis)
     }
 }
 
@@ -248,6 +262,7 @@ pub struct Engine {
     policies: ArcSwap<Policies>,
     sources: SourceTable,
     spent: SpentWindows,
+    wall_offset: AtomicI64,
     next_key: AtomicU32,
 }
 
@@ -258,6 +273,7 @@ impl Engine {
             policies: ArcSwap::from_pointee(Policies::new(&config.policies, None, &next_key)),
             sources: SourceTable::new(config.limits.max_sources),
             spent: SpentWindows::default(),
+            wall_offset: AtomicI64::new(0),
             next_key,
         }
     }
@@ -289,6 +305,24 @@ impl Engine {
         reloaded
     }
 
+    /// Sets how timestamps map to Unix time, for rotating sequences. Without
+    /// it, timestamps are taken as Unix time.
+    pub fn set_wall_clock(&self, wall: WallClock) {
+        self.wall_offset
+            .store(wall.offset_millis, Ordering::Relaxed);
+    }
+
+    fn wall_clock(&self) -> WallClock {
+        WallClock {
+            offset_millis: self.wall_offset.load(Ordering::Relaxed),
+        }
+    }
+
+    /// What a SYN to `port` is at `now`.
+    pub fn role(&self, port: u16, now: Timestamp) -> PortRole {
+        self.policies.load().role(port, now, self.wall_clock())
+    }
+
     /// Number of sources currently tracked.
     pub fn tracked_sources(&self) -> usize {
         self.sources.len()
@@ -299,7 +333,8 @@ impl Engine {
     /// source already sees it.
     pub fn decide(&self, syn: Syn, now: Timestamp, events: &mut impl EventSink) -> Decision {
         let policies = self.policies.load();
-        let role = policies.role(syn.dst_port, now);
+        let wall = self.wall_clock();
+        let role = policies.role(syn.dst_port, now, wall);
         // Only the first port of a sequence starts tracking a stranger.
         let starts = match role {
             PortRole::Knock {
@@ -311,6 +346,7 @@ impl Engine {
         let knock = Knock {
             role,
             port: syn.dst_port,
+            wall,
             spent: &self.spent,
         };
         let granted = self
@@ -463,6 +499,7 @@ impl Engine {
     /// for its source to come back.
     pub fn expire(&self, now: Timestamp, events: &mut impl EventSink) {
         let policies = self.policies.load();
+        let wall = self.wall_clock();
         self.sources.retain(|src, source| {
             for slot in source.slots_mut() {
                 let key = slot.policy;
@@ -482,7 +519,7 @@ impl Engine {
         self.spent.prune(|key, window| {
             policies.find(key).is_some_and(|(id, _)| {
                 policies
-                    .accepted(id, now, &self.spent)
+                    .accepted(id, now, wall, &self.spent)
                     .sequence(window)
                     .is_some()
             })
@@ -503,6 +540,7 @@ pub enum GrantError {
 struct Knock<'a> {
     role: PortRole,
     port: u16,
+    wall: WallClock,
     spent: &'a SpentWindows,
 }
 
@@ -512,7 +550,12 @@ fn apply(
     policies: &Policies,
     src: IpAddr,
     source: &mut SourceState,
-    Knock { role, port, spent }: Knock,
+    Knock {
+        role,
+        port,
+        wall,
+        spent,
+    }: Knock,
     now: Timestamp,
     events: &mut impl EventSink,
 ) -> bool {
@@ -534,7 +577,7 @@ fn apply(
         slot.settle(policy, now, &mut emit);
         match role {
             PortRole::Knock { policy: p, .. } if p == id => {
-                let accepted = policies.accepted(id, now, spent);
+                let accepted = policies.accepted(id, now, wall, spent);
                 slot.knock(policy, &accepted, port, now, &mut emit)
             }
             PortRole::Close { policy: p } if p == id => {

@@ -5,7 +5,7 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use super::rotation::{rotating_role, Accepted, ScheduleCache, SpentWindows};
-use super::{PolicyId, PortMap, PortRole, Timestamp};
+use super::{PolicyId, PortMap, PortRole, Timestamp, WallClock};
 
 use crate::config::{Knock, Policy};
 
@@ -61,10 +61,11 @@ impl Policies {
 
     /// What a SYN to `port` is at `now`: a port in a rotating range is a
     /// knock only while a live sequence holds it.
-    pub fn role(&self, port: u16, now: Timestamp) -> PortRole {
+    pub(super) fn role(&self, port: u16, now: Timestamp, wall: WallClock) -> PortRole {
         match self.ports.role(port) {
             PortRole::Rotating { policy } => {
-                rotating_role(&self.schedule.at(&self.list, now), policy, port)
+                let schedule = self.schedule.at(&self.list, wall.unix_millis(now));
+                rotating_role(&schedule, policy, port)
             }
             role => role,
         }
@@ -75,14 +76,15 @@ impl Policies {
         &'a self,
         id: PolicyId,
         now: Timestamp,
+        wall: WallClock,
         spent: &'a SpentWindows,
     ) -> Accepted<'a> {
         let key = self.key(id);
         match &self.list[usize::from(id)].knock {
-            Knock::Fixed(sequence) => Accepted::fixed(sequence, spent, key),
+            Knock::Fixed(sequence) => Accepted::fixed(sequence, spent, key, wall),
             Knock::Rotating(rotating) => {
-                let schedule = self.schedule.at(&self.list, now);
-                Accepted::rotating(rotating, schedule, id, spent, key)
+                let schedule = self.schedule.at(&self.list, wall.unix_millis(now));
+                Accepted::rotating(rotating, schedule, id, spent, key, wall)
             }
         }
     }

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use arc_swap::{ArcSwap, Guard};
 
-use super::{PolicyId, PolicyKey, PortRole, Timestamp};
+use super::{PolicyId, PolicyKey, PortRole, Timestamp, WallClock};
 use crate::config::{Knock, Policy};
 use crate::rotating::Rotating;
 
@@ -26,8 +26,7 @@ pub(super) struct Schedule {
 type LiveWindows = [(u64, Vec<u16>); 2];
 
 impl Schedule {
-    fn at(list: &[Policy], now: Timestamp) -> Self {
-        let now = now.as_millis();
+    fn at(list: &[Policy], now: u64) -> Self {
         let mut span = 0..u64::MAX;
         let live = list
             .iter()
@@ -68,11 +67,11 @@ impl ScheduleCache {
         }))
     }
 
-    /// The schedule at `now`. Workers that cross into a new window at once
-    /// may each build it; they build the same one.
-    pub(super) fn at(&self, list: &[Policy], now: Timestamp) -> Guard<Arc<Schedule>> {
+    /// The schedule at Unix time `now` (ms). Workers that cross into a new
+    /// window at once may each build it; they build the same one.
+    pub(super) fn at(&self, list: &[Policy], now: u64) -> Guard<Arc<Schedule>> {
         let schedule = self.0.load();
-        if schedule.span.contains(&now.as_millis()) {
+        if schedule.span.contains(&now) {
             return schedule;
         }
         let fresh = Arc::new(Schedule::at(list, now));
@@ -126,6 +125,7 @@ pub struct Accepted<'a> {
     kind: AcceptedKind<'a>,
     spent: &'a SpentWindows,
     key: PolicyKey,
+    wall: WallClock,
 }
 
 enum AcceptedKind<'a> {
@@ -138,11 +138,17 @@ enum AcceptedKind<'a> {
 }
 
 impl<'a> Accepted<'a> {
-    pub(super) fn fixed(sequence: &'a [u16], spent: &'a SpentWindows, key: PolicyKey) -> Self {
+    pub(super) fn fixed(
+        sequence: &'a [u16],
+        spent: &'a SpentWindows,
+        key: PolicyKey,
+        wall: WallClock,
+    ) -> Self {
         Accepted {
             kind: AcceptedKind::Fixed(sequence),
             spent,
             key,
+            wall,
         }
     }
 
@@ -152,6 +158,7 @@ impl<'a> Accepted<'a> {
         policy: PolicyId,
         spent: &'a SpentWindows,
         key: PolicyKey,
+        wall: WallClock,
     ) -> Self {
         Accepted {
             kind: AcceptedKind::Rotating {
@@ -161,6 +168,7 @@ impl<'a> Accepted<'a> {
             },
             spent,
             key,
+            wall,
         }
     }
 
@@ -168,7 +176,7 @@ impl<'a> Accepted<'a> {
     pub fn window_at(&self, t: Timestamp) -> u64 {
         match &self.kind {
             AcceptedKind::Fixed(_) => 0,
-            AcceptedKind::Rotating { rotating, .. } => rotating.window_at(t.as_millis()),
+            AcceptedKind::Rotating { rotating, .. } => rotating.window_at(self.wall.unix_millis(t)),
         }
     }
 

@@ -792,3 +792,26 @@ fn a_restored_spent_window_stays_spent() {
     gate.knock("10.0.0.2", &ops_sequence(1000));
     assert_eq!(gate.syn("10.0.0.2", 22), NO_GRANT);
 }
+
+#[test]
+fn rotating_windows_follow_the_wall_clock_and_deadlines_do_not() {
+    let mut gate = rotating_gate();
+    // Timestamps from a monotonic clock started at 0; Unix time is window
+    // 1000 plus 1 s.
+    gate.now = 5_000;
+    gate.engine.set_wall_clock(WallClock {
+        offset_millis: (WINDOW_1000 + 1_000 - 5_000) as i64,
+    });
+    gate.knock("10.0.0.2", &ops_sequence(1000));
+    assert_eq!(gate.syn("10.0.0.2", 22), ACCEPT);
+    // The wall clock is stepped 2 windows ahead: window 1000's ports are no
+    // knocks any more, window 1002's are.
+    gate.engine.set_wall_clock(WallClock {
+        offset_millis: (WINDOW_1000 + 2 * PERIOD_MS + 1_000 - 5_000) as i64,
+    });
+    gate.knock_ports_ignoring_verdicts("10.0.0.3", &ops_sequence(1000));
+    assert_eq!(gate.syn("10.0.0.3", 22), NO_GRANT);
+    gate.knock("10.0.0.4", &ops_sequence(1002));
+    assert_eq!(gate.syn("10.0.0.4", 22), ACCEPT);
+    assert_eq!(gate.syn("10.0.0.2", 22), ACCEPT, "the step moved no grant");
+}

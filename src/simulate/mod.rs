@@ -194,7 +194,7 @@ impl Simulation<'_> {
             .verdicts
             .entry(verdict_key(decision.reason))
             .or_default() += 1;
-        let role = self.policies.role(syn.dst_port, now);
+        let role = self.engine.role(syn.dst_port, now);
         if let PortRole::Knock { policy, .. } = role {
             let key = self.policies.key(policy);
             self.tracks.entry((key, syn.src)).or_default().knocks += 1;
