@@ -6,6 +6,7 @@ mod control;
 mod events;
 pub mod metrics;
 mod queue;
+mod receive;
 mod scrape;
 mod state;
 mod verdicts;

@@ -56,9 +56,9 @@ pub fn open_queue(num: u16, fail_open: bool) -> Result<(Queue, RawFd), BindError
 }
 
 /// The process's netlink-netfilter sockets. `nfq` 0.2 does not expose the
-/// descriptor of its socket, which the socket options above and the batch
-/// verdicts need: it is the
-/// one such socket that `Queue::open` adds. Finding it this way is only
+/// descriptor of its socket, which the socket options above, the batched
+/// receive and the batch verdicts need: it is the one such socket that
+/// `Queue::open` adds. Finding it this way is only
 /// sound while no other thread opens descriptors.
 fn netfilter_sockets() -> io::Result<HashSet<RawFd>> {
     let mut sockets = HashSet::new();

@@ -9,20 +9,18 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nfq::{Message, Queue};
+use nfq::Queue;
 use std::os::fd::RawFd;
 use tracing::{debug, warn};
 
 use super::events::EventReport;
 use super::metrics::Metrics;
+use super::receive::{QueuedPacket, Receiver, MAX_BATCH};
 use super::verdicts::VerdictBatch;
 use super::Clock;
 use crate::engine::{Decision, Engine, Event, Reason, Syn, Timestamp};
 use crate::packet;
 
-/// Packets decided per wake-up at most: bounds how long a verdict waits for
-/// the others of its batch.
-const MAX_BATCH: usize = 64;
 /// How long a receive waits before the worker checks for shutdown.
 pub const RECEIVE_TIMEOUT: Duration = Duration::from_millis(200);
 /// Unexpected receive errors in a row after which the worker gives up.
@@ -48,20 +46,25 @@ struct Decided {
 
 impl Worker {
     /// Serves `queue` (whose socket is `fd`) until shutdown. Each wake-up
-    /// takes every packet already queued (up to [`MAX_BATCH`]), decides each
-    /// in order, and sends one verdict message per run of equal verdicts.
+    /// takes every packet already queued (up to [`MAX_BATCH`] datagrams) in
+    /// one receive, decides each in order, and sends one verdict message per
+    /// run of equal verdicts.
     pub fn run(mut self, mut queue: Queue, fd: RawFd) -> io::Result<()> {
         let mut events: Vec<Event> = Vec::with_capacity(8);
         let mut decided: Vec<Decided> = Vec::with_capacity(MAX_BATCH);
+        let mut receiver = Receiver::new(fd);
         let mut verdicts = VerdictBatch::new(fd, self.num);
         let mut unusual = UnusualCounts::default();
         let mut errors_in_a_row = 0;
         while !self.shutdown.load(Ordering::Relaxed) {
             self.heartbeat
                 .store(self.clock.now().as_millis(), Ordering::Relaxed);
-            queue.set_nonblocking(false);
-            match queue.recv() {
-                Ok(message) => self.take(message, &mut verdicts, &mut decided, &mut events),
+            match receiver.receive() {
+                Ok(_) => {
+                    for packet in receiver.packets() {
+                        self.take(packet, &mut verdicts, &mut decided, &mut events);
+                    }
+                }
                 Err(e) if is_transient(&e) => {
                     self.report.summarise(Instant::now());
                     continue;
@@ -76,16 +79,6 @@ impl Worker {
                 }
             }
             errors_in_a_row = 0;
-            // Whatever else is waiting, without blocking; an error (most
-            // often "nothing left") ends the drain, and the blocking receive
-            // above deals with it next time round.
-            queue.set_nonblocking(true);
-            while decided.len() < MAX_BATCH {
-                match queue.recv() {
-                    Ok(message) => self.take(message, &mut verdicts, &mut decided, &mut events),
-                    Err(_) => break,
-                }
-            }
             if let Err(e) = verdicts.flush() {
                 warn!(queue = self.num, "sending verdicts failed: {e}");
             }
@@ -112,18 +105,18 @@ impl Worker {
     }
 
     /// Decides one packet and adds its verdict to the batch. The state change
-    /// lands before the next packet is decided; the message itself is done
-    /// with, as its verdict goes out with the batch.
+    /// lands before the next packet is decided.
     fn take(
         &self,
-        message: Message,
+        packet: QueuedPacket,
         verdicts: &mut VerdictBatch,
         decided: &mut Vec<Decided>,
         events: &mut Vec<Event>,
     ) {
         let received = Instant::now();
-        let (syn, decision) = self.decide(message.get_payload(), self.clock.at(received), events);
-        if let Err(e) = verdicts.push(message.get_packet_id(), decision.verdict()) {
+        let payload = packet.payload.unwrap_or_default();
+        let (syn, decision) = self.decide(payload, self.clock.at(received), events);
+        if let Err(e) = verdicts.push(packet.id, decision.verdict()) {
             warn!(queue = self.num, "sending verdicts failed: {e}");
         }
         decided.push(Decided {
