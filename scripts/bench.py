@@ -9,7 +9,9 @@ namespaces joined by a veth pair, against the same SYN flood from trafgen
   floor    a minimal nfq consumer that answers every packet with the reject
            mark and NF_REPEAT: the floor of any userspace gate;
   kernel   the in-kernel xt_recent recipe, no userspace hop: the limit;
-  knockq-2q  knockq with [queue] count = 2 and --queue-balance 0:1.
+  knockq-2q  knockq with [queue] count = 2 and --queue-balance 0:1;
+  baseline   with KNOCKQ_BENCH_BASELINE=PATH, another knockq build (an
+             earlier commit, say) with the same configuration as knockq.
 
 For each gate it measures the SYNs decided per second and the kernel's queue
 drops during the flood, the gate process's CPU time per decided SYN (from
@@ -30,6 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 KNOCKQ = ROOT / "target/release/knockq"
 FLOOR = ROOT / "target/release/examples/nfq_floor"
+BASELINE = os.environ.get("KNOCKQ_BENCH_BASELINE")
 RECIPE = ROOT / "tests/testdata/recent-recipe.iptables"
 CONFIG = ROOT / "examples/knockq.toml"
 GATE, CLIENT, FLOODER = "10.9.0.1", "10.9.0.2", "10.9.0.3"
@@ -127,8 +130,9 @@ class Gate:
         path = workdir / "rules.iptables"
         path.write_text(rules)
         net.run(net.gate, f"iptables-restore {path}")
-        if kind.startswith("knockq"):
-            argv = [KNOCKQ, "run", "--config", config, "--control-socket", workdir / "control.sock",
+        if kind.startswith("knockq") or kind == "baseline":
+            binary = BASELINE if kind == "baseline" else KNOCKQ
+            argv = [binary, "run", "--config", config, "--control-socket", workdir / "control.sock",
                     "--state-dir", workdir / "state"]
             self.process = net.spawn(net.gate, argv, stderr=subprocess.DEVNULL,
                                      env={**os.environ, "KNOCKQ_LOG": "warn"})
@@ -241,7 +245,7 @@ def main():
     for binary in (KNOCKQ, FLOOR):
         if not binary.exists():
             sys.exit(f"{binary} is missing: run `make bench`, which builds it")
-    gates = ["knockq", "floor", "kernel", "knockq-2q"]
+    gates = ["knockq", "floor", "kernel", "knockq-2q"] + (["baseline"] if BASELINE else [])
     results = {gate: [] for gate in gates}
     for round_number in range(ROUNDS):
         order = gates[round_number % len(gates):] + gates[:round_number % len(gates)]
@@ -273,6 +277,11 @@ def main():
     print(f"knockq / kernel: answer p99 at light load {k['light_p99_us'] / n['light_p99_us']:.2f} "
           f"(+{k['light_p99_us'] - n['light_p99_us']:.1f} µs), "
           f"SYNs decided per second {k['decided_pps'] / n['decided_pps']:.2f}")
+    if BASELINE:
+        b = table["baseline"]
+        print(f"knockq / baseline ({BASELINE}): CPU per SYN "
+              f"{k['cpu_us_per_packet'] / b['cpu_us_per_packet']:.2f}, SYNs decided per second "
+              f"{k['decided_pps'] / b['decided_pps']:.2f}")
 
 
 if __name__ == "__main__":

@@ -105,9 +105,13 @@ pub struct PolicyState {
     lag: u8,
     /// Time of the last matched knock.
     knocked_at: Timestamp,
-    /// `None`: no grant. `Some(end)`: open until `end` (possibly never).
-    grant_until: Option<Timestamp>,
+    /// When the grant ends ([`NEVER`]: at the close knock), or [`NO_GRANT`].
+    /// A sentinel rather than an `Option`: eight bytes less per source.
+    grant_until: Timestamp,
 }
+
+/// `grant_until` without a grant: no grant ends at the clock's origin.
+const NO_GRANT: Timestamp = Timestamp::from_millis(0);
 
 impl PolicyState {
     fn new(policy: PolicyKey, now: Timestamp) -> Self {
@@ -116,22 +120,33 @@ impl PolicyState {
             stage: 0,
             lag: 0,
             knocked_at: now,
-            grant_until: None,
+            grant_until: NO_GRANT,
         }
     }
 
     fn is_empty(&self) -> bool {
-        self.stage == 0 && self.grant_until.is_none()
+        self.stage == 0 && !self.is_granted()
     }
 
     /// Drops progress and grant without events: the policy is gone.
     pub fn forget(&mut self) {
         self.stage = 0;
-        self.grant_until = None;
+        self.grant_until = NO_GRANT;
+    }
+
+    fn grant_end(&self) -> Option<Timestamp> {
+        (self.grant_until != NO_GRANT).then_some(self.grant_until)
+    }
+
+    /// Sets or clears the grant; returns the one it replaces.
+    fn replace_grant(&mut self, end: Option<Timestamp>) -> Option<Timestamp> {
+        let previous = self.grant_end();
+        self.grant_until = end.map_or(NO_GRANT, |end| end.max(Timestamp::from_millis(1)));
+        previous
     }
 
     pub fn is_granted(&self) -> bool {
-        self.grant_until.is_some()
+        self.grant_until != NO_GRANT
     }
 
     fn in_progress(&self, policy: &Policy) -> bool {
@@ -146,8 +161,8 @@ impl PolicyState {
             }
             self.stage = 0;
         }
-        if self.grant_until.is_some_and(|end| now >= end) {
-            self.grant_until = None;
+        if self.grant_end().is_some_and(|end| now >= end) {
+            self.grant_until = NO_GRANT;
             emit(EventKind::Revoked(RevokeReason::Timeout));
         }
     }
@@ -212,7 +227,7 @@ impl PolicyState {
 
     /// Ends the grant, if any; true if there was one.
     pub fn revoke(&mut self, reason: RevokeReason, emit: &mut impl FnMut(EventKind)) -> bool {
-        let granted = self.grant_until.take().is_some();
+        let granted = self.replace_grant(None).is_some();
         if granted {
             emit(EventKind::Revoked(reason));
         }
@@ -221,7 +236,7 @@ impl PolicyState {
 
     /// Opens (or restarts) the grant until `end`, without knocking.
     pub fn grant(&mut self, end: Timestamp, emit: &mut impl FnMut(EventKind)) {
-        let refreshed = self.grant_until.replace(end).is_some();
+        let refreshed = self.replace_grant(Some(end)).is_some();
         emit(if refreshed {
             EventKind::Refreshed
         } else {
@@ -231,7 +246,7 @@ impl PolicyState {
 
     /// Puts back a grant saved before a restart.
     pub fn restore(&mut self, end: Timestamp, emit: &mut impl FnMut(EventKind)) {
-        if self.grant_until.replace(end).is_none() {
+        if self.replace_grant(Some(end)).is_none() {
             emit(EventKind::Restored);
         }
     }
@@ -248,7 +263,7 @@ impl PolicyState {
                     .saturating_sub(now.since(self.knocked_at)),
             });
         let grant = self
-            .grant_until
+            .grant_end()
             .filter(|&end| now < end)
             .map(|end| match end {
                 NEVER => GrantLeft::UntilClosed,
