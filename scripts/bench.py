@@ -89,6 +89,12 @@ class Net:
         sh(f"ip -n {self.client} addr add {CLIENT}/24 dev veth1 && ip -n {self.client} addr add {FLOODER}/24 dev veth1")
         sh(f"ip -n {self.client} link set veth1 up && ip -n {self.gate} route add default via {CLIENT}")
         self.children = [self.spawn(self.gate, ["python3", "-c", LISTENER])]
+        # The kernel gate starts probing at once: the service must be up.
+        deadline = time.time() + 10
+        while f"{GATE}:22 " not in self.run(self.gate, "ss -ltnH").stdout:
+            if time.time() > deadline:
+                raise RuntimeError("the listener did not start")
+            time.sleep(0.05)
 
     def spawn(self, ns, argv, **kwargs):
         return subprocess.Popen(["ip", "netns", "exec", ns, *map(str, argv)], **kwargs)
