@@ -164,7 +164,7 @@ fn carry_out(
                 .as_deref()
                 .map(|name| policy_key(engine, name))
                 .transpose()?;
-            match engine.revoke(source, key, now, events) {
+            match engine.revoke(source, key, events) {
                 0 => Err(format!(
                     "{source} holds no grant{}",
                     match &policy {

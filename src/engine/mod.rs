@@ -351,7 +351,7 @@ impl Engine {
         };
         let granted = self
             .sources
-            .update(syn.src, starts.is_some(), now, events, |source, events| {
+            .update(syn.src, starts.is_some(), events, |source, events| {
                 if let Some(key) = starts {
                     source.slot_or_insert(key, now);
                 }
@@ -383,7 +383,7 @@ impl Engine {
         let policy = policies.get(key).ok_or(GrantError::NoSuchPolicy)?;
         let end = source::grant_end(duration.or(policy.grant_timeout), now);
         self.sources
-            .update(src, true, now, events, |source, events| {
+            .update(src, true, events, |source, events| {
                 let slot = source.slot_or_insert(key, now);
                 slot.grant(end, &mut |kind| {
                     events.event(Event {
@@ -414,7 +414,7 @@ impl Engine {
             GrantLeft::UntilClosed => source::NEVER,
         };
         self.sources
-            .update(src, true, now, events, |source, events| {
+            .update(src, true, events, |source, events| {
                 let slot = source.slot_or_insert(key, now);
                 slot.restore(end, &mut |kind| {
                     events.event(Event {
@@ -433,11 +433,10 @@ impl Engine {
         &self,
         src: IpAddr,
         policy: Option<PolicyKey>,
-        now: Timestamp,
         events: &mut impl EventSink,
     ) -> usize {
         self.sources
-            .update(src, false, now, events, |source, events| {
+            .update(src, false, events, |source, events| {
                 let mut revoked = 0;
                 for slot in source
                     .slots_mut()

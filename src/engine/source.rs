@@ -39,21 +39,21 @@ pub enum GrantLeft {
 }
 
 /// Everything known about one source address.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct SourceState {
-    /// When the source started being tracked; identifies this incarnation of
-    /// the entry in the eviction order.
-    pub tracked_since: Timestamp,
     /// Nearly every source knocks under one policy: keep that one inline.
     slots: SmallVec<[PolicyState; 1]>,
 }
 
 impl SourceState {
-    pub fn new(now: Timestamp) -> Self {
-        SourceState {
-            tracked_since: now,
-            slots: SmallVec::new(),
-        }
+    /// When the source last knocked a port it was waiting for, or started
+    /// being tracked: a full table evicts the sources with the oldest.
+    pub fn last_knock(&self) -> Timestamp {
+        self.slots
+            .iter()
+            .map(|slot| slot.knocked_at)
+            .max()
+            .unwrap_or_default()
     }
 
     pub fn slots_mut(&mut self) -> impl Iterator<Item = &mut PolicyState> {

@@ -1,18 +1,24 @@
 //! The bounded table of tracked sources.
 //!
 //! A source enters the table with its first knock and leaves when it has no
-//! progress and no grant left. At the cap, the oldest source without a grant
-//! is evicted; grants are never evicted to make room for strangers.
+//! progress and no grant left. At the cap, a source without a grant is
+//! evicted: the one that knocked least recently among a few sampled at a
+//! random place in one shard. Sampling needs no per-source bookkeeping (an
+//! exact oldest-first order would cost a queue entry per source) and finds
+//! an old source, since the sample is random and the table turns over.
+//! Grants are never evicted to make room for strangers.
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use crossbeam::queue::SegQueue;
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 
 use super::source::SourceState;
 use super::{Event, EventKind, EventSink, Timestamp};
+
+/// Sources without a grant compared per eviction.
+const EVICTION_SAMPLE: usize = 8;
 
 pub struct SourceTable {
     /// aHash with a random key: several times cheaper than the default
@@ -22,9 +28,8 @@ pub struct SourceTable {
     /// `max`. Kept apart because `DashMap::len` locks every shard.
     len: AtomicUsize,
     max: usize,
-    /// Sources in the order they started being tracked. Entries whose source
-    /// left the table (or came back later) are stale and skipped.
-    order: SegQueue<(IpAddr, Timestamp)>,
+    /// The shard the next eviction starts at, round robin.
+    next_shard: AtomicUsize,
 }
 
 impl SourceTable {
@@ -33,7 +38,7 @@ impl SourceTable {
             map: DashMap::with_hasher(ahash::RandomState::new()),
             len: AtomicUsize::new(0),
             max,
-            order: SegQueue::new(),
+            next_shard: AtomicUsize::new(0),
         }
     }
 
@@ -48,12 +53,11 @@ impl SourceTable {
         &self,
         src: IpAddr,
         create: bool,
-        now: Timestamp,
         events: &mut S,
         f: impl FnOnce(&mut SourceState, &mut S) -> R,
     ) -> Option<R> {
-        // Eviction locks other shards, so room is made before this source's
-        // shard is locked below.
+        // Eviction locks a shard, so room is made before this source's shard
+        // is locked below.
         let reserved = create && !self.map.contains_key(&src) && self.reserve(events);
         let mut entry = match self.map.entry(src) {
             Entry::Occupied(entry) => {
@@ -62,27 +66,30 @@ impl SourceTable {
                 }
                 entry.into_ref()
             }
-            Entry::Vacant(entry) if reserved => {
-                self.order.push((src, now));
-                entry.insert(SourceState::new(now))
-            }
+            Entry::Vacant(entry) if reserved => entry.insert(SourceState::default()),
             Entry::Vacant(_) => return None,
         };
         let result = f(&mut entry, events);
         if entry.is_empty() {
             drop(entry);
-            self.remove_if(&src, SourceState::is_empty);
+            if self
+                .map
+                .remove_if(&src, |_, state| state.is_empty())
+                .is_some()
+            {
+                self.len.fetch_sub(1, Ordering::Relaxed);
+            }
         }
         Some(result)
     }
 
-    /// Takes one place in the table, evicting the oldest source without a
-    /// grant when the table is full. False if every tracked source holds a grant.
+    /// Takes one place in the table, evicting a source without a grant when
+    /// the table is full. False if every tracked source holds a grant.
     fn reserve(&self, events: &mut impl EventSink) -> bool {
         loop {
             let len = self.len.load(Ordering::Relaxed);
             if len >= self.max {
-                if !self.evict_oldest(events) {
+                if !self.evict_one(events) {
                     return false;
                 }
                 continue;
@@ -97,28 +104,64 @@ impl SourceTable {
         }
     }
 
-    fn evict_oldest(&self, events: &mut impl EventSink) -> bool {
-        while let Some((src, since)) = self.order.pop() {
-            let evictable =
-                |state: &SourceState| state.tracked_since == since && !state.holds_grant();
-            if let Some(state) = self.remove_if(&src, evictable) {
-                for policy in state.policies() {
-                    events.event(Event {
-                        src,
-                        policy,
-                        kind: EventKind::Evicted,
-                    });
+    /// Evicts the source that knocked least recently of up to
+    /// [`EVICTION_SAMPLE`] without a grant, read from a random place on:
+    /// in a large table all from one shard (the next in turn), in a small one
+    /// from every shard, so there the oldest is exact. False if every tracked
+    /// source holds a grant.
+    fn evict_one(&self, events: &mut impl EventSink) -> bool {
+        let shards = self.map.shards();
+        let first = self.next_shard.fetch_add(1, Ordering::Relaxed);
+        let mut oldest: Option<(IpAddr, Timestamp)> = None;
+        let mut sampled = 0;
+        for i in 0..shards.len() {
+            let shard = shards[(first + i) % shards.len()].read();
+            let buckets = shard.buckets();
+            let start = fastrand::usize(..buckets);
+            for index in (0..buckets).map(|step| (start + step) % buckets) {
+                // SAFETY: the shard's read lock is held while its buckets are
+                // read, and every index is below `buckets()`.
+                let (src, state) = unsafe {
+                    if !shard.is_bucket_full(index) {
+                        continue;
+                    }
+                    shard.bucket(index).as_ref()
+                };
+                let state = state.get();
+                if state.holds_grant() {
+                    continue;
                 }
-                return true;
+                let knocked = state.last_knock();
+                if oldest.is_none_or(|(_, oldest)| knocked < oldest) {
+                    oldest = Some((*src, knocked));
+                }
+                sampled += 1;
+                if sampled == EVICTION_SAMPLE {
+                    break;
+                }
+            }
+            if sampled == EVICTION_SAMPLE {
+                break;
             }
         }
-        false
-    }
-
-    fn remove_if(&self, src: &IpAddr, f: impl FnOnce(&SourceState) -> bool) -> Option<SourceState> {
-        let (_, state) = self.map.remove_if(src, |_, state| f(state))?;
-        self.len.fetch_sub(1, Ordering::Relaxed);
-        Some(state)
+        let Some((src, knocked)) = oldest else {
+            return false;
+        };
+        // Unless it changed since it was sampled; then the caller tries again.
+        let evicted = self.map.remove_if(&src, |_, state| {
+            !state.holds_grant() && state.last_knock() == knocked
+        });
+        if let Some((src, state)) = evicted {
+            self.len.fetch_sub(1, Ordering::Relaxed);
+            for policy in state.policies() {
+                events.event(Event {
+                    src,
+                    policy,
+                    kind: EventKind::Evicted,
+                });
+            }
+        }
+        true
     }
 
     /// Runs `f` on every source, read-only.
@@ -128,8 +171,7 @@ impl SourceTable {
         }
     }
 
-    /// Runs `f` on every source, forgets those it leaves empty, and drops
-    /// stale entries from the eviction order once they outnumber live ones.
+    /// Runs `f` on every source and forgets those it leaves empty.
     pub fn retain(&self, mut f: impl FnMut(IpAddr, &mut SourceState)) {
         let mut removed = 0;
         self.map.retain(|src, state| {
@@ -138,21 +180,5 @@ impl SourceTable {
             !state.is_empty()
         });
         self.len.fetch_sub(removed, Ordering::Relaxed);
-
-        let live = self.len();
-        if self.order.len() > 2 * live + 1024 {
-            for _ in 0..self.order.len() {
-                let Some((src, since)) = self.order.pop() else {
-                    break;
-                };
-                let current = self
-                    .map
-                    .get(&src)
-                    .is_some_and(|state| state.tracked_since == since);
-                if current {
-                    self.order.push((src, since));
-                }
-            }
-        }
     }
 }
