@@ -19,6 +19,12 @@ use super::{Event, EventKind, EventSink, Timestamp};
 
 /// Sources without a grant compared per eviction.
 const EVICTION_SAMPLE: usize = 8;
+/// Evicted from a full sample: the least recent knockers of it. Reading the
+/// sample is most of an eviction's cost, so each one makes room for two.
+const EVICTED_PER_SAMPLE: usize = 2;
+/// Tracked sources looked at per eviction at most: a table nearly full of
+/// grants refuses a stranger rather than search it all.
+const EVICTION_LOOKS: usize = 64 * EVICTION_SAMPLE;
 
 pub struct SourceTable {
     /// aHash with a random key: several times cheaper than the default
@@ -104,16 +110,17 @@ impl SourceTable {
         }
     }
 
-    /// Evicts the source that knocked least recently of up to
-    /// [`EVICTION_SAMPLE`] without a grant, read from a random place on:
-    /// in a large table all from one shard (the next in turn), in a small one
-    /// from every shard, so there the oldest is exact. False if every tracked
-    /// source holds a grant.
+    /// Evicts the sources that knocked least recently of up to
+    /// [`EVICTION_SAMPLE`] without a grant, read from a random place on: in a
+    /// large table all from one shard (the next in turn), in a small one from
+    /// every shard. A full sample gives up [`EVICTED_PER_SAMPLE`] sources; a
+    /// smaller one (a small table: all of it) its oldest only. False if none
+    /// of the sources looked at is without a grant.
     fn evict_one(&self, events: &mut impl EventSink) -> bool {
         let shards = self.map.shards();
         let first = self.next_shard.fetch_add(1, Ordering::Relaxed);
-        let mut oldest: Option<(IpAddr, Timestamp)> = None;
-        let mut sampled = 0;
+        let mut sample = [(IpAddr::from([0, 0, 0, 0]), Timestamp::default()); EVICTION_SAMPLE];
+        let (mut sampled, mut looked) = (0, 0);
         for i in 0..shards.len() {
             let shard = shards[(first + i) % shards.len()].read();
             let buckets = shard.buckets();
@@ -128,37 +135,48 @@ impl SourceTable {
                     shard.bucket(index).as_ref()
                 };
                 let state = state.get();
+                looked += 1;
+                if looked > EVICTION_LOOKS {
+                    break;
+                }
                 if state.holds_grant() {
                     continue;
                 }
-                let knocked = state.last_knock();
-                if oldest.is_none_or(|(_, oldest)| knocked < oldest) {
-                    oldest = Some((*src, knocked));
-                }
+                sample[sampled] = (*src, state.last_knock());
                 sampled += 1;
                 if sampled == EVICTION_SAMPLE {
                     break;
                 }
             }
-            if sampled == EVICTION_SAMPLE {
+            if sampled == EVICTION_SAMPLE || looked > EVICTION_LOOKS {
                 break;
             }
         }
-        let Some((src, knocked)) = oldest else {
+        if sampled == 0 {
             return false;
+        }
+        let sample = &mut sample[..sampled];
+        sample.sort_unstable_by_key(|&(_, knocked)| knocked);
+        let evict = if sampled == EVICTION_SAMPLE {
+            EVICTED_PER_SAMPLE
+        } else {
+            1
         };
-        // Unless it changed since it was sampled; then the caller tries again.
-        let evicted = self.map.remove_if(&src, |_, state| {
-            !state.holds_grant() && state.last_knock() == knocked
-        });
-        if let Some((src, state)) = evicted {
-            self.len.fetch_sub(1, Ordering::Relaxed);
-            for policy in state.policies() {
-                events.event(Event {
-                    src,
-                    policy,
-                    kind: EventKind::Evicted,
-                });
+        for &(src, knocked) in &sample[..evict] {
+            // Unless it changed since it was sampled; the caller checks for
+            // room again anyway.
+            let evicted = self.map.remove_if(&src, |_, state| {
+                !state.holds_grant() && state.last_knock() == knocked
+            });
+            if let Some((src, state)) = evicted {
+                self.len.fetch_sub(1, Ordering::Relaxed);
+                for policy in state.policies() {
+                    events.event(Event {
+                        src,
+                        policy,
+                        kind: EventKind::Evicted,
+                    });
+                }
             }
         }
         true

@@ -410,7 +410,8 @@ fn the_cap_holds_under_a_stream_of_strangers() {
             gate.expire();
         }
     }
-    assert_eq!(gate.engine.tracked_sources(), 100);
+    // Each eviction of a full sample makes room for two.
+    assert!((98..=100).contains(&gate.engine.tracked_sources()));
     gate.knock("10.0.39.15", &[2222]);
     assert_eq!(
         gate.syn("10.0.39.15", 22),
