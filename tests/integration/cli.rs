@@ -241,6 +241,13 @@ fn keygen_writes_a_private_secret_once() {
     );
 }
 
+/// A client command refused with exit status 2 and this one line.
+fn refused(args: &[&str], expected: impl AsRef<str>) {
+    let (code, stderr) = client(args);
+    assert_eq!(code, Some(2), "{args:?}: {stderr}");
+    assert_eq!(stderr, expected.as_ref(), "{args:?}");
+}
+
 #[test]
 fn bad_client_input_is_one_line_and_exit_2() {
     use std::os::unix::fs::PermissionsExt;
@@ -255,30 +262,24 @@ fn bad_client_input_is_one_line_and_exit_2() {
         "client.toml",
         "[profile.lab]\nhost = \"10.9.0.1\"\nsequence = [1111, 2222]\n",
     );
-    let (code, stderr) = client(&["knock", "--profile", "prod", "--client-config", &good]);
-    assert_eq!(code, Some(2));
-    assert_eq!(
-        stderr,
-        format!("knockq: {good}: no profile \"prod\" (it has: lab)\n")
+    refused(
+        &["knock", "--profile", "prod", "--client-config", &good],
+        format!("knockq: {good}: no profile \"prod\" (it has: lab)\n"),
     );
 
     let malformed = file(
         "malformed.toml",
         "[profile.lab]\nhost = \"10.9.0.1\"\nsequence = [1111, 0]\n",
     );
-    let (code, stderr) = client(&["knock", "--profile", "lab", "--client-config", &malformed]);
-    assert_eq!(code, Some(2));
-    assert_eq!(
-        stderr,
-        format!("knockq: {malformed}:3: profile.lab.sequence[1]: port 0 is outside 1..65535\n")
+    refused(
+        &["knock", "--profile", "lab", "--client-config", &malformed],
+        format!("knockq: {malformed}:3: profile.lab.sequence[1]: port 0 is outside 1..65535\n"),
     );
 
     let missing = format!("{d}/none.toml");
-    let (code, stderr) = client(&["connect", "--profile", "lab", "--client-config", &missing]);
-    assert_eq!(code, Some(2));
-    assert_eq!(
-        stderr,
-        format!("knockq: {missing}: cannot read: No such file or directory (os error 2)\n")
+    refused(
+        &["connect", "--profile", "lab", "--client-config", &missing],
+        format!("knockq: {missing}: cannot read: No such file or directory (os error 2)\n"),
     );
 
     let rotating = |secret: &str| {
@@ -291,28 +292,25 @@ fn bad_client_input_is_one_line_and_exit_2() {
     std::fs::write(&key, [b'k'; 40]).unwrap();
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
     let too_open = file("too-open.toml", &rotating("ops.key"));
-    let (code, stderr) = client(&["knock", "--profile", "ops", "--client-config", &too_open]);
-    assert_eq!(code, Some(2));
-    assert_eq!(
-        stderr,
+    refused(
+        &["knock", "--profile", "ops", "--client-config", &too_open],
         format!(
             "knockq: {too_open}:4: profile.ops.rotating.secret_file: secret file {key} can be \
              read or written by group or others (mode 0644): run chmod 600 on it\n"
-        )
+        ),
     );
 
     let unreadable = file("unreadable.toml", &rotating("/nonexistent/ops.key"));
-    let (code, stderr) = client(&["knock", "--profile", "ops", "--client-config", &unreadable]);
-    assert_eq!(code, Some(2));
-    assert_eq!(
-        stderr,
+    refused(
+        &["knock", "--profile", "ops", "--client-config", &unreadable],
         format!(
             "knockq: {unreadable}:4: profile.ops.rotating.secret_file: secret file \
              /nonexistent/ops.key: No such file or directory (os error 2)\n"
-        )
+        ),
     );
 
-    let (code, stderr) = client(&["knock", "10.9.0.1"]);
-    assert_eq!(code, Some(2));
-    assert_eq!(stderr, "knockq: give the ports to knock, or a --profile\n");
+    refused(
+        &["knock", "10.9.0.1"],
+        "knockq: give the ports to knock, or a --profile\n",
+    );
 }
