@@ -20,12 +20,14 @@ pub struct Pick {
 /// one, the previous one, or else the next one, after a wait.
 pub fn pick(rotating: &Rotating, used: &[u64], unix_millis: u64) -> Pick {
     let current = rotating.window_at(unix_millis);
-    let now = Duration::ZERO;
     match [current, current.saturating_sub(1)]
         .into_iter()
         .find(|w| !used.contains(w))
     {
-        Some(window) => Pick { window, wait: now },
+        Some(window) => Pick {
+            window,
+            wait: Duration::ZERO,
+        },
         None => {
             let next = current + 1;
             let starts = next * rotating.period_millis();

@@ -177,7 +177,9 @@ impl PolicyState {
         emit: &mut impl FnMut(EventKind),
     ) {
         if self.stage > 0 {
-            let window = accepted.window_at(self.knocked_at) - u64::from(self.lag);
+            let window = accepted
+                .window_at(self.knocked_at)
+                .saturating_sub(u64::from(self.lag));
             if let Some(sequence) = accepted.sequence(window) {
                 let stage = usize::from(self.stage);
                 if sequence.get(stage) == Some(&port) {
