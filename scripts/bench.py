@@ -18,6 +18,7 @@ drops during the flood, the gate process's CPU time per decided SYN (from
 /proc/PID/stat), and the time from connect() to its answer for a granted
 source, at light load and during the flood. Rounds alternate the gates; the
 table reports medians over rounds, and ratios within this one run.
+KNOCKQ_BENCH_RATE=N limits the flood to N SYNs per second.
 """
 
 import os
@@ -33,6 +34,8 @@ ROOT = Path(__file__).resolve().parent.parent
 KNOCKQ = ROOT / "target/release/knockq"
 FLOOR = ROOT / "target/release/examples/nfq_floor"
 BASELINE = os.environ.get("KNOCKQ_BENCH_BASELINE")
+# SYNs per second of the flood; unset: as fast as trafgen goes on one core.
+RATE = os.environ.get("KNOCKQ_BENCH_RATE")
 RECIPE = ROOT / "tests/testdata/recent-recipe.iptables"
 CONFIG = ROOT / "examples/knockq.toml"
 GATE, CLIENT, FLOODER = "10.9.0.1", "10.9.0.2", "10.9.0.3"
@@ -205,7 +208,8 @@ def measure(kind, round_number):
             "  tcp(sp=drnd(), dp=1111, seq=drnd(), syn, window=64240),\n}\n"
             % (net.mac(net.gate, "veth0"), net.mac(net.client, "veth1"), GATE))
         decided_before, drops_before, cpu_before = gate.decided(), net.queue_table(), gate.cpu_seconds()
-        flood = net.spawn(net.client, ["trafgen", "--cpus", "1", "-q", "-o", "veth1", "-i", config],
+        rate = ["--rate", f"{RATE}pps"] if RATE else []
+        flood = net.spawn(net.client, ["trafgen", "--cpus", "1", "-q", "-o", "veth1", "-i", config, *rate],
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         started = time.time()
         time.sleep(1)
@@ -263,7 +267,8 @@ def main():
     table = {gate: {key: median(results[gate], key) for key in keys} for gate in gates}
     cpu = Path("/proc/cpuinfo").read_text().split("model name")[1].split("\n")[0].strip(" :\t")
     print(f"Machine: {os.cpu_count()} CPUs, {cpu}; kernel {os.uname().release}")
-    print(f"Flood: trafgen on one core, random sources to port 1111, {FLOOD_SECONDS} s; "
+    speed = f"at {RATE} SYNs/s" if RATE else "as fast as it goes"
+    print(f"Flood: trafgen on one core, {speed}, random sources to port 1111, {FLOOD_SECONDS} s; "
           f"{PROBES} connects per latency measurement; medians of {ROUNDS} rounds.\n")
     print("| gate | SYNs decided/s | kernel queue drops | CPU µs per SYN | answer p50 light (µs) "
           "| p99 light (µs) | p50 under flood (µs) | p99 under flood (µs) | unanswered in 3 s under flood |")
