@@ -32,45 +32,50 @@ pub struct QueuedPacket<'a> {
 
 pub struct Receiver {
     fd: RawFd,
+    /// Where the datagrams land; boxed, so the pointers below stay valid.
     buffers: Box<[[u8; DATAGRAM_BYTES]]>,
-    iovecs: Vec<libc::iovec>,
-    headers: Vec<libc::mmsghdr>,
-    /// Datagrams filled by the last call, and their lengths.
-    lengths: Vec<usize>,
+    _iovecs: Box<[libc::iovec]>,
+    /// One per buffer, set up once: each call only updates their lengths.
+    headers: Box<[libc::mmsghdr]>,
+    /// Datagrams filled by the last call.
+    received: usize,
 }
 
 impl Receiver {
     pub fn new(fd: RawFd) -> Self {
+        let mut buffers = vec![[0; DATAGRAM_BYTES]; MAX_BATCH].into_boxed_slice();
+        let mut iovecs: Box<[libc::iovec]> = buffers
+            .iter_mut()
+            .map(|buffer| libc::iovec {
+                iov_base: buffer.as_mut_ptr().cast(),
+                iov_len: DATAGRAM_BYTES,
+            })
+            .collect();
+        let headers = iovecs
+            .iter_mut()
+            .map(|iovec| {
+                // SAFETY: an all-zero mmsghdr is valid (null name, no control).
+                let mut header: libc::mmsghdr = unsafe { std::mem::zeroed() };
+                header.msg_hdr.msg_iov = iovec;
+                header.msg_hdr.msg_iovlen = 1;
+                header
+            })
+            .collect();
         Receiver {
             fd,
-            buffers: vec![[0; DATAGRAM_BYTES]; MAX_BATCH].into_boxed_slice(),
-            iovecs: Vec::with_capacity(MAX_BATCH),
-            headers: Vec::with_capacity(MAX_BATCH),
-            lengths: Vec::with_capacity(MAX_BATCH),
+            buffers,
+            _iovecs: iovecs,
+            headers,
+            received: 0,
         }
     }
 
     /// Waits for at least one datagram (up to the socket's receive timeout)
     /// and takes every other one already waiting; returns how many.
     pub fn receive(&mut self) -> io::Result<usize> {
-        self.iovecs.clear();
-        self.headers.clear();
-        self.lengths.clear();
-        for buffer in self.buffers.iter_mut() {
-            self.iovecs.push(libc::iovec {
-                iov_base: buffer.as_mut_ptr().cast(),
-                iov_len: DATAGRAM_BYTES,
-            });
-        }
-        for iovec in self.iovecs.iter_mut() {
-            // SAFETY: an all-zero mmsghdr is valid (null name, no control).
-            let mut header: libc::mmsghdr = unsafe { std::mem::zeroed() };
-            header.msg_hdr.msg_iov = iovec;
-            header.msg_hdr.msg_iovlen = 1;
-            self.headers.push(header);
-        }
+        self.received = 0;
         // SAFETY: every header points to one live iovec, which points to a
-        // live buffer of the length it gives; none moves during the call.
+        // live buffer of the length it gives; both are boxed and owned here.
         let received = unsafe {
             libc::recvmmsg(
                 self.fd,
@@ -83,18 +88,18 @@ impl Receiver {
         if received < 0 {
             return Err(io::Error::last_os_error());
         }
-        let received = received as usize;
-        self.lengths
-            .extend(self.headers[..received].iter().map(|h| h.msg_len as usize));
-        Ok(received)
+        self.received = received as usize;
+        Ok(self.received)
     }
 
     /// The packets of the datagrams the last call received, in order.
     pub fn packets(&self) -> impl Iterator<Item = QueuedPacket<'_>> {
-        self.lengths
+        self.headers[..self.received]
             .iter()
             .zip(self.buffers.iter())
-            .flat_map(|(&len, buffer)| packets(&buffer[..len.min(DATAGRAM_BYTES)]))
+            .flat_map(|(header, buffer)| {
+                packets(&buffer[..(header.msg_len as usize).min(DATAGRAM_BYTES)])
+            })
     }
 }
 

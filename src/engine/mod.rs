@@ -343,7 +343,7 @@ impl Engine {
             } => Some(policies.key(policy)),
             _ => None,
         };
-        let knock = Knock {
+        let syn_context = SynContext {
             role,
             port: syn.dst_port,
             wall,
@@ -355,7 +355,7 @@ impl Engine {
                 if let Some(key) = starts {
                     source.slot_or_insert(key, now);
                 }
-                apply(&policies, syn.src, source, knock, now, events)
+                apply(&policies, syn.src, source, syn_context, now, events)
             })
             .unwrap_or(false);
         match role {
@@ -536,7 +536,7 @@ pub enum GrantError {
 
 /// One SYN as `apply` needs it.
 #[derive(Clone, Copy)]
-struct Knock<'a> {
+struct SynContext<'a> {
     role: PortRole,
     port: u16,
     wall: WallClock,
@@ -549,12 +549,12 @@ fn apply(
     policies: &Policies,
     src: IpAddr,
     source: &mut SourceState,
-    Knock {
+    SynContext {
         role,
         port,
         wall,
         spent,
-    }: Knock,
+    }: SynContext,
     now: Timestamp,
     events: &mut impl EventSink,
 ) -> bool {

@@ -121,7 +121,7 @@ impl SourceTable {
         let first = self.next_shard.fetch_add(1, Ordering::Relaxed);
         let mut sample = [(IpAddr::from([0, 0, 0, 0]), Timestamp::default()); EVICTION_SAMPLE];
         let (mut sampled, mut looked) = (0, 0);
-        for i in 0..shards.len() {
+        'sampling: for i in 0..shards.len() {
             let shard = shards[(first + i) % shards.len()].read();
             let buckets = shard.buckets();
             let start = fastrand::usize(..buckets);
@@ -137,7 +137,7 @@ impl SourceTable {
                 let state = state.get();
                 looked += 1;
                 if looked > EVICTION_LOOKS {
-                    break;
+                    break 'sampling;
                 }
                 if state.holds_grant() {
                     continue;
@@ -145,11 +145,8 @@ impl SourceTable {
                 sample[sampled] = (*src, state.last_knock());
                 sampled += 1;
                 if sampled == EVICTION_SAMPLE {
-                    break;
+                    break 'sampling;
                 }
-            }
-            if sampled == EVICTION_SAMPLE || looked > EVICTION_LOOKS {
-                break;
             }
         }
         if sampled == 0 {
