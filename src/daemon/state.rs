@@ -87,7 +87,7 @@ impl StateStore {
     pub fn save(&self, engine: &Engine, now: Timestamp) -> Result<usize, StateError> {
         let policies = engine.policies();
         let grants: Vec<SavedGrant> = engine
-            .status(now)
+            .grants(now)
             .into_iter()
             .filter_map(|s| {
                 let left = s.status.grant?;

@@ -15,10 +15,10 @@ use tracing::{debug, warn};
 
 use super::events::EventReport;
 use super::metrics::Metrics;
-use super::receive::{QueuedPacket, Receiver, MAX_BATCH};
+use super::receive::{Receiver, MAX_BATCH};
 use super::verdicts::VerdictBatch;
 use super::Clock;
-use crate::engine::{Decision, Engine, Event, Reason, Syn, Timestamp};
+use crate::engine::{Decision, Engine, Event, Reason, Syn};
 use crate::packet;
 
 /// How long a receive waits before the worker checks for shutdown.
@@ -37,6 +37,13 @@ pub struct Worker {
     pub heartbeat: Arc<AtomicU64>,
 }
 
+/// A packet received in this wake-up: its queue id and what parsing found.
+struct Parsed {
+    id: u32,
+    /// `None` if parsing failed with a panic.
+    syn: Option<Option<Syn>>,
+}
+
 /// A packet decided in this wake-up, counted once its verdict is out.
 struct Decided {
     received: Instant,
@@ -51,6 +58,7 @@ impl Worker {
     /// run of equal verdicts.
     pub fn run(mut self, mut queue: Queue, fd: RawFd) -> io::Result<()> {
         let mut events: Vec<Event> = Vec::with_capacity(8);
+        let mut parsed: Vec<Parsed> = Vec::with_capacity(MAX_BATCH);
         let mut decided: Vec<Decided> = Vec::with_capacity(MAX_BATCH);
         let mut receiver = Receiver::new(fd);
         let mut verdicts = VerdictBatch::new(fd, self.num);
@@ -61,7 +69,17 @@ impl Worker {
                 .store(self.clock.now().as_millis(), Ordering::Relaxed);
             match receiver.receive() {
                 Ok(_) => {
-                    for packet in receiver.packets() {
+                    // Parse the whole batch first, starting to load each
+                    // source's state: the loads from memory overlap instead
+                    // of following one another.
+                    parsed.extend(receiver.packets().map(|packet| {
+                        let syn = guarded(|| packet::parse_syn(packet.payload.unwrap_or_default()));
+                        if let Some(Some(syn)) = syn {
+                            self.engine.prefetch(syn.src);
+                        }
+                        Parsed { id: packet.id, syn }
+                    }));
+                    for packet in parsed.drain(..) {
                         self.take(packet, &mut verdicts, &mut decided, &mut events);
                     }
                 }
@@ -108,14 +126,15 @@ impl Worker {
     /// lands before the next packet is decided.
     fn take(
         &self,
-        packet: QueuedPacket,
+        packet: Parsed,
         verdicts: &mut VerdictBatch,
         decided: &mut Vec<Decided>,
         events: &mut Vec<Event>,
     ) {
         let received = Instant::now();
-        let payload = packet.payload.unwrap_or_default();
-        let (syn, decision) = self.decide(payload, self.clock.at(received), events);
+        let now = self.clock.at(received);
+        let decision = decide(packet.syn, |syn| self.engine.decide(syn, now, events));
+        let syn = packet.syn.flatten();
         if let Err(e) = verdicts.push(packet.id, decision.verdict()) {
             warn!(queue = self.num, "sending verdicts failed: {e}");
         }
@@ -125,31 +144,22 @@ impl Worker {
             decision,
         });
     }
+}
 
-    /// Parses and decides one packet.
-    fn decide(
-        &self,
-        payload: &[u8],
-        now: Timestamp,
-        events: &mut Vec<Event>,
-    ) -> (Option<Syn>, Decision) {
-        guarded(|| {
-            let syn = packet::parse_syn(payload);
-            let decision = match syn {
-                Some(syn) => self.engine.decide(syn, now, events),
-                None => Decision::reject(Reason::Unparsable),
-            };
-            (syn, decision)
-        })
+/// The decision for a parsed packet: the engine's for a SYN, else reject.
+fn decide(parsed: Option<Option<Syn>>, engine: impl FnOnce(Syn) -> Decision) -> Decision {
+    match parsed {
+        Some(Some(syn)) => guarded(|| engine(syn)).unwrap_or(Decision::reject(Reason::Failed)),
+        Some(None) => Decision::reject(Reason::Unparsable),
+        None => Decision::reject(Reason::Failed),
     }
 }
 
-/// Runs `decide`, turning a panic into the reject verdict. A bug must cost
-/// one packet its accept, never the worker: a dead worker leaves its queue to
-/// fill up.
-fn guarded(decide: impl FnOnce() -> (Option<Syn>, Decision)) -> (Option<Syn>, Decision) {
-    panic::catch_unwind(AssertUnwindSafe(decide))
-        .unwrap_or((None, Decision::reject(Reason::Failed)))
+/// Runs `f`, turning a panic into `None`. A bug must cost one packet its
+/// accept (the caller rejects it), never the worker: a dead worker leaves
+/// its queue to fill up.
+fn guarded<T>(f: impl FnOnce() -> T) -> Option<T> {
+    panic::catch_unwind(AssertUnwindSafe(f)).ok()
 }
 
 /// Errors that say nothing about the socket's health: the receive timeout,
@@ -199,12 +209,29 @@ mod tests {
 
     #[test]
     fn a_panic_while_deciding_rejects_the_packet() {
-        let (syn, decision) = guarded(|| panic!("a bug in the engine"));
-        assert_eq!(syn, None);
+        let syn = Syn {
+            src: "10.0.0.1".parse().unwrap(),
+            dst_port: 22,
+        };
+        let decision = decide(Some(Some(syn)), |_| panic!("a bug in the engine"));
         assert_eq!(decision, Decision::reject(Reason::Failed));
         assert_eq!(decision.verdict(), crate::engine::Verdict::Reject);
         // The next packet is decided normally.
-        let (_, next) = guarded(|| (None, Decision::ACCEPT));
-        assert_eq!(next, Decision::ACCEPT);
+        assert_eq!(
+            decide(Some(Some(syn)), |_| Decision::ACCEPT),
+            Decision::ACCEPT
+        );
+    }
+
+    #[test]
+    fn a_panic_while_parsing_rejects_the_packet() {
+        let parsed = guarded(|| -> Option<Syn> { panic!("a bug in the parser") });
+        assert_eq!(parsed, None);
+        let decision = decide(parsed, |_| Decision::ACCEPT);
+        assert_eq!(decision, Decision::reject(Reason::Failed));
+        assert_eq!(
+            decide(Some(None), |_| Decision::ACCEPT),
+            Decision::reject(Reason::Unparsable)
+        );
     }
 }

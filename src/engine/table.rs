@@ -1,55 +1,88 @@
 //! The bounded table of tracked sources.
 //!
 //! A source enters the table with its first knock and leaves when it has no
-//! progress and no grant left. At the cap, a source without a grant is
-//! evicted: the one that knocked least recently among a few sampled at a
-//! random place in one shard. Sampling needs no per-source bookkeeping (an
-//! exact oldest-first order would cost a queue entry per source) and finds
-//! an old source, since the sample is random and the table turns over.
-//! Grants are never evicted to make room for strangers.
+//! progress and no grant left. The table is set-associative, like a CPU
+//! cache: a keyed hash of the address picks one bucket of [`WAYS`] places,
+//! allocated once, and the source can live only there. So a decision locks
+//! one bucket and reads a few adjacent cache lines, never allocates, and
+//! never waits for another bucket. A stranger that finds its bucket full, or
+//! the table at its cap, takes the place of the source in that bucket that
+//! knocked least recently. Grants are never evicted to make room for
+//! strangers: a stranger whose bucket holds only grants is not tracked.
+//!
+//! The table has a quarter more places than its cap, so that buckets rarely
+//! overflow below it. With the cap reached, every place it holds costs
+//! about 70 bytes.
 
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
-
-use dashmap::mapref::entry::Entry;
-use dashmap::DashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use super::source::SourceState;
-use super::{Event, EventKind, EventSink, Timestamp};
+use super::{Event, EventKind, EventSink};
 
-/// Sources without a grant compared per eviction.
-const EVICTION_SAMPLE: usize = 8;
-/// Evicted from a full sample: the least recent knockers of it. Reading the
-/// sample is most of an eviction's cost, so each one makes room for two.
-const EVICTED_PER_SAMPLE: usize = 2;
-/// Tracked sources looked at per eviction at most: a table nearly full of
-/// grants refuses a stranger rather than search it all.
-const EVICTION_LOOKS: usize = 64 * EVICTION_SAMPLE;
+/// Places per bucket: the sources compared when one must be evicted.
+const WAYS: usize = 8;
+
+type Bucket = [Option<(IpAddr, SourceState)>; WAYS];
+
+/// A place's tag when it is free.
+const FREE: u8 = 0;
 
 pub struct SourceTable {
-    /// aHash with a random key: several times cheaper than the default
-    /// SipHash, still keyed so that spoofed sources cannot aim at one bucket.
-    map: DashMap<IpAddr, SourceState, ahash::RandomState>,
-    /// Entries in the map plus reservations about to be inserted; never above
-    /// `max`. Kept apart because `DashMap::len` locks every shard.
+    buckets: Box<[Mutex<Bucket>]>,
+    /// One byte per place, a word per bucket: [`FREE`], or a byte of the
+    /// hash of the source in that place. Written under the bucket's lock,
+    /// read without it: a SYN from an untracked source is answered from
+    /// this small array, which stays in the CPU's cache, without touching
+    /// the bucket.
+    tags: Box<[AtomicU64]>,
+    /// aHash with a random key: cheap, and keyed so that spoofed sources
+    /// cannot aim at one bucket.
+    hasher: ahash::RandomState,
+    /// Sources tracked, never above `max`.
     len: AtomicUsize,
     max: usize,
-    /// The shard the next eviction starts at, round robin.
-    next_shard: AtomicUsize,
 }
 
 impl SourceTable {
     pub fn new(max: usize) -> Self {
+        // A quarter more places than the cap, in whole buckets.
+        let buckets = (max + max / 4).div_ceil(WAYS).max(1);
         SourceTable {
-            map: DashMap::with_hasher(ahash::RandomState::new()),
+            buckets: huge_pages_vec(buckets, Mutex::default).into_boxed_slice(),
+            tags: (0..buckets).map(|_| AtomicU64::new(0)).collect(),
+            hasher: ahash::RandomState::new(),
             len: AtomicUsize::new(0),
             max,
-            next_shard: AtomicUsize::new(0),
         }
     }
 
     pub fn len(&self) -> usize {
         self.len.load(Ordering::Relaxed)
+    }
+
+    /// The bucket `src` lives in, and its tag.
+    fn place(&self, src: IpAddr) -> (usize, u8) {
+        let hash = self.hasher.hash_one(src);
+        // The hash scaled to the number of buckets, which takes its high
+        // bits: no division. The tag takes the low ones.
+        let index = ((u128::from(hash) * self.buckets.len() as u128) >> 64) as usize;
+        (index, (hash as u8).max(1))
+    }
+
+    fn set_tag(&self, index: usize, way: usize, tag: u8) {
+        let shift = 8 * way;
+        let word = &self.tags[index];
+        let tags = word.load(Ordering::Relaxed) & !(0xff << shift) | u64::from(tag) << shift;
+        word.store(tags, Ordering::Release);
+    }
+
+    /// Starts loading the tags and the bucket of `src` into the CPU's cache.
+    pub fn prefetch(&self, src: IpAddr) {
+        let (index, _) = self.place(src);
+        prefetch(&self.tags[index]);
+        prefetch(&self.buckets[index]);
     }
 
     /// Runs `f` on the state of `src` and removes the source if `f` leaves it
@@ -62,138 +95,152 @@ impl SourceTable {
         events: &mut S,
         f: impl FnOnce(&mut SourceState, &mut S) -> R,
     ) -> Option<R> {
-        // Eviction locks a shard, so room is made before this source's shard
-        // is locked below.
-        let reserved = create && !self.map.contains_key(&src) && self.reserve(events);
-        let mut entry = match self.map.entry(src) {
-            Entry::Occupied(entry) => {
-                if reserved {
-                    self.len.fetch_sub(1, Ordering::Relaxed);
-                }
-                entry.into_ref()
+        let (index, tag) = self.place(src);
+        let tagged = |tags: u64| ways_tagged(tags, tag);
+        if !create
+            && tagged(self.tags[index].load(Ordering::Acquire))
+                .next()
+                .is_none()
+        {
+            return None;
+        }
+        prefetch(&self.buckets[index]);
+        let mut bucket = lock(&self.buckets[index]);
+        let found = tagged(self.tags[index].load(Ordering::Relaxed))
+            .find(|&way| bucket[way].as_ref().is_some_and(|(key, _)| *key == src));
+        let way = match found {
+            Some(way) => way,
+            None if create => {
+                let way = self.make_room(index, &mut bucket, events)?;
+                bucket[way] = Some((src, SourceState::default()));
+                self.set_tag(index, way, tag);
+                way
             }
-            Entry::Vacant(entry) if reserved => entry.insert(SourceState::default()),
-            Entry::Vacant(_) => return None,
+            None => return None,
         };
-        let result = f(&mut entry, events);
-        if entry.is_empty() {
-            drop(entry);
-            if self
-                .map
-                .remove_if(&src, |_, state| state.is_empty())
-                .is_some()
-            {
-                self.len.fetch_sub(1, Ordering::Relaxed);
-            }
+        let (_, state) = bucket[way].as_mut().expect("a tracked source");
+        let result = f(state, events);
+        if state.is_empty() {
+            bucket[way] = None;
+            self.set_tag(index, way, FREE);
+            self.len.fetch_sub(1, Ordering::Relaxed);
         }
         Some(result)
     }
 
-    /// Takes one place in the table, evicting a source without a grant when
-    /// the table is full. False if every tracked source holds a grant.
-    fn reserve(&self, events: &mut impl EventSink) -> bool {
-        loop {
-            let len = self.len.load(Ordering::Relaxed);
-            if len >= self.max {
-                if !self.evict_one(events) {
-                    return false;
-                }
-                continue;
-            }
-            if self
+    /// Finds a free place for a new source in bucket `index` and counts the
+    /// source in: an empty one while the table is below its cap, else the
+    /// place of the source without a grant that knocked least recently,
+    /// which is evicted. `None` if the bucket holds only grants.
+    fn make_room(
+        &self,
+        index: usize,
+        bucket: &mut Bucket,
+        events: &mut impl EventSink,
+    ) -> Option<usize> {
+        if let Some(way) = ways_tagged(self.tags[index].load(Ordering::Relaxed), FREE).next() {
+            let counted = self
                 .len
-                .compare_exchange(len, len + 1, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-            {
-                return true;
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |len| {
+                    (len < self.max).then_some(len + 1)
+                });
+            if counted.is_ok() {
+                return Some(way);
             }
         }
-    }
-
-    /// Evicts the sources that knocked least recently of up to
-    /// [`EVICTION_SAMPLE`] without a grant, read from a random place on: in a
-    /// large table all from one shard (the next in turn), in a small one from
-    /// every shard. A full sample gives up [`EVICTED_PER_SAMPLE`] sources; a
-    /// smaller one (a small table: all of it) its oldest only. False if none
-    /// of the sources looked at is without a grant.
-    fn evict_one(&self, events: &mut impl EventSink) -> bool {
-        let shards = self.map.shards();
-        let first = self.next_shard.fetch_add(1, Ordering::Relaxed);
-        let mut sample = [(IpAddr::from([0, 0, 0, 0]), Timestamp::default()); EVICTION_SAMPLE];
-        let (mut sampled, mut looked) = (0, 0);
-        'sampling: for i in 0..shards.len() {
-            let shard = shards[(first + i) % shards.len()].read();
-            let buckets = shard.buckets();
-            let start = fastrand::usize(..buckets);
-            for index in (0..buckets).map(|step| (start + step) % buckets) {
-                // SAFETY: the shard's read lock is held while its buckets are
-                // read, and every index is below `buckets()`.
-                let (src, state) = unsafe {
-                    if !shard.is_bucket_full(index) {
-                        continue;
-                    }
-                    shard.bucket(index).as_ref()
-                };
-                let state = state.get();
-                looked += 1;
-                if looked > EVICTION_LOOKS {
-                    break 'sampling;
-                }
-                if state.holds_grant() {
-                    continue;
-                }
-                sample[sampled] = (*src, state.last_knock());
-                sampled += 1;
-                if sampled == EVICTION_SAMPLE {
-                    break 'sampling;
-                }
-            }
-        }
-        if sampled == 0 {
-            return false;
-        }
-        let sample = &mut sample[..sampled];
-        sample.sort_unstable_by_key(|&(_, knocked)| knocked);
-        let evict = if sampled == EVICTION_SAMPLE {
-            EVICTED_PER_SAMPLE
-        } else {
-            1
-        };
-        for &(src, knocked) in &sample[..evict] {
-            // Unless it changed since it was sampled; the caller checks for
-            // room again anyway.
-            let evicted = self.map.remove_if(&src, |_, state| {
-                !state.holds_grant() && state.last_knock() == knocked
+        let (way, _) = bucket
+            .iter()
+            .enumerate()
+            .filter_map(|(way, place)| Some((way, place.as_ref()?)))
+            .filter(|(_, (_, state))| !state.holds_grant())
+            .min_by_key(|(_, (_, state))| state.last_knock())?;
+        let (src, state) = bucket[way].take().expect("an occupied place");
+        for policy in state.policies() {
+            events.event(Event {
+                src,
+                policy,
+                kind: EventKind::Evicted,
             });
-            if let Some((src, state)) = evicted {
-                self.len.fetch_sub(1, Ordering::Relaxed);
-                for policy in state.policies() {
-                    events.event(Event {
-                        src,
-                        policy,
-                        kind: EventKind::Evicted,
-                    });
-                }
-            }
         }
-        true
+        // The newcomer takes the evicted source's place and its count.
+        Some(way)
     }
 
     /// Runs `f` on every source, read-only.
     pub fn for_each(&self, mut f: impl FnMut(IpAddr, &SourceState)) {
-        for entry in self.map.iter() {
-            f(*entry.key(), entry.value());
+        for bucket in &self.buckets {
+            for (src, state) in lock(bucket).iter().flatten() {
+                f(*src, state);
+            }
         }
     }
 
     /// Runs `f` on every source and forgets those it leaves empty.
     pub fn retain(&self, mut f: impl FnMut(IpAddr, &mut SourceState)) {
-        let mut removed = 0;
-        self.map.retain(|src, state| {
-            f(*src, state);
-            removed += usize::from(state.is_empty());
-            !state.is_empty()
-        });
-        self.len.fetch_sub(removed, Ordering::Relaxed);
+        for (index, bucket) in self.buckets.iter().enumerate() {
+            for (way, place) in lock(bucket).iter_mut().enumerate() {
+                let Some((src, state)) = place else { continue };
+                f(*src, state);
+                if state.is_empty() {
+                    *place = None;
+                    self.set_tag(index, way, FREE);
+                    self.len.fetch_sub(1, Ordering::Relaxed);
+                }
+            }
+        }
     }
+}
+
+/// The places of a bucket whose tag in `tags` is `tag`.
+fn ways_tagged(tags: u64, tag: u8) -> impl Iterator<Item = usize> {
+    (0..WAYS).filter(move |&way| (tags >> (8 * way)) as u8 == tag)
+}
+
+/// Starts loading all of `value` into the CPU's cache at once, rather than
+/// one cache line after another as it is read: a bucket spans several.
+fn prefetch<T>(value: &T) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let start = (value as *const T).cast::<i8>();
+        for offset in (0..size_of::<T>()).step_by(64) {
+            // SAFETY: a prefetch is a hint; it reads nothing and cannot
+            // fault, and the address lies within `value`.
+            unsafe {
+                use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+                _mm_prefetch::<_MM_HINT_T0>(start.add(offset));
+            }
+        }
+    }
+}
+
+/// A bucket's lock. No code panics while holding one with a bucket half
+/// changed, so a poisoned lock's bucket is still whole.
+fn lock(bucket: &Mutex<Bucket>) -> MutexGuard<'_, Bucket> {
+    bucket.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// `len` values from `make`, in memory the kernel is asked to back with huge
+/// pages where it can: a lookup in a large table then costs a cache miss but
+/// rarely a page-table walk as well.
+fn huge_pages_vec<T>(len: usize, make: impl FnMut() -> T) -> Vec<T> {
+    let mut vec = Vec::with_capacity(len);
+    let bytes = len * size_of::<T>();
+    let start = vec.as_mut_ptr() as usize;
+    // madvise wants page-aligned ranges; huge pages need 2 MiB-aligned
+    // stretches inside it.
+    const PAGE: usize = 4096;
+    let aligned = start.next_multiple_of(PAGE);
+    if bytes > 2 << 20 {
+        // SAFETY: the range lies inside the vector's own allocation, not yet
+        // written; MADV_HUGEPAGE only changes how it is backed.
+        unsafe {
+            libc::madvise(
+                aligned as *mut libc::c_void,
+                (start + bytes - aligned) / PAGE * PAGE,
+                libc::MADV_HUGEPAGE,
+            );
+        }
+    }
+    vec.resize_with(len, make);
+    vec
 }

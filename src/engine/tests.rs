@@ -532,12 +532,36 @@ fn status_shows_progress_and_grants_with_time_left() {
             },
         ]
     );
+    assert_eq!(
+        gate.engine.grants(Timestamp::from_millis(gate.now)),
+        status[..1],
+        "the grants alone"
+    );
     gate.advance(7_000);
     assert_eq!(
         gate.engine.status(Timestamp::from_millis(gate.now)).len(),
         1,
         "progress timed out"
     );
+}
+
+#[test]
+fn a_bucket_full_of_strangers_keeps_every_grant() {
+    let mut gate = capped(1000);
+    let granted: Vec<String> = (0..250).map(|i| format!("10.1.0.{i}")).collect();
+    for src in &granted {
+        gate.knock(src, &[1111, 2222]);
+    }
+    for i in 0..20_000u32 {
+        let src = std::net::Ipv4Addr::from(0x0a02_0000 + i).to_string();
+        gate.knock(&src, &[1111]);
+        gate.advance(1);
+        gate.events.clear();
+    }
+    assert_eq!(gate.engine.tracked_sources(), 1000, "the cap is reached");
+    for src in &granted {
+        assert_eq!(gate.syn(src, 22), ACCEPT, "{src} kept its grant");
+    }
 }
 
 #[test]
