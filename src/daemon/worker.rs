@@ -18,7 +18,7 @@ use super::metrics::Metrics;
 use super::receive::{Receiver, MAX_BATCH};
 use super::verdicts::VerdictBatch;
 use super::Clock;
-use crate::engine::{Decision, Engine, Event, Reason, Syn};
+use crate::engine::{Decision, Engine, Event, Reason, Syn, Timestamp};
 use crate::packet;
 
 /// How long a receive waits before the worker checks for shutdown.
@@ -46,7 +46,6 @@ struct Parsed {
 
 /// A packet decided in this wake-up, counted once its verdict is out.
 struct Decided {
-    received: Instant,
     syn: Option<Syn>,
     decision: Decision,
 }
@@ -67,7 +66,8 @@ impl Worker {
         while !self.shutdown.load(Ordering::Relaxed) {
             self.heartbeat
                 .store(self.clock.now().as_millis(), Ordering::Relaxed);
-            match receiver.receive() {
+            // One time for the whole batch: its packets arrived together.
+            let received = match receiver.receive() {
                 Ok(_) => {
                     // Parse the whole batch first, starting to load each
                     // source's state: the loads from memory overlap instead
@@ -79,9 +79,12 @@ impl Worker {
                         }
                         Parsed { id: packet.id, syn }
                     }));
+                    let received = Instant::now();
+                    let now = self.clock.at(received);
                     for packet in parsed.drain(..) {
-                        self.take(packet, &mut verdicts, &mut decided, &mut events);
+                        self.take(packet, now, &mut verdicts, &mut decided, &mut events);
                     }
+                    received
                 }
                 Err(e) if is_transient(&e) => {
                     self.report.summarise(Instant::now());
@@ -95,19 +98,15 @@ impl Worker {
                     }
                     continue;
                 }
-            }
+            };
             errors_in_a_row = 0;
             if let Err(e) = verdicts.flush() {
                 warn!(queue = self.num, "sending verdicts failed: {e}");
             }
             // Counted and logged after the verdicts are out: no I/O before.
-            for Decided {
-                received,
-                syn,
-                decision,
-            } in decided.drain(..)
-            {
-                self.metrics.verdict(decision.reason, received.elapsed());
+            let answered_after = received.elapsed();
+            for Decided { syn, decision } in decided.drain(..) {
+                self.metrics.verdict(decision.reason, answered_after);
                 if let Some(Syn { src, dst_port }) = syn {
                     debug!(queue = self.num, %src, dst_port, verdict = %decision.verdict().as_str(), reason = %decision.reason.as_str());
                 }
@@ -127,22 +126,17 @@ impl Worker {
     fn take(
         &self,
         packet: Parsed,
+        now: Timestamp,
         verdicts: &mut VerdictBatch,
         decided: &mut Vec<Decided>,
         events: &mut Vec<Event>,
     ) {
-        let received = Instant::now();
-        let now = self.clock.at(received);
         let decision = decide(packet.syn, |syn| self.engine.decide(syn, now, events));
         let syn = packet.syn.flatten();
         if let Err(e) = verdicts.push(packet.id, decision.verdict()) {
             warn!(queue = self.num, "sending verdicts failed: {e}");
         }
-        decided.push(Decided {
-            received,
-            syn,
-            decision,
-        });
+        decided.push(Decided { syn, decision });
     }
 }
 
