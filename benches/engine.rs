@@ -10,10 +10,10 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
+use criterion::{criterion_group, criterion_main, Criterion};
 use knockq::config;
 use knockq::engine::{Engine, Event, Syn, Timestamp};
 
@@ -68,6 +68,28 @@ fn decide(engine: &Engine, src: IpAddr, dst_port: u16, events: &mut Vec<Event>) 
     events.clear();
 }
 
+/// Packets the daemon's worker takes per wake-up at most.
+const BATCH: usize = 64;
+
+/// Decides SYNs from `batch` to `dst_port` in order; with `prefetch`, as
+/// the worker does, first starts loading every source's state.
+fn decide_batch(
+    engine: &Engine,
+    batch: &[IpAddr],
+    dst_port: u16,
+    prefetch: bool,
+    events: &mut Vec<Event>,
+) {
+    if prefetch {
+        for &src in batch {
+            engine.prefetch(src);
+        }
+    }
+    for &src in batch {
+        decide(engine, src, dst_port, events);
+    }
+}
+
 /// An engine tracking `tracked` sources at stage 1, room for as many more.
 fn filled(tracked: u64) -> Engine {
     let engine = engine((2 * tracked as usize).max(1 << 20) * 4);
@@ -114,20 +136,31 @@ fn single_thread(c: &mut Criterion) {
                 decide(&engine, source(tracked + n), 22, &mut events)
             })
         });
-        // Sources first knocked in setup (untimed); the timed knock is the
-        // second of three, so the sources it leaves stay evictable.
-        let fresh = AtomicU64::new(u64::MAX / 2);
-        group.bench_function("knock that advances", |b| {
-            b.iter_batched(
-                || {
-                    let src = source(fresh.fetch_add(1, Ordering::Relaxed));
-                    decide(&engine, src, 1111, &mut Vec::new());
-                    src
-                },
-                |src| decide(&engine, src, 2222, &mut events),
-                BatchSize::SmallInput,
-            )
-        });
+        // The tracked sources in turn, 64 at a time, knock the second port
+        // of three (timed) and then the first again (untimed), which puts
+        // them back at stage 1 for their next turn. With many sources their
+        // state is out of the CPU's cache by then, as in a real gate.
+        for (name, prefetch) in [
+            ("knock that advances", false),
+            ("knock that advances, batches of 64 prefetched", true),
+        ] {
+            let mut turn = 0;
+            group.bench_function(name, |b| {
+                b.iter_custom(|iters| {
+                    let mut took = Duration::ZERO;
+                    for _ in 0..iters {
+                        let batch: [IpAddr; BATCH] =
+                            std::array::from_fn(|i| source((turn + i as u64) % tracked));
+                        turn += BATCH as u64;
+                        let start = Instant::now();
+                        decide_batch(&engine, &batch, 2222, prefetch, &mut events);
+                        took += start.elapsed();
+                        decide_batch(&engine, &batch, 1111, false, &mut events);
+                    }
+                    took / BATCH as u32
+                })
+            });
+        }
         let granted: Vec<IpAddr> = (0..1000).map(|i| source(u64::MAX / 4 + i)).collect();
         for &src in &granted {
             for port in [1111, 2222, 4444] {
@@ -151,12 +184,22 @@ fn single_thread(c: &mut Criterion) {
         decide(&full, source(n), 1111, &mut events);
     }
     let mut n = 1_000_000;
-    c.bench_function("decide/1000000 tracked, full/first knock evicting", |b| {
-        b.iter(|| {
-            n += 1;
-            decide(&full, source(n), 1111, &mut events)
-        })
-    });
+    for (name, prefetch) in [
+        ("first knock evicting", false),
+        ("first knock evicting, batches of 64 prefetched", true),
+    ] {
+        c.bench_function(&format!("decide/1000000 tracked, full/{name}"), |b| {
+            b.iter_custom(|iters| {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    let batch: [IpAddr; BATCH] = std::array::from_fn(|i| source(n + i as u64));
+                    n += BATCH as u64;
+                    decide_batch(&full, &batch, 1111, prefetch, &mut events);
+                }
+                start.elapsed() / BATCH as u32
+            })
+        });
+    }
 }
 
 /// Two threads deciding at once on one engine; time per decision per thread.

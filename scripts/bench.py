@@ -14,7 +14,9 @@ namespaces joined by a veth pair, against the same SYN flood from trafgen
              earlier commit, say) with the same configuration as knockq.
 
 For each gate it measures the SYNs decided per second and the kernel's queue
-drops during the flood, the gate process's CPU time per decided SYN (from
+drops during the flood (and how many of them because the gate's socket
+buffer was full rather than its queue), the gate process's CPU time per
+decided SYN and how much of it was spent in the kernel (from
 /proc/PID/stat), and the time from connect() to its answer for a granted
 source, at light load and during the flood. Rounds alternate the gates; the
 table reports medians over rounds, and ratios within this one run.
@@ -108,10 +110,12 @@ class Net:
     def mac(self, ns, dev):
         return sh(f"ip -n {ns} -br link show {dev}").stdout.split()[2]
 
-    def queue_table(self):
-        """Packets the kernel dropped from the gate's queues."""
+    def queue_drops(self):
+        """Packets the kernel dropped for the gate's queues: (queue full,
+        socket receive buffer full)."""
         rows = self.run(self.gate, "cat /proc/net/netfilter/nfnetlink_queue").stdout.splitlines()
-        return sum(int(row.split()[5]) + int(row.split()[6]) for row in rows if row.strip())
+        rows = [row.split() for row in rows if row.strip()]
+        return sum(int(row[5]) for row in rows), sum(int(row[6]) for row in rows)
 
     def close(self):
         for child in self.children:
@@ -154,10 +158,11 @@ class Gate:
             time.sleep(0.05)
 
     def cpu_seconds(self):
+        """The gate process's CPU time so far: (user, kernel) seconds."""
         if self.process is None:
             return None
         fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / TICKS
+        return int(fields[11]) / TICKS, int(fields[12]) / TICKS
 
     def decided(self):
         """SYNs the gate has answered: the reject rule's counter (every flood
@@ -207,7 +212,7 @@ def measure(kind, round_number):
             "{\n  eth(da=%s, sa=%s),\n  ipv4(saddr=drnd(), daddr=%s, ttl=64),\n"
             "  tcp(sp=drnd(), dp=1111, seq=drnd(), syn, window=64240),\n}\n"
             % (net.mac(net.gate, "veth0"), net.mac(net.client, "veth1"), GATE))
-        decided_before, drops_before, cpu_before = gate.decided(), net.queue_table(), gate.cpu_seconds()
+        decided_before, drops_before, cpu_before = gate.decided(), net.queue_drops(), gate.cpu_seconds()
         rate = ["--rate", f"{RATE}pps"] if RATE else []
         flood = net.spawn(net.client, ["trafgen", "--cpus", "1", "-q", "-o", "veth1", "-i", config, *rate],
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -216,18 +221,22 @@ def measure(kind, round_number):
         loaded, answers = latencies(net, PROBES, 0.01, FLOOD_SECONDS - 2)
         time.sleep(max(0.0, FLOOD_SECONDS - (time.time() - started)))
         elapsed = time.time() - started
-        decided, drops, cpu = gate.decided(), net.queue_table(), gate.cpu_seconds()
+        decided, drops, cpu = gate.decided(), net.queue_drops(), gate.cpu_seconds()
         os.killpg(flood.pid, 9)
         flood.wait()
         decided -= decided_before
-        drops -= drops_before
+        full_queue, full_buffer = (after - before for after, before in zip(drops, drops_before))
+        cpu = None if cpu is None else [(after - before) / max(1, decided) * 1e6
+                                        for after, before in zip(cpu, cpu_before)]
         # The floor rejects every SYN, and the kernel rate-limits the ICMP
         # answers per destination: its times say nothing about a gate.
         rejects_all = kind == "floor"
         return {
             "decided_pps": decided / elapsed,
-            "drop_share": drops / max(1, decided + drops),
-            "cpu_us_per_packet": None if cpu is None else (cpu - cpu_before) / max(1, decided) * 1e6,
+            "drop_share": (full_queue + full_buffer) / max(1, decided + full_queue + full_buffer),
+            "buffer_drop_share": full_buffer / max(1, decided + full_queue + full_buffer),
+            "cpu_us_per_packet": None if cpu is None else sum(cpu),
+            "kernel_us_per_packet": None if cpu is None else cpu[1],
             "light_p50_us": None if rejects_all else percentile(light, 50) * 1e6,
             "light_p99_us": None if rejects_all else percentile(light, 99) * 1e6,
             "flood_p50_us": None if rejects_all else percentile(loaded, 50) * 1e6,
@@ -262,7 +271,8 @@ def main():
         for gate in order:
             print(f"round {round_number + 1}/{ROUNDS}: {gate}", file=sys.stderr, flush=True)
             results[gate].append(measure(gate, round_number))
-    keys = ["decided_pps", "drop_share", "cpu_us_per_packet", "light_p50_us", "light_p99_us",
+    keys = ["decided_pps", "drop_share", "buffer_drop_share", "cpu_us_per_packet", "kernel_us_per_packet",
+            "light_p50_us", "light_p99_us",
             "flood_p50_us", "flood_p99_us", "flood_unanswered"]
     table = {gate: {key: median(results[gate], key) for key in keys} for gate in gates}
     cpu = Path("/proc/cpuinfo").read_text().split("model name")[1].split("\n")[0].strip(" :\t")
@@ -270,13 +280,16 @@ def main():
     speed = f"at {RATE} SYNs/s" if RATE else "as fast as it goes"
     print(f"Flood: trafgen on one core, {speed}, random sources to port 1111, {FLOOD_SECONDS} s; "
           f"{PROBES} connects per latency measurement; medians of {ROUNDS} rounds.\n")
-    print("| gate | SYNs decided/s | kernel queue drops | CPU µs per SYN | answer p50 light (µs) "
+    print("| gate | SYNs decided/s | kernel queue drops (of which socket buffer) | CPU µs per SYN "
+          "(of which kernel) | answer p50 light (µs) "
           "| p99 light (µs) | p50 under flood (µs) | p99 under flood (µs) | unanswered in 3 s under flood |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for gate in gates:
         t = table[gate]
-        print(f"| {gate} | {cell(t['decided_pps'], 0)} | {cell(t['drop_share'] * 100, 2)} % "
-              f"| {cell(t['cpu_us_per_packet'], 2)} | {cell(t['light_p50_us'])} | {cell(t['light_p99_us'])} "
+        buffer = None if t['buffer_drop_share'] is None else t['buffer_drop_share'] * 100
+        print(f"| {gate} | {cell(t['decided_pps'], 0)} | {cell(t['drop_share'] * 100, 2)} % ({cell(buffer, 2)} %) "
+              f"| {cell(t['cpu_us_per_packet'], 2)} ({cell(t['kernel_us_per_packet'], 2)}) "
+              f"| {cell(t['light_p50_us'])} | {cell(t['light_p99_us'])} "
               f"| {cell(t['flood_p50_us'])} | {cell(t['flood_p99_us'])} | {cell(None if t['flood_unanswered'] is None else t['flood_unanswered'] * 100)} % |")
     k, f, n = table["knockq"], table["floor"], table["kernel"]
     print()

@@ -166,10 +166,21 @@ impl SourceTable {
         Some(way)
     }
 
+    /// The buckets holding any source, locked one at a time. Empty ones are
+    /// skipped by their tags: an idle table is walked without touching its
+    /// buckets.
+    fn occupied(&self) -> impl Iterator<Item = (usize, MutexGuard<'_, Bucket>)> {
+        self.tags
+            .iter()
+            .enumerate()
+            .filter(|(_, tags)| tags.load(Ordering::Acquire) != 0)
+            .map(|(index, _)| (index, lock(&self.buckets[index])))
+    }
+
     /// Runs `f` on every source, read-only.
     pub fn for_each(&self, mut f: impl FnMut(IpAddr, &SourceState)) {
-        for bucket in &self.buckets {
-            for (src, state) in lock(bucket).iter().flatten() {
+        for (_, bucket) in self.occupied() {
+            for (src, state) in bucket.iter().flatten() {
                 f(*src, state);
             }
         }
@@ -177,8 +188,8 @@ impl SourceTable {
 
     /// Runs `f` on every source and forgets those it leaves empty.
     pub fn retain(&self, mut f: impl FnMut(IpAddr, &mut SourceState)) {
-        for (index, bucket) in self.buckets.iter().enumerate() {
-            for (way, place) in lock(bucket).iter_mut().enumerate() {
+        for (index, mut bucket) in self.occupied() {
+            for (way, place) in bucket.iter_mut().enumerate() {
                 let Some((src, state)) = place else { continue };
                 f(*src, state);
                 if state.is_empty() {
