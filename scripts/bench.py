@@ -43,7 +43,9 @@ CONFIG = ROOT / "examples/knockq.toml"
 GATE, CLIENT, FLOODER = "10.9.0.1", "10.9.0.2", "10.9.0.3"
 ROUNDS = int(os.environ.get("KNOCKQ_BENCH_ROUNDS", "3"))
 FLOOD_SECONDS = int(os.environ.get("KNOCKQ_BENCH_SECONDS", "10"))
-PROBES = 300
+# Connects per latency measurement: enough for a p99 that is not one or two
+# unlucky samples.
+PROBES = 1000
 TICKS = os.sysconf("SC_CLK_TCK")
 
 LATENCY_PROBE = r"""

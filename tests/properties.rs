@@ -6,7 +6,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::path::Path;
 
 use knockq::config;
-use knockq::engine::{Engine, Event, Syn, Timestamp};
+use knockq::engine::{Engine, Event, Syn, TablePart, Timestamp};
 use knockq::packet::{self, Link};
 use proptest::prelude::*;
 
@@ -71,7 +71,7 @@ proptest! {
             let _ = engine.decide(Syn { src, dst_port }, Timestamp::from_millis(now), &mut events);
             prop_assert!(engine.tracked_sources() <= 16);
             if now % 7 == 0 {
-                engine.expire(Timestamp::from_millis(now), &mut events);
+                engine.expire(Timestamp::from_millis(now), TablePart::WHOLE, &mut events);
             }
         }
     }

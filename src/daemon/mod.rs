@@ -24,7 +24,7 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use tracing::{error, info, warn};
 
 use crate::config::{Config, ConfigError};
-use crate::engine::{Engine, Timestamp, WallClock};
+use crate::engine::{Engine, TablePart, Timestamp, WallClock};
 use control::ControlSocket;
 use events::EventReport;
 use metrics::Metrics;
@@ -33,8 +33,13 @@ use state::StateStore;
 
 pub use queue::BindError;
 
-/// How often the main loop expires state, saves grants and checks workers.
-const TICK: Duration = Duration::from_secs(1);
+/// How often the main loop expires a part of the table, saves grants when
+/// due and checks workers.
+const TICK: Duration = Duration::from_millis(125);
+/// The parts the table is expired in, one per tick: every source is settled
+/// once a second, and no sweep of a large table holds up the workers for
+/// long.
+const SWEEP_PARTS: usize = 8;
 /// Grants are saved at most this often while they change (and at exit).
 const SAVE_INTERVAL: Duration = Duration::from_secs(3);
 /// A worker that has not looped for this long is stuck: the watchdog starves.
@@ -209,6 +214,10 @@ pub fn run(
 
     let mut expired = Vec::new();
     let mut last_save = Instant::now();
+    let mut sweep = TablePart {
+        index: 0,
+        of: SWEEP_PARTS,
+    };
     let outcome = loop {
         match stop_rx.recv_timeout(TICK) {
             Ok(Stop::Signal(SIGHUP)) => {
@@ -229,7 +238,8 @@ pub fn run(
             Err(RecvTimeoutError::Disconnected) => unreachable!("this loop holds a sender"),
         }
         engine.set_wall_clock(clock.wall());
-        engine.expire(clock.now(), &mut expired);
+        engine.expire(clock.now(), sweep, &mut expired);
+        sweep.index = (sweep.index + 1) % SWEEP_PARTS;
         main_report.publish(&engine, &mut expired, Instant::now());
         if last_save.elapsed() >= SAVE_INTERVAL && grants_changed.swap(false, Ordering::Relaxed) {
             save(&store, &engine, clock);

@@ -26,6 +26,7 @@ use rotation::SpentWindows;
 use source::SourceState;
 pub use source::{GrantLeft, PolicyStatus, Progress};
 use table::SourceTable;
+pub use table::TablePart;
 
 /// Index of a policy in the list in force.
 pub type PolicyId = u8;
@@ -515,14 +516,14 @@ impl Engine {
         statuses
     }
 
-    /// Settles every tracked source at time `now`: ends timed-out progress
-    /// and grants, drops state of policies no longer in force, and forgets
-    /// sources with nothing left. Run periodically so state does not wait
-    /// for its source to come back.
-    pub fn expire(&self, now: Timestamp, events: &mut impl EventSink) {
+    /// Settles the tracked sources in `part` of the table at time `now`:
+    /// ends timed-out progress and grants, drops state of policies no longer
+    /// in force, and forgets sources with nothing left. Run periodically so
+    /// state does not wait for its source to come back.
+    pub fn expire(&self, now: Timestamp, part: TablePart, events: &mut impl EventSink) {
         let policies = self.policies.load();
         let wall = self.wall_clock();
-        self.sources.retain(|src, source| {
+        self.sources.retain(part, |src, source| {
             for slot in source.slots_mut() {
                 let key = slot.policy;
                 match policies.get(key) {

@@ -166,29 +166,29 @@ impl SourceTable {
         Some(way)
     }
 
-    /// The buckets holding any source, locked one at a time. Empty ones are
-    /// skipped by their tags: an idle table is walked without touching its
-    /// buckets.
-    fn occupied(&self) -> impl Iterator<Item = (usize, MutexGuard<'_, Bucket>)> {
-        self.tags
-            .iter()
-            .enumerate()
-            .filter(|(_, tags)| tags.load(Ordering::Acquire) != 0)
-            .map(|(index, _)| (index, lock(&self.buckets[index])))
+    /// The buckets of `part` holding any source, locked one at a time.
+    /// Empty ones are skipped by their tags: an idle table is walked without
+    /// touching its buckets.
+    fn occupied(&self, part: TablePart) -> impl Iterator<Item = (usize, MutexGuard<'_, Bucket>)> {
+        let len = self.buckets.len();
+        let range = part.index * len / part.of..(part.index + 1) * len / part.of;
+        range
+            .filter(|&index| self.tags[index].load(Ordering::Acquire) != 0)
+            .map(|index| (index, lock(&self.buckets[index])))
     }
 
     /// Runs `f` on every source, read-only.
     pub fn for_each(&self, mut f: impl FnMut(IpAddr, &SourceState)) {
-        for (_, bucket) in self.occupied() {
+        for (_, bucket) in self.occupied(TablePart::WHOLE) {
             for (src, state) in bucket.iter().flatten() {
                 f(*src, state);
             }
         }
     }
 
-    /// Runs `f` on every source and forgets those it leaves empty.
-    pub fn retain(&self, mut f: impl FnMut(IpAddr, &mut SourceState)) {
-        for (index, mut bucket) in self.occupied() {
+    /// Runs `f` on every source in `part` and forgets those it leaves empty.
+    pub fn retain(&self, part: TablePart, mut f: impl FnMut(IpAddr, &mut SourceState)) {
+        for (index, mut bucket) in self.occupied(part) {
             for (way, place) in bucket.iter_mut().enumerate() {
                 let Some((src, state)) = place else { continue };
                 f(*src, state);
@@ -200,6 +200,18 @@ impl SourceTable {
             }
         }
     }
+}
+
+/// Part `index` of `of` equal parts of the table: a sweep of the whole table
+/// can be spread over time, so that none holds up the workers for long.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TablePart {
+    pub index: usize,
+    pub of: usize,
+}
+
+impl TablePart {
+    pub const WHOLE: TablePart = TablePart { index: 0, of: 1 };
 }
 
 /// The places of a bucket whose tag in `tags` is `tag`.

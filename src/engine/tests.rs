@@ -72,8 +72,11 @@ impl Gate {
     }
 
     fn expire(&mut self) {
-        self.engine
-            .expire(Timestamp::from_millis(self.now), &mut self.events);
+        self.engine.expire(
+            Timestamp::from_millis(self.now),
+            TablePart::WHOLE,
+            &mut self.events,
+        );
     }
 
     fn key(&self, name: &str) -> PolicyKey {
@@ -837,4 +840,29 @@ fn rotating_windows_follow_the_wall_clock_and_deadlines_do_not() {
     gate.knock("10.0.0.4", &ops_sequence(1002));
     assert_eq!(gate.syn("10.0.0.4", 22), ACCEPT);
     assert_eq!(gate.syn("10.0.0.2", 22), ACCEPT, "the step moved no grant");
+}
+
+#[test]
+fn expiring_the_table_in_parts_settles_every_source_once() {
+    let mut gate = Gate::new(SSH);
+    for i in 0..200 {
+        gate.knock(&format!("10.0.{}.{}", i / 100, i % 100), &[1111]);
+    }
+    gate.advance(10_001);
+    gate.events.clear();
+    let now = Timestamp::from_millis(gate.now);
+    let mut left = Vec::new();
+    for index in 0..8 {
+        let part = TablePart { index, of: 8 };
+        gate.engine.expire(now, part, &mut gate.events);
+        left.push(gate.engine.tracked_sources());
+    }
+    assert!(
+        (1..200).contains(&left[0]),
+        "one part is not the whole table: {left:?}"
+    );
+    assert!(left.windows(2).all(|w| w[0] >= w[1]), "{left:?}");
+    assert_eq!(left[7], 0);
+    let expired = gate.events.iter().filter(|e| e.kind == EventKind::Expired);
+    assert_eq!(expired.count(), 200);
 }

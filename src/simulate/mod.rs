@@ -14,7 +14,9 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::config::Config;
-use crate::engine::{Engine, Event, EventKind, Policies, PolicyKey, PortRole, Reason, Timestamp};
+use crate::engine::{
+    Engine, Event, EventKind, Policies, PolicyKey, PortRole, Reason, TablePart, Timestamp,
+};
 use capture::Packet;
 
 /// How often the daemon expires state; the simulation does the same.
@@ -182,7 +184,7 @@ impl Simulation<'_> {
             Timestamp::from_millis(u64::try_from(packet.time.as_millis()).unwrap_or(u64::MAX));
         // Expire as the daemon does, about once a second.
         if self.next_expiry.is_none_or(|next| now >= next) {
-            self.engine.expire(now, &mut self.events);
+            self.engine.expire(now, TablePart::WHOLE, &mut self.events);
             self.record(at, None);
             self.next_expiry = Some(now.saturating_add(EXPIRE_INTERVAL));
         }
