@@ -301,7 +301,7 @@ def main():
     print(f"knockq with two queues / one queue: SYNs decided per second "
           f"{two['decided_pps'] / k['decided_pps']:.2f}, CPU per SYN {two['cpu_us_per_packet'] / k['cpu_us_per_packet']:.2f}")
     print(f"knockq / kernel: answer p99 at light load {k['light_p99_us'] / n['light_p99_us']:.2f} "
-          f"(+{k['light_p99_us'] - n['light_p99_us']:.1f} µs), "
+          f"({k['light_p99_us'] - n['light_p99_us']:+.1f} µs), "
           f"SYNs decided per second {k['decided_pps'] / n['decided_pps']:.2f}")
     if BASELINE:
         b = table["baseline"]
