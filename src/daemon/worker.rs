@@ -69,6 +69,7 @@ impl Worker {
             // One time for the whole batch: its packets arrived together.
             let received = match receiver.receive() {
                 Ok(_) => {
+                    let received = Instant::now();
                     // Parse the whole batch first, starting to load each
                     // source's state: the loads from memory overlap instead
                     // of following one another.
@@ -79,7 +80,6 @@ impl Worker {
                         }
                         Parsed { id: packet.id, syn }
                     }));
-                    let received = Instant::now();
                     let now = self.clock.at(received);
                     for packet in parsed.drain(..) {
                         self.take(packet, now, &mut verdicts, &mut decided, &mut events);
