@@ -194,7 +194,7 @@ impl RejectWith {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
-    #[serde(deserialize_with = "at_least_one")]
+    #[serde(deserialize_with = "source_cap")]
     pub max_sources: usize,
 }
 
@@ -450,9 +450,16 @@ fn queue_count<'de, D: Deserializer<'de>>(d: D) -> Result<u16, D::Error> {
     Ok(n)
 }
 
-fn at_least_one<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+/// The largest `max_sources`: the state table is allocated at start, about
+/// 73 bytes per source, so this takes some 7 GB.
+const MAX_SOURCES: usize = 100_000_000;
+
+fn source_cap<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
     match usize::deserialize(d)? {
         0 => Err(serde::de::Error::custom("must be at least 1")),
+        n if n > MAX_SOURCES => Err(serde::de::Error::custom(format!(
+            "at most {MAX_SOURCES}: the state table is allocated at start, about 73 bytes per source"
+        ))),
         n => Ok(n),
     }
 }

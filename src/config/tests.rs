@@ -160,6 +160,10 @@ fn other_values_are_checked() {
         "knockq.toml:2: limits.max_sources: must be at least 1"
     );
     assert_eq!(
+        error(&format!("[limits]\nmax_sources = 200000000\n{SSH}")),
+        "knockq.toml:2: limits.max_sources: at most 100000000: the state table is allocated at start, about 73 bytes per source"
+    );
+    assert_eq!(
         error(&SSH.replace("\"ssh\"", "\"s s h\"")),
         "knockq.toml:2: policy[0].name: name \"s s h\" must be letters, digits, '-' or '_'"
     );
