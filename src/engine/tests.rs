@@ -554,8 +554,8 @@ fn status_shows_progress_and_grants_with_time_left() {
 #[test]
 fn a_bucket_full_of_strangers_keeps_every_grant() {
     let mut gate = capped(1000);
-    // Few enough grants that no bucket gets eight of them, but for odds of
-    // about one in a million.
+    // Few enough grants that no bucket gets more than its eight places
+    // hold, but for odds of a few in a million.
     let granted: Vec<String> = (0..100).map(|i| format!("10.1.0.{i}")).collect();
     for src in &granted {
         gate.knock(src, &[1111, 2222]);
