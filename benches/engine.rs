@@ -90,9 +90,10 @@ fn decide_batch(
     }
 }
 
-/// An engine tracking `tracked` sources at stage 1, room for as many more.
+/// An engine tracking `tracked` sources at stage 1, with room for as many
+/// more (and at least the default cap), so that they are not evicted.
 fn filled(tracked: u64) -> Engine {
-    let engine = engine((2 * tracked as usize).max(1 << 20) * 4);
+    let engine = engine((2 * tracked as usize).max(1 << 20));
     let mut events = Vec::new();
     for n in 0..tracked {
         decide(&engine, source(n), 1111, &mut events);
