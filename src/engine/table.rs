@@ -233,6 +233,9 @@ fn prefetch<T>(value: &T) {
             }
         }
     }
+    // Elsewhere the hardware's own prefetching has to do.
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = value;
 }
 
 /// A bucket's lock. Places, tags and the count change together, never
