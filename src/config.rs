@@ -13,8 +13,9 @@ use ipnet::IpNet;
 use serde::{Deserialize, Deserializer};
 use toml::Spanned;
 
-use crate::engine::PolicySet;
+use crate::engine::{PolicySet, PortMask};
 use crate::rotating::{Rotating, Secret};
+use crate::script::Script;
 
 /// A validated configuration.
 #[derive(Debug, Clone)]
@@ -26,6 +27,7 @@ pub struct Config {
     pub control: ControlConfig,
     pub state: StateConfig,
     pub rules: RulesConfig,
+    pub hooks: HooksConfig,
     pub policies: Vec<Policy>,
 }
 
@@ -47,6 +49,7 @@ impl Config {
             ("[metrics]", self.metrics != new.metrics),
             ("[control]", self.control != new.control),
             ("[state]", self.state != new.state),
+            ("[hooks]", self.hooks != new.hooks),
         ]
         .into_iter()
         .find_map(|(section, changed)| changed.then_some(section))
@@ -67,6 +70,46 @@ impl Default for StateConfig {
         StateConfig {
             dir: PathBuf::from(DEFAULT_STATE_DIR),
         }
+    }
+}
+
+/// How commands on grant and revoke run: off the verdict path, a few at a
+/// time, each within a time limit, from a bounded queue.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HooksConfig {
+    /// Commands running at once at most.
+    #[serde(deserialize_with = "hook_concurrency")]
+    pub concurrency: usize,
+    /// A command still running after this long is killed.
+    #[serde(deserialize_with = "duration")]
+    pub timeout: Duration,
+    /// Commands waiting to run at most; more are dropped and counted.
+    #[serde(deserialize_with = "hook_queue")]
+    pub queue: usize,
+}
+
+impl Default for HooksConfig {
+    fn default() -> Self {
+        HooksConfig {
+            concurrency: 4,
+            timeout: Duration::from_secs(10),
+            queue: 256,
+        }
+    }
+}
+
+fn hook_concurrency<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    match usize::deserialize(d)? {
+        n @ 1..=64 => Ok(n),
+        n => Err(serde::de::Error::custom(format!("concurrency {n} is outside 1..64"))),
+    }
+}
+
+fn hook_queue<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    match usize::deserialize(d)? {
+        n @ 1..=65536 => Ok(n),
+        n => Err(serde::de::Error::custom(format!("queue {n} is outside 1..65536"))),
     }
 }
 
@@ -196,13 +239,26 @@ impl RejectWith {
 pub struct LimitsConfig {
     #[serde(deserialize_with = "source_cap")]
     pub max_sources: usize,
+    /// Network grants (a script's `prefix`) in force at most.
+    #[serde(deserialize_with = "prefix_grant_cap")]
+    pub max_prefix_grants: usize,
 }
 
 impl Default for LimitsConfig {
     fn default() -> Self {
         LimitsConfig {
             max_sources: 1_000_000,
+            max_prefix_grants: 1024,
         }
+    }
+}
+
+/// Network grants are checked one by one for each SYN to an open port while
+/// any exist: keep them few.
+fn prefix_grant_cap<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    match usize::deserialize(d)? {
+        n @ 1..=65536 => Ok(n),
+        n => Err(serde::de::Error::custom(format!("{n} is outside 1..65536"))),
     }
 }
 
@@ -216,7 +272,23 @@ pub struct Policy {
     /// `None`: open until the close knock.
     pub grant_timeout: Option<Duration>,
     pub strict: bool,
+    pub hooks: PolicyHooks,
 }
+
+/// Commands run when a grant of the policy opens or ends: argument vectors,
+/// no shell, with [`HOOK_PLACEHOLDERS`] filled in.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PolicyHooks {
+    pub on_grant: Option<Vec<String>>,
+    pub on_revoke: Option<Vec<String>>,
+}
+
+/// What a hook's arguments may hold: `{source}` (the address, or the network
+/// of a prefix grant), `{prefix}` (its length), `{policy}`, `{ports}`
+/// (comma-separated), `{reason}` and `{end}` (Unix time the grant ends, or
+/// `never`).
+pub const HOOK_PLACEHOLDERS: [&str; 6] =
+    ["source", "prefix", "policy", "ports", "reason", "end"];
 
 /// The ports a policy's knock is made of.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -225,6 +297,8 @@ pub enum Knock {
     Fixed(Vec<u16>),
     /// New ports every period, derived from a shared secret.
     Rotating(Rotating),
+    /// Whatever a script decides, on the ports it declares.
+    Script(Script),
 }
 
 impl Knock {
@@ -233,6 +307,26 @@ impl Knock {
         match self {
             Knock::Fixed(sequence) => sequence.len(),
             Knock::Rotating(rotating) => usize::from(rotating.length),
+            // A script's stages have no fixed end.
+            Knock::Script(_) => 0,
+        }
+    }
+
+    /// What a saved grant remembers of the knock, so it comes back only
+    /// under the same one: the description, and for a script a digest of
+    /// its text.
+    pub fn identity(&self) -> String {
+        match self {
+            Knock::Script(script) => format!("{} sha256:{}", self.describe(), script.digest()),
+            _ => self.describe(),
+        }
+    }
+
+    /// Whether `stage` is progress still to be completed.
+    pub fn in_progress(&self, stage: u8) -> bool {
+        match self {
+            Knock::Script(_) => stage > 0,
+            _ => stage > 0 && usize::from(stage) < self.sequence_len(),
         }
     }
 
@@ -249,6 +343,11 @@ impl Knock {
                 r.ports.start(),
                 r.ports.end(),
                 humantime::format_duration(r.period)
+            ),
+            Knock::Script(script) => format!(
+                "script {} on {}",
+                script.file.display(),
+                script.describe_ports()
             ),
         }
     }
@@ -316,6 +415,8 @@ struct RawConfig {
     state: StateConfig,
     #[serde(default)]
     rules: RulesConfig,
+    #[serde(default)]
+    hooks: HooksConfig,
     #[serde(default, rename = "policy")]
     policies: Vec<RawPolicy>,
 }
@@ -326,6 +427,7 @@ struct RawPolicy {
     name: Spanned<String>,
     sequence: Option<Spanned<Vec<Port>>>,
     rotating: Option<Spanned<RawRotating>>,
+    script: Option<Spanned<RawScript>>,
     #[serde(default = "default_step_timeout", deserialize_with = "duration")]
     step_timeout: Duration,
     open_ports: Spanned<Vec<Port>>,
@@ -336,6 +438,186 @@ struct RawPolicy {
     strict: bool,
     #[serde(default)]
     allow_weak_sequence: bool,
+    on_grant: Option<Spanned<Vec<String>>>,
+    on_revoke: Option<Spanned<Vec<String>>>,
+}
+
+/// `[policy.script]`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawScript {
+    file: Spanned<PathBuf>,
+    knock_ports: Spanned<Vec<PortOrRange>>,
+    #[serde(default = "default_budget", deserialize_with = "duration")]
+    budget: Duration,
+    #[serde(default = "default_memory_mib")]
+    memory_mib: Spanned<u32>,
+    #[serde(default = "default_max_grant", deserialize_with = "duration")]
+    max_grant: Duration,
+    #[serde(default = "default_min_prefix_v4")]
+    min_prefix_v4: Spanned<u8>,
+    #[serde(default = "default_min_prefix_v6")]
+    min_prefix_v6: Spanned<u8>,
+    secret_file: Option<Spanned<PathBuf>>,
+}
+
+/// A knock port, or a range of them as `"20000-20999"`.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum PortOrRange {
+    Port(Port),
+    Range(String),
+}
+
+fn default_budget() -> Duration {
+    Duration::from_millis(1)
+}
+
+fn default_memory_mib() -> Spanned<u32> {
+    Spanned::new(0..0, 16)
+}
+
+fn default_max_grant() -> Duration {
+    Duration::from_secs(24 * 3600)
+}
+
+fn default_min_prefix_v4() -> Spanned<u8> {
+    Spanned::new(0..0, 16)
+}
+
+fn default_min_prefix_v6() -> Spanned<u8> {
+    Spanned::new(0..0, 48)
+}
+
+/// Longest time budget a script call may have: longer would stall a worker.
+const MAX_SCRIPT_BUDGET: Duration = Duration::from_millis(100);
+
+impl RawScript {
+    /// Checks the settings, reads the script and loads it once in a sandbox.
+    fn validate(
+        &self,
+        open_ports: &[u16],
+        errors: &ErrorContext,
+        key: &dyn Fn(&str) -> String,
+    ) -> Result<Script, ConfigError> {
+        let knock_ports = self
+            .knock_ports
+            .get_ref()
+            .iter()
+            .map(|entry| match entry {
+                PortOrRange::Port(port) => Ok(port.0..=port.0),
+                PortOrRange::Range(text) => parse_port_range(text),
+            })
+            .collect::<Result<Vec<_>, String>>()
+            .map_err(|message| errors.spanned(&self.knock_ports, key("script.knock_ports"), message))?;
+        if knock_ports.is_empty() {
+            let message = "knock_ports is empty: give the ports the script decides".to_owned();
+            return Err(errors.spanned(&self.knock_ports, key("script.knock_ports"), message));
+        }
+        if self.budget > MAX_SCRIPT_BUDGET {
+            let message = format!(
+                "budget {} is longer than {}: a call that long stalls its queue",
+                humantime::format_duration(self.budget),
+                humantime::format_duration(MAX_SCRIPT_BUDGET)
+            );
+            return Err(errors.at(None, key("script.budget"), &message));
+        }
+        let memory_mib = *self.memory_mib.get_ref();
+        if !(1..=1024).contains(&memory_mib) {
+            let message = format!("memory_mib {memory_mib} is outside 1..1024");
+            return Err(errors.spanned(&self.memory_mib, key("script.memory_mib"), message));
+        }
+        for (value, name, max) in [
+            (&self.min_prefix_v4, "script.min_prefix_v4", 32),
+            (&self.min_prefix_v6, "script.min_prefix_v6", 128),
+        ] {
+            if !(1..=max).contains(value.get_ref()) {
+                let message = format!("{} is outside 1..{max}", value.get_ref());
+                return Err(errors.spanned(value, key(name), message));
+            }
+        }
+        let secret = self
+            .secret_file
+            .as_ref()
+            .map(|file| {
+                Secret::load(&errors.relative_path(file.get_ref())).map_err(|e| {
+                    errors.spanned(file, key("script.secret_file"), e.to_string())
+                })
+            })
+            .transpose()?;
+        let file = errors.relative_path(self.file.get_ref());
+        let source = std::fs::read_to_string(&file).map_err(|e| {
+            errors.spanned(&self.file, key("script.file"), format!("{}: {e}", file.display()))
+        })?;
+        let script = Script {
+            file: file.clone(),
+            source: source.into(),
+            knock_ports,
+            open_ports: open_ports.to_vec(),
+            budget: self.budget,
+            memory_limit: memory_mib as usize * 1024 * 1024,
+            max_grant: self.max_grant,
+            min_prefix_v4: *self.min_prefix_v4.get_ref(),
+            min_prefix_v6: *self.min_prefix_v6.get_ref(),
+            secret,
+        };
+        // The script's own file and line, as the one line of the error.
+        script.check().map_err(|e| ConfigError::Invalid {
+            path: file,
+            line: e.line,
+            key: String::new(),
+            message: strip_location(&e.message).to_owned(),
+        })?;
+        Ok(script)
+    }
+}
+
+/// A Luau message without its leading `file:line: `, which the error
+/// prints itself.
+fn strip_location(message: &str) -> &str {
+    match message.split_once(".lua:") {
+        Some((_, rest)) => match rest.split_once(": ") {
+            Some((line, text)) if line.chars().all(|c| c.is_ascii_digit()) => text,
+            _ => message,
+        },
+        None => message,
+    }
+}
+
+/// A hook's argument vector: a program and its arguments, placeholders
+/// among [`HOOK_PLACEHOLDERS`].
+fn check_hook(
+    hook: &Spanned<Vec<String>>,
+    name: &str,
+    errors: &ErrorContext,
+    key: &dyn Fn(&str) -> String,
+) -> Result<Vec<String>, ConfigError> {
+    let argv = hook.get_ref();
+    let fail = |message: String| Err(errors.spanned(hook, key(name), message));
+    if argv.first().is_none_or(|program| program.is_empty()) {
+        return fail("give the program and its arguments, such as [\"/usr/sbin/nft\", ...]".to_owned());
+    }
+    for arg in argv {
+        let mut rest = arg.as_str();
+        while let Some(open) = rest.find('{') {
+            let after = &rest[open + 1..];
+            let word: String = after
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            if after[word.len()..].starts_with('}')
+                && !word.is_empty()
+                && !HOOK_PLACEHOLDERS.contains(&word.as_str())
+            {
+                return fail(format!(
+                    "unknown placeholder {{{word}}} (placeholders: {})",
+                    HOOK_PLACEHOLDERS.map(|p| format!("{{{p}}}")).join(", ")
+                ));
+            }
+            rest = after;
+        }
+    }
+    Ok(argv.clone())
 }
 
 /// `[policy.rotating]`, also a client profile's `rotating` table.
@@ -718,15 +1000,15 @@ fn validate(raw: RawConfig, errors: &ErrorContext) -> Result<Config, ConfigError
             let message = "open_ports is empty: give at least one port to open".to_owned();
             return Err(errors.spanned(&policy.open_ports, key("open_ports"), message));
         }
-        let knock = match (&policy.sequence, &policy.rotating) {
-            (Some(sequence), None) => {
+        let knock = match (&policy.sequence, &policy.rotating, &policy.script) {
+            (Some(sequence), None, None) => {
                 check_sequence(sequence, policy, &open, &claimed, &ranges, errors, &key)?;
                 for port in sequence.get_ref() {
                     claimed.insert(port.0, PortUse::Knock(name));
                 }
                 Knock::Fixed(sequence.get_ref().iter().map(|p| p.0).collect())
             }
-            (None, Some(rotating)) => {
+            (None, Some(rotating), None) => {
                 let r = rotating.get_ref().validate(errors, &key)?;
                 let conflict = open
                     .iter()
@@ -762,15 +1044,64 @@ fn validate(raw: RawConfig, errors: &ErrorContext) -> Result<Config, ConfigError
                 ranges.push((r.ports.clone(), name));
                 Knock::Rotating(r)
             }
-            (Some(sequence), Some(_)) => {
-                let message = "give either sequence or [policy.rotating], not both".to_owned();
+            (None, None, Some(script)) => {
+                let open_ports: Vec<u16> = policy.open_ports.get_ref().iter().map(|p| p.0).collect();
+                if open_ports.len() > PortMask::MAX_PORTS {
+                    let message = format!(
+                        "a script policy opens at most {} ports",
+                        PortMask::MAX_PORTS
+                    );
+                    return Err(errors.spanned(&policy.open_ports, key("open_ports"), message));
+                }
+                if let Some(close) = &policy.close_port {
+                    let message = "a script policy closes with k:revoke(): declare the close port among knock_ports".to_owned();
+                    return Err(errors.spanned(close, key("close_port"), message));
+                }
+                let s = script.get_ref().validate(&open_ports, errors, &key)?;
+                for port in s.knock_ports.iter().flat_map(Clone::clone) {
+                    let conflict = open
+                        .get(&port)
+                        .map(|owner| PortUse::Open(owner))
+                        .or_else(|| claimed.get(&port).copied())
+                        .or_else(|| in_range(&ranges, port));
+                    if let Some(conflict) = conflict {
+                        let message = format!("knock port {port} is also {conflict}");
+                        return Err(errors.spanned(
+                            &script.get_ref().knock_ports,
+                            key("script.knock_ports"),
+                            message,
+                        ));
+                    }
+                    claimed.insert(port, PortUse::Knock(name));
+                }
+                Knock::Script(s)
+            }
+            (Some(sequence), _, _) => {
+                let message =
+                    "give one of sequence, [policy.rotating] or [policy.script]".to_owned();
                 return Err(errors.spanned(sequence, key("sequence"), message));
             }
-            (None, None) => {
+            (None, Some(rotating), Some(_)) => {
+                let message = "give one of [policy.rotating] or [policy.script]".to_owned();
+                return Err(errors.spanned(rotating, key("rotating"), message));
+            }
+            (None, None, None) => {
                 let message =
-                    "no knock: give a sequence of ports or a [policy.rotating] table".to_owned();
+                    "no knock: give a sequence of ports, a [policy.rotating] or a [policy.script] table".to_owned();
                 return Err(errors.spanned(&policy.name, key("sequence"), message));
             }
+        };
+        let hooks = PolicyHooks {
+            on_grant: policy
+                .on_grant
+                .as_ref()
+                .map(|hook| check_hook(hook, "on_grant", errors, &key))
+                .transpose()?,
+            on_revoke: policy
+                .on_revoke
+                .as_ref()
+                .map(|hook| check_hook(hook, "on_revoke", errors, &key))
+                .transpose()?,
         };
         if let Some(close) = &policy.close_port {
             let port = close.get_ref().0;
@@ -786,7 +1117,7 @@ fn validate(raw: RawConfig, errors: &ErrorContext) -> Result<Config, ConfigError
             }
             claimed.insert(port, PortUse::Close(name));
         }
-        knocks.push(knock);
+        knocks.push((knock, hooks));
     }
     drop(claimed);
 
@@ -794,7 +1125,7 @@ fn validate(raw: RawConfig, errors: &ErrorContext) -> Result<Config, ConfigError
         .policies
         .into_iter()
         .zip(knocks)
-        .map(|(raw, knock)| Policy {
+        .map(|(raw, (knock, hooks))| Policy {
             name: raw.name.into_inner(),
             knock,
             step_timeout: raw.step_timeout,
@@ -807,6 +1138,7 @@ fn validate(raw: RawConfig, errors: &ErrorContext) -> Result<Config, ConfigError
             close_port: raw.close_port.map(|p| p.into_inner().0),
             grant_timeout: raw.grant_timeout,
             strict: raw.strict,
+            hooks,
         })
         .collect();
     Ok(Config {
@@ -817,6 +1149,7 @@ fn validate(raw: RawConfig, errors: &ErrorContext) -> Result<Config, ConfigError
         control: raw.control,
         state: raw.state,
         rules: raw.rules,
+        hooks: raw.hooks,
         policies,
     })
 }

@@ -265,7 +265,7 @@ mod tests {
         };
         assert!(
             engine
-                .decide(syn, Timestamp::from_millis(1), &mut Vec::new())
+                .decide(syn, Timestamp::from_millis(1), &mut Vec::new(), &mut crate::engine::NoScripts)
                 .verdict()
                 == crate::engine::Verdict::Accept
         );

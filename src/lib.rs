@@ -6,6 +6,8 @@
 //! - [`packet`]: packet bytes to the facts the engine needs.
 //! - [`config`]: the TOML configuration and its validation.
 //! - [`rotating`]: rotating knock sequences derived from a shared secret.
+//! - [`script`]: script policies: knock logic in sandboxed Luau.
+//! - [`hooks`]: commands run when grants open and end.
 //! - [`firewall`]: the rules that feed the queue, as iptables or nft text.
 //! - [`daemon`]: the NFQUEUE workers around the engine, metrics, control socket.
 //! - [`control`]: the control protocol, both sides.
@@ -20,6 +22,8 @@ pub mod control;
 pub mod daemon;
 pub mod engine;
 pub mod firewall;
+pub mod hooks;
 pub mod packet;
 pub mod rotating;
+pub mod script;
 pub mod simulate;

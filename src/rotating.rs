@@ -79,6 +79,14 @@ impl Secret {
         Ok(Secret(bytes))
     }
 
+    /// HMAC-SHA256 of `message` under the secret.
+    pub fn hmac(&self, message: &[u8]) -> [u8; 32] {
+        let mut mac =
+            Hmac::<Sha256>::new_from_slice(&self.0).expect("HMAC takes keys of any length");
+        mac.update(message);
+        mac.finalize().into_bytes().into()
+    }
+
     #[cfg(test)]
     pub(crate) fn from_bytes(bytes: &[u8]) -> Self {
         Secret(bytes.to_vec())

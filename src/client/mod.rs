@@ -49,6 +49,7 @@ pub fn profile_sequence(profile: &Profile) -> Vec<u16> {
     let rotating = match &profile.knock {
         Knock::Fixed(sequence) => return sequence.clone(),
         Knock::Rotating(rotating) => rotating,
+        Knock::Script(_) => unreachable!("client profiles have no script knock"),
     };
     let used = UsedWindows::for_profile(&profile.name);
     let pick = windows::pick(rotating, &used.load(), unix_millis());

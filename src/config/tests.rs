@@ -320,7 +320,7 @@ fn rotating_settings_are_checked() {
             "[policy.rotating]",
             "sequence = [1111, 2222]\n[policy.rotating]"
         )),
-        "knockq.toml:5: policy[0].sequence: give either sequence or [policy.rotating], not both"
+        "knockq.toml:5: policy[0].sequence: give one of sequence, [policy.rotating] or [policy.script]"
     );
     assert_eq!(
         fixture.error(&OPS.replace("[policy.rotating]\nsecret_file = \"ops.key\"\nports = \"20000-59999\"\n", "")),

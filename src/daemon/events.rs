@@ -1,6 +1,8 @@
-//! Where engine events go: counted in the metrics, and logged as one stable
-//! `event=… src=… policy=…` line per state change at info (for people and
-//! for fail2ban-style parsers), knock steps at debug.
+//! Where engine events go, the one place every listener hangs off: counted
+//! in the metrics, logged as one stable `event=… src=… policy=…` line per
+//! state change at info (for people and for fail2ban-style parsers), knock
+//! steps at debug, grant changes flagged for saving, and handed to the
+//! commands on grant and revoke.
 //!
 //! Spoofed sources can make resets and expiries, even grants once a
 //! sequence is known, at any rate: info lines are rate-limited, and what was
@@ -13,7 +15,9 @@ use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
 
 use super::metrics::Metrics;
-use crate::engine::{Engine, Event, EventKind, Policies};
+use crate::config::Policy;
+use crate::engine::{Engine, Event, EventKind, GrantScope, Policies, WallClock, GRANT_UNTIL_CLOSED};
+use crate::hooks::{self, Hook, Hooks, Placeholders};
 
 /// How often a summary of suppressed lines may be logged.
 const SUMMARY_INTERVAL: Duration = Duration::from_secs(10);
@@ -28,11 +32,18 @@ pub struct EventReport {
     noise: TokenBucket,
     suppressed: u64,
     last_summary: Instant,
+    hooks: Option<Arc<Hooks>>,
 }
 
 impl EventReport {
-    pub fn new(metrics: Arc<Metrics>, grants_changed: Arc<AtomicBool>, now: Instant) -> Self {
+    pub fn new(
+        metrics: Arc<Metrics>,
+        grants_changed: Arc<AtomicBool>,
+        hooks: Option<Arc<Hooks>>,
+        now: Instant,
+    ) -> Self {
         EventReport {
+            hooks,
             metrics,
             grants_changed,
             grants: TokenBucket::new(200.0, 50.0, now),
@@ -61,13 +72,56 @@ impl EventReport {
             self.grants_changed.store(true, Ordering::Relaxed);
         }
         let policies = engine.policies();
+        let wall = engine.wall_clock();
         for event in events.drain(..) {
+            self.run_hooks(&policies, &event, wall);
             self.log(&policies, event, now);
         }
         self.summarise(now);
     }
 
-    fn log(&mut self, policies: &Policies, Event { src, policy, kind }: Event, now: Instant) {
+    /// Queues the policy's command for a grant or revoke event.
+    fn run_hooks(&self, policies: &Policies, event: &Event, wall: WallClock) {
+        let Some(hooks) = &self.hooks else { return };
+        let Some(policy) = policies.get(event.policy) else {
+            return;
+        };
+        let (hook, argv, reason) = match event.kind {
+            EventKind::Granted => (Hook::OnGrant, &policy.hooks.on_grant, "granted"),
+            EventKind::Refreshed => (Hook::OnGrant, &policy.hooks.on_grant, "refreshed"),
+            EventKind::Restored => (Hook::OnGrant, &policy.hooks.on_grant, "restored"),
+            EventKind::Revoked(reason) => (Hook::OnRevoke, &policy.hooks.on_revoke, reason.as_str()),
+            _ => return,
+        };
+        let Some(argv) = argv else { return };
+        let scope = event.grant;
+        let end = match scope.until {
+            GRANT_UNTIL_CLOSED => "never".to_owned(),
+            until => (wall.unix_millis(until) / 1000).to_string(),
+        };
+        let values = Placeholders {
+            source: &Subject(event).to_string(),
+            prefix: &scope
+                .prefix
+                .unwrap_or(if event.src.is_ipv4() { 32 } else { 128 })
+                .to_string(),
+            policy: &policy.name,
+            ports: &GrantPorts(policy, scope).to_string(),
+            reason,
+            end: &end,
+        };
+        hooks.offer(hooks::Run {
+            policy: policy.name.clone(),
+            hook,
+            argv: hooks::fill(argv, &values),
+        });
+    }
+
+    fn log(&mut self, policies: &Policies, event: Event, now: Instant) {
+        let Event {
+            policy, kind, grant, ..
+        } = event;
+        let src = Subject(&event);
         // A reload may have removed the policy since the event.
         let Some(policy) = policies.get(policy) else {
             return;
@@ -98,7 +152,7 @@ impl EventReport {
                     EventKind::Refreshed => "refresh",
                     _ => "restore",
                 };
-                let ports = PortList(&policy.open_ports);
+                let ports = GrantPorts(policy, grant);
                 info!(event = %event, %src, policy = %name, %ports);
             }
             EventKind::Revoked(reason) => {
@@ -153,18 +207,30 @@ impl TokenBucket {
     }
 }
 
-/// `22,8080`
-struct PortList<'a>(&'a [u16]);
+/// The ports a grant opens: `22,8080`.
+struct GrantPorts<'a>(&'a Policy, GrantScope);
 
-impl std::fmt::Display for PortList<'_> {
+impl std::fmt::Display for GrantPorts<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        for (i, port) in self.0.iter().enumerate() {
+        for (i, port) in self.1.ports.ports(&self.0.open_ports).enumerate() {
             if i > 0 {
                 f.write_str(",")?;
             }
             write!(f, "{port}")?;
         }
         Ok(())
+    }
+}
+
+/// Whom an event is about: `10.0.0.2`, or `10.0.0.0/24` for a network grant.
+struct Subject<'a>(&'a Event);
+
+impl std::fmt::Display for Subject<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0.grant.prefix {
+            Some(prefix) => write!(f, "{}/{prefix}", self.0.src),
+            None => write!(f, "{}", self.0.src),
+        }
     }
 }
 
@@ -179,12 +245,17 @@ mod tests {
         let engine = Engine::new(&config);
         let metrics = Arc::new(Metrics::new(&engine.policies(), 0..1).unwrap());
         let start = Instant::now();
-        let mut report = EventReport::new(Arc::clone(&metrics), Arc::default(), start);
+        let mut report = EventReport::new(Arc::clone(&metrics), Arc::default(), None, start);
         let key = engine.policies().key(0);
         let reset = |i: u32| Event {
             src: std::net::Ipv4Addr::from(i).into(),
             policy: key,
             kind: EventKind::Reset,
+            grant: GrantScope {
+                prefix: None,
+                ports: crate::engine::PortMask::ALL,
+                until: GRANT_UNTIL_CLOSED,
+            },
         };
         let mut events: Vec<Event> = (0..1000).map(reset).collect();
         report.publish(&engine, &mut events, start);

@@ -39,6 +39,8 @@ pub struct Metrics {
     policies: ArcSwap<HashMap<PolicyKey, PolicyHandles>>,
     evictions: IntCounter,
     tracked_sources: IntGauge,
+    script_errors: IntCounterVec,
+    hook_runs: IntCounterVec,
 }
 
 /// The families labelled by policy.
@@ -151,6 +153,17 @@ impl Metrics {
         )?;
         register(Box::new(tracked_sources.clone()))?;
 
+        let script_errors = counters(
+            "knockq_script_errors_total",
+            "Script calls that failed, each rejecting its packet, by policy and kind (runtime, budget, memory, result, load).",
+            &["policy", "kind"],
+        )?;
+        let hook_runs = counters(
+            "knockq_hook_runs_total",
+            "Commands run on grant and revoke, by policy, hook and outcome (ok, failed, timeout, dropped).",
+            &["policy", "hook", "outcome"],
+        )?;
+
         let build_info = IntGaugeVec::new(
             Opts::new(
                 "knockq_build_info",
@@ -175,7 +188,20 @@ impl Metrics {
             policies: ArcSwap::from_pointee(handles),
             evictions,
             tracked_sources,
+            script_errors,
+            hook_runs,
         })
+    }
+
+    /// Counts a failed script call; off the verdict path, after the
+    /// verdicts are out.
+    pub fn script_error(&self, policy: &str, kind: &str) {
+        self.script_errors.with_label_values(&[policy, kind]).inc();
+    }
+
+    /// Counts a command run on grant or revoke, on the executor's threads.
+    pub fn hook_run(&self, policy: &str, hook: &str, outcome: &str) {
+        self.hook_runs.with_label_values(&[policy, hook, outcome]).inc();
     }
 
     /// Follows a reload: series for the policies now in force; the active
@@ -350,6 +376,11 @@ mod tests {
             src: "10.0.0.2".parse().unwrap(),
             policy: key,
             kind,
+            grant: crate::engine::GrantScope {
+                prefix: None,
+                ports: crate::engine::PortMask::ALL,
+                until: crate::engine::GRANT_UNTIL_CLOSED,
+            },
         };
         metrics.events(&[
             event(EventKind::Advanced { stage: 1 }),

@@ -25,6 +25,7 @@ use tracing::{error, info, warn};
 
 use crate::config::{Config, ConfigError};
 use crate::engine::{Engine, TablePart, Timestamp, WallClock};
+use crate::hooks::Hooks;
 use control::ControlSocket;
 use events::EventReport;
 use metrics::Metrics;
@@ -111,10 +112,13 @@ pub fn run(
     let clock = Clock::start();
     engine.set_wall_clock(clock.wall());
     let grants_changed = Arc::new(AtomicBool::new(false));
+    // Always there, idle until a policy has a command: a reload may add one.
+    let hooks = Some(Hooks::start(&config.hooks, Arc::clone(&metrics)).map_err(DaemonError::Threads)?);
     let report = || {
         EventReport::new(
             Arc::clone(&metrics),
             Arc::clone(&grants_changed),
+            hooks.clone(),
             Instant::now(),
         )
     };

@@ -13,9 +13,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use crate::engine::{Engine, EventSink, GrantLeft, Policies, PolicyKey, Timestamp};
+use crate::engine::{Engine, EventSink, GrantLeft, Policies, PolicyKey, PortMask, Restore, Timestamp};
 
-const FORMAT_VERSION: u32 = 2;
+const FORMAT_VERSION: u32 = 3;
+/// Version 2 files (before network grants, port subsets and script
+/// stages) read the same, without them.
+const OLDEST_READABLE_VERSION: u32 = 2;
 
 #[derive(Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -38,6 +41,19 @@ struct SavedGrant {
     close_port: Option<u16>,
     /// `None`: open until the close knock.
     seconds_left: Option<f64>,
+    /// A network grant's prefix length; `source` is the network's address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    prefix: Option<u8>,
+    /// The open ports the grant opens, when not all of them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    ports: Option<Vec<u16>>,
+    /// A script policy's stage for the source.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    stage: u8,
+}
+
+fn is_zero(stage: &u8) -> bool {
+    *stage == 0
 }
 
 /// A rotating window some source completed.
@@ -92,10 +108,15 @@ impl StateStore {
             .filter_map(|s| {
                 let left = s.status.grant?;
                 let policy = policies.get(policies.by_name(&s.policy)?)?;
+                let ports = s.status.ports;
                 Some(SavedGrant {
                     source: s.src,
+                    prefix: s.prefix,
+                    stage: s.stage,
+                    ports: (ports != PortMask::ALL)
+                        .then(|| ports.ports(&policy.open_ports).collect()),
                     policy: s.policy,
-                    knock: policy.knock.describe(),
+                    knock: policy.knock.identity(),
                     open_ports: policy.open_ports.clone(),
                     close_port: policy.close_port,
                     seconds_left: match left {
@@ -112,7 +133,7 @@ impl StateStore {
                 let policy = policies.get(key)?;
                 Some(SavedSpent {
                     policy: policy.name.clone(),
-                    knock: policy.knock.describe(),
+                    knock: policy.knock.identity(),
                     window,
                 })
             })
@@ -174,7 +195,7 @@ impl StateStore {
                 path: self.path.clone(),
                 source,
             })?;
-        if file.version != FORMAT_VERSION {
+        if !(OLDEST_READABLE_VERSION..=FORMAT_VERSION).contains(&file.version) {
             return Err(StateError::Version {
                 path: self.path.clone(),
                 found: file.version,
@@ -188,9 +209,9 @@ impl StateStore {
         }
         let restorable = still_valid(file, &policies, unix_now());
         let count = restorable.len();
-        for (source, key, left) in restorable {
+        for saved in restorable {
             // Only a full table of grants refuses: nothing else is tracked yet.
-            let _ = engine.restore(source, key, left, now, events);
+            let _ = engine.restore(saved, now, events);
         }
         Ok(count)
     }
@@ -199,16 +220,12 @@ impl StateStore {
 /// The key of the policy in force named `name`, if its knock is `knock`.
 fn same_knock(policies: &Policies, name: &str, knock: &str) -> Option<PolicyKey> {
     let key = policies.by_name(name)?;
-    (policies.get(key)?.knock.describe() == knock).then_some(key)
+    (policies.get(key)?.knock.identity() == knock).then_some(key)
 }
 
 /// The saved grants whose policy is still in force unchanged and whose time
 /// has not run out by `unix_now`.
-fn still_valid(
-    file: StateFile,
-    policies: &Policies,
-    unix_now: f64,
-) -> Vec<(IpAddr, PolicyKey, GrantLeft)> {
+fn still_valid(file: StateFile, policies: &Policies, unix_now: f64) -> Vec<Restore> {
     let elapsed = (unix_now - file.saved_at).max(0.0);
     file.grants
         .into_iter()
@@ -224,7 +241,18 @@ fn still_valid(
                 }
                 Some(_) => return None,
             };
-            same.then_some((grant.source, key, left))
+            let ports = match &grant.ports {
+                None => PortMask::ALL,
+                Some(ports) => PortMask::of(&policy.open_ports, ports).ok()?,
+            };
+            same.then_some(Restore {
+                src: grant.source,
+                prefix: grant.prefix,
+                policy: key,
+                left,
+                ports,
+                stage: grant.stage,
+            })
         })
         .collect()
 }
@@ -232,7 +260,7 @@ fn still_valid(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::{Event, Syn, Verdict};
+    use crate::engine::{Event, NoScripts, Syn, Verdict};
 
     fn engine(text: &str) -> Engine {
         Engine::new(&crate::config::parse(text, Path::new("t.toml")).unwrap())
@@ -246,7 +274,7 @@ mod tests {
                 src: src.parse().unwrap(),
                 dst_port: port,
             };
-            engine.decide(syn, Timestamp::from_millis(0), &mut Vec::new());
+            engine.decide(syn, Timestamp::from_millis(0), &mut Vec::new(), &mut NoScripts);
         }
     }
 
@@ -256,7 +284,7 @@ mod tests {
             dst_port: 22,
         };
         engine
-            .decide(syn, Timestamp::from_millis(5), &mut Vec::new())
+            .decide(syn, Timestamp::from_millis(5), &mut Vec::new(), &mut NoScripts)
             .verdict()
             == Verdict::Accept
     }
@@ -294,6 +322,9 @@ mod tests {
             open_ports: vec![22],
             close_port: None,
             seconds_left,
+            prefix: None,
+            ports: None,
+            stage: 0,
         };
         let file = StateFile {
             version: FORMAT_VERSION,
@@ -308,7 +339,7 @@ mod tests {
             spent: Vec::new(),
         };
         let valid = still_valid(file, &policies, 1030.0);
-        let lefts: Vec<GrantLeft> = valid.iter().map(|(_, _, left)| *left).collect();
+        let lefts: Vec<GrantLeft> = valid.iter().map(|restore| restore.left).collect();
         assert_eq!(
             lefts,
             [

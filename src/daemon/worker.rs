@@ -18,8 +18,9 @@ use super::metrics::Metrics;
 use super::receive::{Receiver, MAX_BATCH};
 use super::verdicts::VerdictBatch;
 use super::Clock;
-use crate::engine::{Decision, Engine, Event, Reason, Syn, Timestamp};
+use crate::engine::{Decision, Engine, Event, PolicyKey, Reason, Syn, Timestamp};
 use crate::packet;
+use crate::script::{Failure, FailureKind, ScriptVms};
 
 /// How long a receive waits before the worker checks for shutdown.
 pub const RECEIVE_TIMEOUT: Duration = Duration::from_millis(200);
@@ -62,6 +63,9 @@ impl Worker {
         let mut receiver = Receiver::new(fd);
         let mut verdicts = VerdictBatch::new(fd, self.num);
         let mut unusual = UnusualCounts::default();
+        // This thread's own script VMs, made on first use.
+        let mut scripts = ScriptVms::new();
+        let mut script_failures = ScriptFailures::default();
         let mut errors_in_a_row = 0;
         while !self.shutdown.load(Ordering::Relaxed) {
             self.heartbeat
@@ -82,7 +86,7 @@ impl Worker {
                     }));
                     let now = self.clock.at(received);
                     for packet in parsed.drain(..) {
-                        self.take(packet, now, &mut verdicts, &mut decided, &mut events);
+                        self.take(packet, now, &mut verdicts, &mut decided, &mut events, &mut scripts);
                     }
                     received
                 }
@@ -112,6 +116,9 @@ impl Worker {
                 }
                 unusual.note(self.num, decision.reason);
             }
+            if scripts.has_failures() {
+                script_failures.report(&self.engine, &self.metrics, scripts.take_failures());
+            }
             self.report
                 .publish(&self.engine, &mut events, Instant::now());
         }
@@ -130,8 +137,11 @@ impl Worker {
         verdicts: &mut VerdictBatch,
         decided: &mut Vec<Decided>,
         events: &mut Vec<Event>,
+        scripts: &mut ScriptVms,
     ) {
-        let decision = decide(packet.syn, |syn| self.engine.decide(syn, now, events));
+        let decision = decide(packet.syn, |syn| {
+            self.engine.decide(syn, now, events, scripts)
+        });
         let syn = packet.syn.flatten();
         if let Err(e) = verdicts.push(packet.id, decision.verdict()) {
             warn!(queue = self.num, "sending verdicts failed: {e}");
@@ -193,6 +203,36 @@ impl UnusualCounts {
         *count += 1;
         if count.is_power_of_two() {
             warn!(queue, count = *count, "{what}");
+        }
+    }
+}
+
+/// Failed script calls: every one counted in the metrics, logged with the
+/// script's file and line at 1, 2, 4, 8… failures of each policy and kind.
+#[derive(Default)]
+struct ScriptFailures(std::collections::HashMap<(PolicyKey, FailureKind), u64>);
+
+impl ScriptFailures {
+    fn report(
+        &mut self,
+        engine: &Engine,
+        metrics: &Metrics,
+        (described, counted): (Vec<Failure>, Vec<(PolicyKey, FailureKind)>),
+    ) {
+        let policies = engine.policies();
+        let described = described.into_iter().map(|f| (f.policy, f.kind, Some(f.message)));
+        let counted = counted.into_iter().map(|(policy, kind)| (policy, kind, None));
+        for (key, kind, message) in described.chain(counted) {
+            // A reload may have removed the policy since.
+            let Some(policy) = policies.get(key) else {
+                continue;
+            };
+            metrics.script_error(&policy.name, kind.as_str());
+            let count = self.0.entry((key, kind)).or_default();
+            *count += 1;
+            if let (true, Some(message)) = (count.is_power_of_two(), message) {
+                warn!(event = %"script_error", policy = %policy.name, kind = kind.as_str(), count = *count, "{message}");
+            }
         }
     }
 }

@@ -4,7 +4,9 @@
 
 mod policies;
 mod ports;
+mod prefixes;
 mod rotation;
+mod script;
 mod source;
 mod table;
 
@@ -18,10 +20,15 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 
-use crate::config::{Config, Policy};
+use ipnet::IpNet;
+use smallvec::SmallVec;
+
+use crate::config::{self, Config, Policy};
 
 pub use policies::{Policies, PolicyKey};
-pub use ports::{PolicySet, PortMap, PortRole};
+pub use ports::{PolicySet, PortMap, PortMask, PortRole};
+pub use script::{NoScripts, ScriptAction, ScriptGrant, ScriptInput, ScriptOutput, ScriptRunner};
+use prefixes::{PrefixGrant, PrefixGrants};
 use rotation::SpentWindows;
 use source::SourceState;
 pub use source::{GrantLeft, PolicyStatus, Progress};
@@ -164,10 +171,27 @@ impl Decision {
 /// A change of one source's state under one policy.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Event {
+    /// The source, or the network address of a network grant.
     pub src: IpAddr,
     pub policy: PolicyKey,
     pub kind: EventKind,
+    /// The grant a grant or revoke event is about (for other events, the
+    /// source's grant as it stands).
+    pub grant: GrantScope,
 }
+
+/// Which grant an event is about: whom it lets in, to which ports, until when.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GrantScope {
+    /// A network grant's prefix length; `None` for the address alone.
+    pub prefix: Option<u8>,
+    pub ports: PortMask,
+    /// When it ends; [`GRANT_UNTIL_CLOSED`] for grants without a timeout.
+    pub until: Timestamp,
+}
+
+/// The end of a grant that lasts until it is closed.
+pub const GRANT_UNTIL_CLOSED: Timestamp = source::NEVER;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EventKind {
@@ -241,8 +265,13 @@ pub struct TableFull;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SourceStatus {
+    /// The source, or the network address of a network grant.
     pub src: IpAddr,
+    /// A network grant's prefix length.
+    pub prefix: Option<u8>,
     pub policy: String,
+    /// The script stage to save with the grant (0 for other policies).
+    pub stage: u8,
     pub status: PolicyStatus,
 }
 
@@ -262,6 +291,7 @@ pub struct Reloaded {
 pub struct Engine {
     policies: ArcSwap<Policies>,
     sources: SourceTable,
+    prefixes: PrefixGrants,
     spent: SpentWindows,
     wall_offset: AtomicI64,
     next_key: AtomicU32,
@@ -273,6 +303,7 @@ impl Engine {
         Engine {
             policies: ArcSwap::from_pointee(Policies::new(&config.policies, None, &next_key)),
             sources: SourceTable::new(config.limits.max_sources),
+            prefixes: PrefixGrants::new(config.limits.max_prefix_grants),
             spent: SpentWindows::default(),
             wall_offset: AtomicI64::new(0),
             next_key,
@@ -313,7 +344,7 @@ impl Engine {
             .store(wall.offset_millis, Ordering::Relaxed);
     }
 
-    fn wall_clock(&self) -> WallClock {
+    pub fn wall_clock(&self) -> WallClock {
         WallClock {
             offset_millis: self.wall_offset.load(Ordering::Relaxed),
         }
@@ -338,12 +369,20 @@ impl Engine {
 
     /// Decides one NEW SYN at time `now`. The state change caused by the
     /// packet is complete when this returns, so the next packet from the same
-    /// source already sees it.
-    pub fn decide(&self, syn: Syn, now: Timestamp, events: &mut impl EventSink) -> Decision {
+    /// source already sees it. Script policies run through `scripts`, the
+    /// calling thread's own.
+    pub fn decide(
+        &self,
+        syn: Syn,
+        now: Timestamp,
+        events: &mut impl EventSink,
+        scripts: &mut impl ScriptRunner,
+    ) -> Decision {
         let policies = self.policies.load();
         let wall = self.wall_clock();
         let role = policies.role(syn.dst_port, now, wall);
-        // Only the first port of a sequence starts tracking a stranger.
+        // Only the first port of a sequence starts tracking a stranger; a
+        // script's knock does once the script says so.
         let starts = match role {
             PortRole::Knock {
                 first: true,
@@ -357,23 +396,154 @@ impl Engine {
             wall,
             spent: &self.spent,
         };
+        let mut calls = ScriptCalls::new();
         let granted = self
             .sources
             .update(syn.src, starts.is_some(), events, |source, events| {
                 if let Some(key) = starts {
                     source.slot_or_insert(key, now);
                 }
-                apply(&policies, syn.src, source, syn_context, now, events)
+                apply(&policies, syn.src, source, syn_context, now, events, &mut calls)
             })
             .unwrap_or(false);
+        if let PortRole::Open { policies: open } = role {
+            if granted || self.prefix_opens(&policies, syn.src, syn.dst_port, open, now) {
+                return Decision::ACCEPT;
+            }
+        }
+        if let PortRole::Script { policy } = role {
+            if !calls.iter().any(|call| call.policy == policy) {
+                // An untracked source: the script starts from stage 0.
+                calls.push(ScriptCall {
+                    policy,
+                    stage: 0,
+                    last: None,
+                    granted: false,
+                });
+            }
+        }
+        if !calls.is_empty() {
+            let all_ran = calls.iter().fold(true, |all_ran, call| {
+                self.run_script(&policies, call, syn, role, now, events, scripts) && all_ran
+            });
+            if !all_ran {
+                return Decision::reject(Reason::Failed);
+            }
+        }
         match role {
-            PortRole::Knock { .. } => Decision::reject(Reason::Knock),
+            PortRole::Knock { .. } | PortRole::Script { .. } => Decision::reject(Reason::Knock),
             PortRole::Close { .. } => Decision::reject(Reason::Close),
-            PortRole::Open { .. } if granted => Decision::ACCEPT,
             PortRole::Open { .. } | PortRole::Unrelated | PortRole::Rotating { .. } => {
                 Decision::reject(Reason::NoGrant)
             }
         }
+    }
+
+    /// Whether a network grant of one of `open` opens `port` for `src`.
+    fn prefix_opens(
+        &self,
+        policies: &Policies,
+        src: IpAddr,
+        port: u16,
+        open: PolicySet,
+        now: Timestamp,
+    ) -> bool {
+        self.prefixes
+            .find(src, now, |grant| {
+                policies.find(grant.policy).is_some_and(|(id, policy)| {
+                    open.contains(id) && grant.ports.opens(&policy.open_ports, port)
+                })
+            })
+            .is_some()
+    }
+
+    /// Calls a script policy's script for `syn` and applies its answer;
+    /// false if the call failed, which changes nothing. No lock is held
+    /// while the script runs.
+    #[allow(clippy::too_many_arguments)]
+    fn run_script(
+        &self,
+        policies: &Policies,
+        call: &ScriptCall,
+        syn: Syn,
+        role: PortRole,
+        now: Timestamp,
+        events: &mut impl EventSink,
+        scripts: &mut impl ScriptRunner,
+    ) -> bool {
+        let key = policies.key(call.policy);
+        let network_granted = || {
+            self.prefixes
+                .find(syn.src, now, |grant| grant.policy == key)
+                .is_some()
+        };
+        let input = ScriptInput {
+            src: syn.src,
+            port: syn.dst_port,
+            knock_port: role == PortRole::Script {
+                policy: call.policy,
+            },
+            stage: call.stage,
+            last: call.last,
+            granted: call.granted || network_granted(),
+            now,
+            unix_millis: self.wall_clock().unix_millis(now),
+        };
+        let Some(output) = scripts.run(policies, call.policy, &input) else {
+            return false;
+        };
+        let policy = &policies.list()[usize::from(call.policy)];
+        let (end, network) = match output.action {
+            ScriptAction::Grant(grant) => (
+                source::grant_end(grant.duration.or(policy.grant_timeout), now),
+                grant.prefix,
+            ),
+            _ => (source::NEVER, None),
+        };
+        let mut output = output;
+        if let (ScriptAction::Grant(grant), Some(prefix)) = (output.action, network) {
+            let net = IpNet::new(syn.src, prefix)
+                .expect("the runner checked the prefix")
+                .trunc();
+            let opened = PrefixGrant {
+                net,
+                policy: key,
+                ports: grant.ports,
+                until: end,
+            };
+            if !self.prefixes.grant(opened, EventKind::Granted, events) {
+                // The list of network grants is full: the knocker gets in
+                // from its own address at least.
+                output.action = ScriptAction::Grant(ScriptGrant {
+                    prefix: None,
+                    ..grant
+                });
+            }
+        }
+        let address_grant = matches!(output.action, ScriptAction::Grant(g) if g.prefix.is_none());
+        let create = output.stage > 0 || address_grant;
+        self.sources.update(syn.src, create, events, |source, events| {
+            let slot = match create {
+                true => Some(source.slot_or_insert(key, now)),
+                false => source.slot_mut(key),
+            };
+            if let Some(slot) = slot {
+                slot.script_output(&output, end, now, &mut |kind, grant| {
+                    events.event(Event {
+                        src: syn.src,
+                        policy: key,
+                        kind,
+                        grant,
+                    })
+                });
+            }
+            source.remove_empty_slots();
+        });
+        if output.action == ScriptAction::Revoke {
+            self.prefixes
+                .revoke(syn.src, Some(key), RevokeReason::CloseKnock, events);
+        }
+        true
     }
 
     /// Opens a grant for `src` by hand, for `duration` or, without one, for
@@ -393,11 +563,12 @@ impl Engine {
         self.sources
             .update(src, true, events, |source, events| {
                 let slot = source.slot_or_insert(key, now);
-                slot.grant(end, &mut |kind| {
+                slot.grant(end, PortMask::ALL, &mut |kind, grant| {
                     events.event(Event {
                         src,
                         policy: key,
                         kind,
+                        grant,
                     })
                 });
             })
@@ -405,14 +576,15 @@ impl Engine {
     }
 
     /// Puts back a grant saved before a restart, with the time it had left.
-    pub fn restore(
-        &self,
-        src: IpAddr,
-        key: PolicyKey,
-        left: GrantLeft,
-        now: Timestamp,
-        events: &mut impl EventSink,
-    ) -> Result<(), GrantError> {
+    pub fn restore(&self, saved: Restore, now: Timestamp, events: &mut impl EventSink) -> Result<(), GrantError> {
+        let Restore {
+            src,
+            prefix,
+            policy: key,
+            left,
+            ports,
+            stage,
+        } = saved;
         self.policies
             .load()
             .get(key)
@@ -421,29 +593,49 @@ impl Engine {
             GrantLeft::For(left) => now.saturating_add(left),
             GrantLeft::UntilClosed => source::NEVER,
         };
+        if let Some(prefix) = prefix {
+            let net = IpNet::new(src, prefix)
+                .map_err(|_| GrantError::BadPrefix)?
+                .trunc();
+            let grant = PrefixGrant {
+                net,
+                policy: key,
+                ports,
+                until: end,
+            };
+            return match self.prefixes.grant(grant, EventKind::Restored, events) {
+                true => Ok(()),
+                false => Err(GrantError::TableFull(TableFull)),
+            };
+        }
         self.sources
             .update(src, true, events, |source, events| {
                 let slot = source.slot_or_insert(key, now);
-                slot.restore(end, &mut |kind| {
+                slot.restore(end, ports, stage, &mut |kind, grant| {
                     events.event(Event {
                         src,
                         policy: key,
                         kind,
+                        grant,
                     })
                 });
             })
             .ok_or(GrantError::TableFull(TableFull))
     }
 
-    /// Ends the grants of `src`, under one policy or all; returns how many
-    /// there were.
+    /// Ends the grants of `src`, under one policy or all, and the network
+    /// grants that hold it; returns how many there were.
     pub fn revoke(
         &self,
         src: IpAddr,
         policy: Option<PolicyKey>,
         events: &mut impl EventSink,
     ) -> usize {
-        self.sources
+        let networks = self
+            .prefixes
+            .revoke(src, policy, RevokeReason::Admin, events);
+        let addresses = self
+            .sources
             .update(src, false, events, |source, events| {
                 let mut revoked = 0;
                 for slot in source
@@ -451,11 +643,12 @@ impl Engine {
                     .filter(|slot| policy.is_none_or(|p| p == slot.policy))
                 {
                     let key = slot.policy;
-                    let mut emit = |kind| {
+                    let mut emit = |kind, grant| {
                         events.event(Event {
                             src,
                             policy: key,
                             kind,
+                            grant,
                         })
                     };
                     revoked += usize::from(slot.revoke(RevokeReason::Admin, &mut emit));
@@ -463,7 +656,8 @@ impl Engine {
                 source.remove_empty_slots();
                 revoked
             })
-            .unwrap_or(0)
+            .unwrap_or(0);
+        networks + addresses
     }
 
     /// The rotating windows some source completed and that are still
@@ -477,7 +671,8 @@ impl Engine {
         self.spent.spend(key, window);
     }
 
-    /// Every tracked source's progress and grants at `now`.
+    /// Every tracked source's progress and grants at `now`, and the network
+    /// grants.
     pub fn status(&self, now: Timestamp) -> Vec<SourceStatus> {
         self.statuses(now, true)
     }
@@ -506,13 +701,34 @@ impl Engine {
                 if status.progress.is_some() || status.grant.is_some() {
                     statuses.push(SourceStatus {
                         src,
+                        prefix: None,
                         policy: policy.name.clone(),
+                        stage: match policy.knock {
+                            config::Knock::Script(_) => slot.stage(),
+                            _ => 0,
+                        },
                         status,
                     });
                 }
             }
         });
-        statuses.sort_by(|a, b| (a.src, &a.policy).cmp(&(b.src, &b.policy)));
+        for grant in self.prefixes.list(now) {
+            let Some(policy) = policies.get(grant.policy) else {
+                continue;
+            };
+            statuses.push(SourceStatus {
+                src: grant.net.network(),
+                prefix: Some(grant.net.prefix_len()),
+                policy: policy.name.clone(),
+                stage: 0,
+                status: PolicyStatus {
+                    progress: None,
+                    grant: Some(source::grant_left(grant.until, now)),
+                    ports: grant.ports,
+                },
+            });
+        }
+        statuses.sort_by(|a, b| (a.src, a.prefix, &a.policy).cmp(&(b.src, b.prefix, &b.policy)));
         statuses
     }
 
@@ -527,11 +743,12 @@ impl Engine {
             for slot in source.slots_mut() {
                 let key = slot.policy;
                 match policies.get(key) {
-                    Some(policy) => slot.settle(policy, now, &mut |kind| {
+                    Some(policy) => slot.settle(policy, now, &mut |kind, grant| {
                         events.event(Event {
                             src,
                             policy: key,
                             kind,
+                            grant,
                         })
                     }),
                     None => slot.forget(),
@@ -539,6 +756,8 @@ impl Engine {
             }
             source.remove_empty_slots();
         });
+        self.prefixes
+            .expire(now, |key| policies.get(key).is_some(), events);
         self.spent.prune(|key, window| {
             policies.find(key).is_some_and(|(id, _)| {
                 policies
@@ -550,10 +769,25 @@ impl Engine {
     }
 }
 
+/// A grant saved before a restart, to put back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Restore {
+    pub src: IpAddr,
+    /// A network grant's prefix length.
+    pub prefix: Option<u8>,
+    pub policy: PolicyKey,
+    pub left: GrantLeft,
+    pub ports: PortMask,
+    /// A script policy's stage.
+    pub stage: u8,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum GrantError {
     #[error("the policy is no longer in force")]
     NoSuchPolicy,
+    #[error("the prefix is longer than the address")]
+    BadPrefix,
     #[error(transparent)]
     TableFull(TableFull),
 }
@@ -567,8 +801,20 @@ struct SynContext<'a> {
     spent: &'a SpentWindows,
 }
 
-/// Applies one SYN to every policy the source has state in. Returns whether
-/// the source holds a grant that opens the SYN's port.
+/// A script call a SYN needs: the policy, and the source's state under it.
+struct ScriptCall {
+    policy: PolicyId,
+    stage: u8,
+    last: Option<Timestamp>,
+    granted: bool,
+}
+
+/// Nearly every SYN needs no script call, and the rest one: no allocation.
+type ScriptCalls = SmallVec<[ScriptCall; 2]>;
+
+/// Applies one SYN to every policy the source has state in, and lists the
+/// script calls it needs. Returns whether the source holds a grant that
+/// opens the SYN's port.
 fn apply(
     policies: &Policies,
     src: IpAddr,
@@ -581,6 +827,7 @@ fn apply(
     }: SynContext,
     now: Timestamp,
     events: &mut impl EventSink,
+    calls: &mut ScriptCalls,
 ) -> bool {
     let mut granted = false;
     for slot in source.slots_mut() {
@@ -590,14 +837,31 @@ fn apply(
             slot.forget();
             continue;
         };
-        let mut emit = |kind| {
+        let mut emit = |kind, grant| {
             events.event(Event {
                 src,
                 policy: key,
                 kind,
+                grant,
             })
         };
         slot.settle(policy, now, &mut emit);
+        if let PortRole::Open { policies: open } = role {
+            granted |= open.contains(id) && slot.opens(policy, port);
+        }
+        if let config::Knock::Script(_) = policy.knock {
+            // The script decides, after the lock is released; only its
+            // knock ports and sources with progress reach it.
+            if role == (PortRole::Script { policy: id }) || slot.stage() > 0 {
+                calls.push(ScriptCall {
+                    policy: id,
+                    stage: slot.stage(),
+                    last: slot.last_step(),
+                    granted: slot.is_granted(),
+                });
+            }
+            continue;
+        }
         match role {
             PortRole::Knock { policy: p, .. } if p == id => {
                 let accepted = policies.accepted(id, now, wall, spent);
@@ -607,14 +871,13 @@ fn apply(
                 slot.revoke(RevokeReason::CloseKnock, &mut emit);
                 slot.other_syn(policy, &mut emit);
             }
-            _ => {
-                slot.other_syn(policy, &mut emit);
-                if let PortRole::Open { policies: open } = role {
-                    granted |= open.contains(id) && slot.is_granted();
-                }
-            }
+            _ => slot.other_syn(policy, &mut emit),
         }
     }
     source.remove_empty_slots();
+    if granted {
+        // Granted sources reach open ports without entering any script.
+        calls.clear();
+    }
     granted
 }

@@ -86,6 +86,8 @@ impl Policies {
                 let schedule = self.schedule.at(&self.list, wall.unix_millis(now));
                 Accepted::rotating(rotating, schedule, id, spent, key, wall)
             }
+            // Scripts keep their own sequences, if any: none is accepted here.
+            Knock::Script(_) => Accepted::fixed(&[], spent, key, wall),
         }
     }
 

@@ -15,8 +15,57 @@ impl PolicySet {
         self.0 & (1 << id) != 0
     }
 
+    pub fn iter(self) -> impl Iterator<Item = PolicyId> {
+        (0..Self::CAPACITY as PolicyId).filter(move |&id| self.contains(id))
+    }
+
     fn insert(&mut self, id: PolicyId) {
         self.0 |= 1 << id;
+    }
+}
+
+/// Which of a policy's open ports a grant opens, as bits over the indices of
+/// `open_ports`: a script may open some of them. Built-in grants open all.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PortMask(u16);
+
+impl PortMask {
+    pub const ALL: PortMask = PortMask(u16::MAX);
+    /// Open ports a script policy may have, so that any subset fits a mask.
+    pub const MAX_PORTS: usize = 16;
+
+    /// The mask of `ports` among `open_ports`; `None` names the port that
+    /// is not one of them.
+    pub fn of(open_ports: &[u16], ports: &[u16]) -> Result<Self, u16> {
+        let mut mask = 0u16;
+        for &port in ports {
+            let index = open_ports
+                .iter()
+                .take(Self::MAX_PORTS)
+                .position(|&p| p == port)
+                .ok_or(port)?;
+            mask |= 1 << index;
+        }
+        Ok(PortMask(mask))
+    }
+
+    /// Whether the grant opens `port`, one of `open_ports`.
+    pub fn opens(self, open_ports: &[u16], port: u16) -> bool {
+        self == Self::ALL
+            || open_ports
+                .iter()
+                .take(Self::MAX_PORTS)
+                .position(|&p| p == port)
+                .is_some_and(|index| self.0 & (1 << index) != 0)
+    }
+
+    /// The ports opened, in the order of `open_ports`.
+    pub fn ports(self, open_ports: &[u16]) -> impl Iterator<Item = u16> + '_ {
+        open_ports
+            .iter()
+            .enumerate()
+            .filter(move |&(index, _)| self == Self::ALL || (index < 16 && self.0 & (1 << index) != 0))
+            .map(|(_, &port)| port)
     }
 }
 
@@ -35,6 +84,10 @@ pub enum PortRole {
         policy: PolicyId,
     },
     Close {
+        policy: PolicyId,
+    },
+    /// A knock port a script policy declared: the script decides what it does.
+    Script {
         policy: PolicyId,
     },
     /// Opened by a grant of any of these policies.
@@ -78,6 +131,11 @@ impl PortMap {
                 Knock::Rotating(rotating) => {
                     for port in rotating.ports.clone() {
                         roles[usize::from(port)] = PortRole::Rotating { policy: id };
+                    }
+                }
+                Knock::Script(script) => {
+                    for port in script.knock_ports.iter().flat_map(Clone::clone) {
+                        roles[usize::from(port)] = PortRole::Script { policy: id };
                     }
                 }
             }

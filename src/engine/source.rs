@@ -5,7 +5,8 @@ use smallvec::SmallVec;
 use std::time::Duration;
 
 use super::rotation::Accepted;
-use super::{EventKind, PolicyKey, RevokeReason, Timestamp};
+use super::script::ScriptOutput;
+use super::{EventKind, GrantScope, PolicyKey, PortMask, RevokeReason, Timestamp};
 use crate::config::Policy;
 
 /// The end of a grant that lasts until the close knock.
@@ -16,16 +17,27 @@ pub fn grant_end(timeout: Option<Duration>, now: Timestamp) -> Timestamp {
     timeout.map_or(NEVER, |timeout| now.saturating_add(timeout))
 }
 
+/// What is left at `now` of a grant that ends at `end`.
+pub fn grant_left(end: Timestamp, now: Timestamp) -> GrantLeft {
+    match end {
+        NEVER => GrantLeft::UntilClosed,
+        end => GrantLeft::For(end.since(now)),
+    }
+}
+
 /// One source's state under one policy, for people to read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PolicyStatus {
     pub progress: Option<Progress>,
     pub grant: Option<GrantLeft>,
+    /// The ports the grant opens.
+    pub ports: PortMask,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Progress {
-    /// Knocks matched so far, of `of`.
+    /// Knocks matched so far, of `of` (0 for a script: its stages have no
+    /// fixed end).
     pub stage: u8,
     pub of: usize,
     /// Time left for the next knock.
@@ -74,6 +86,10 @@ impl SourceState {
         }
     }
 
+    pub fn slot_mut(&mut self, policy: PolicyKey) -> Option<&mut PolicyState> {
+        self.slots.iter_mut().find(|slot| slot.policy == policy)
+    }
+
     pub fn slots(&self) -> impl Iterator<Item = &PolicyState> {
         self.slots.iter()
     }
@@ -103,7 +119,10 @@ pub struct PolicyState {
     /// one current at `knocked_at`: 0 or 1 (always 0 for fixed sequences).
     /// A byte where a window number would take eight.
     lag: u8,
-    /// Time of the last matched knock.
+    /// The open ports the grant opens: all but for some script grants.
+    ports: PortMask,
+    /// Time of the last matched knock (for a script: of the last change
+    /// of stage).
     knocked_at: Timestamp,
     /// When the grant ends ([`NEVER`]: at the close knock), or [`NO_GRANT`].
     /// A sentinel rather than an `Option`: eight bytes less per source.
@@ -119,6 +138,7 @@ impl PolicyState {
             policy,
             stage: 0,
             lag: 0,
+            ports: PortMask::ALL,
             knocked_at: now,
             grant_until: NO_GRANT,
         }
@@ -132,6 +152,29 @@ impl PolicyState {
     pub fn forget(&mut self) {
         self.stage = 0;
         self.grant_until = NO_GRANT;
+    }
+
+    /// The grant events are about.
+    fn scope(&self) -> GrantScope {
+        GrantScope {
+            prefix: None,
+            ports: self.ports,
+            until: self.grant_until,
+        }
+    }
+
+    pub fn stage(&self) -> u8 {
+        self.stage
+    }
+
+    /// The time of the last change of stage, while there is progress.
+    pub fn last_step(&self) -> Option<Timestamp> {
+        (self.stage > 0).then_some(self.knocked_at)
+    }
+
+    /// Whether the grant opens `port`, one of the policy's open ports.
+    pub fn opens(&self, policy: &Policy, port: u16) -> bool {
+        self.is_granted() && self.ports.opens(&policy.open_ports, port)
     }
 
     fn grant_end(&self) -> Option<Timestamp> {
@@ -150,20 +193,21 @@ impl PolicyState {
     }
 
     fn in_progress(&self, policy: &Policy) -> bool {
-        self.stage > 0 && usize::from(self.stage) < policy.knock.sequence_len()
+        policy.knock.in_progress(self.stage)
     }
 
     /// Ends progress whose step window has passed and grants whose time is up.
-    pub fn settle(&mut self, policy: &Policy, now: Timestamp, emit: &mut impl FnMut(EventKind)) {
+    pub fn settle(&mut self, policy: &Policy, now: Timestamp, emit: &mut impl FnMut(EventKind, GrantScope)) {
         if self.stage > 0 && now.since(self.knocked_at) > policy.step_timeout {
             if self.in_progress(policy) {
-                emit(EventKind::Expired);
+                emit(EventKind::Expired, self.scope());
             }
             self.stage = 0;
         }
         if self.grant_end().is_some_and(|end| now >= end) {
+            let scope = self.scope();
             self.grant_until = NO_GRANT;
-            emit(EventKind::Revoked(RevokeReason::Timeout));
+            emit(EventKind::Revoked(RevokeReason::Timeout), scope);
         }
     }
 
@@ -174,7 +218,7 @@ impl PolicyState {
         accepted: &Accepted,
         port: u16,
         now: Timestamp,
-        emit: &mut impl FnMut(EventKind),
+        emit: &mut impl FnMut(EventKind, GrantScope),
     ) {
         if self.stage > 0 {
             let window = accepted
@@ -186,7 +230,7 @@ impl PolicyState {
                     return self.advance(policy, accepted, window, now, emit);
                 }
                 if sequence[stage - 1] == port {
-                    return emit(EventKind::Duplicate);
+                    return emit(EventKind::Duplicate, self.scope());
                 }
             }
         }
@@ -195,7 +239,7 @@ impl PolicyState {
             Some(window) => {
                 self.stage = 1;
                 self.follow(accepted, window, now);
-                emit(EventKind::Restarted);
+                emit(EventKind::Restarted, self.scope());
             }
             None => self.other_syn(policy, emit),
         }
@@ -213,43 +257,90 @@ impl PolicyState {
         accepted: &Accepted,
         window: u64,
         now: Timestamp,
-        emit: &mut impl FnMut(EventKind),
+        emit: &mut impl FnMut(EventKind, GrantScope),
     ) {
         self.stage += 1;
         self.follow(accepted, window, now);
         if usize::from(self.stage) < policy.knock.sequence_len() {
-            emit(EventKind::Advanced { stage: self.stage });
+            emit(EventKind::Advanced { stage: self.stage }, self.scope());
         } else if accepted.spend(window) {
-            self.grant(grant_end(policy.grant_timeout, now), emit);
+            self.grant(grant_end(policy.grant_timeout, now), PortMask::ALL, emit);
         } else {
             self.stage = 0;
-            emit(EventKind::Replayed);
+            emit(EventKind::Replayed, self.scope());
         }
     }
 
     /// Ends the grant, if any; true if there was one.
-    pub fn revoke(&mut self, reason: RevokeReason, emit: &mut impl FnMut(EventKind)) -> bool {
+    pub fn revoke(&mut self, reason: RevokeReason, emit: &mut impl FnMut(EventKind, GrantScope)) -> bool {
+        let scope = self.scope();
         let granted = self.replace_grant(None).is_some();
         if granted {
-            emit(EventKind::Revoked(reason));
+            emit(EventKind::Revoked(reason), scope);
         }
         granted
     }
 
-    /// Opens (or restarts) the grant until `end`, without knocking.
-    pub fn grant(&mut self, end: Timestamp, emit: &mut impl FnMut(EventKind)) {
+    /// Opens (or restarts) the grant of `ports` until `end`.
+    pub fn grant(&mut self, end: Timestamp, ports: PortMask, emit: &mut impl FnMut(EventKind, GrantScope)) {
         let refreshed = self.replace_grant(Some(end)).is_some();
-        emit(if refreshed {
-            EventKind::Refreshed
-        } else {
-            EventKind::Granted
-        });
+        self.ports = ports;
+        let kind = match refreshed {
+            true => EventKind::Refreshed,
+            false => EventKind::Granted,
+        };
+        emit(kind, self.scope());
     }
 
-    /// Puts back a grant saved before a restart.
-    pub fn restore(&mut self, end: Timestamp, emit: &mut impl FnMut(EventKind)) {
+    /// Puts back a grant saved before a restart, with the script stage it
+    /// had.
+    pub fn restore(
+        &mut self,
+        end: Timestamp,
+        ports: PortMask,
+        stage: u8,
+        emit: &mut impl FnMut(EventKind, GrantScope),
+    ) {
+        self.ports = ports;
+        if stage > 0 {
+            self.stage = stage;
+        }
         if self.replace_grant(Some(end)).is_none() {
-            emit(EventKind::Restored);
+            emit(EventKind::Restored, self.scope());
+        }
+    }
+
+    /// Applies what a script decided at `now`: its new stage, and the
+    /// address grant or revoke it asked for (a network grant is the
+    /// engine's to make). `end` is the grant's end.
+    pub fn script_output(
+        &mut self,
+        output: &ScriptOutput,
+        end: Timestamp,
+        now: Timestamp,
+        emit: &mut impl FnMut(EventKind, GrantScope),
+    ) {
+        use super::script::ScriptAction;
+        let old = self.stage;
+        if output.stage != old {
+            self.stage = output.stage;
+            self.knocked_at = now;
+            let kind = match output.stage {
+                0 => EventKind::Reset,
+                stage if stage > old => EventKind::Advanced { stage },
+                _ => EventKind::Restarted,
+            };
+            emit(kind, self.scope());
+        }
+        match output.action {
+            ScriptAction::None => {}
+            ScriptAction::Revoke => {
+                self.revoke(RevokeReason::CloseKnock, emit);
+            }
+            ScriptAction::Grant(grant) if grant.prefix.is_none() => {
+                self.grant(end, grant.ports, emit)
+            }
+            ScriptAction::Grant(_) => {}
         }
     }
 
@@ -267,18 +358,19 @@ impl PolicyState {
         let grant = self
             .grant_end()
             .filter(|&end| now < end)
-            .map(|end| match end {
-                NEVER => GrantLeft::UntilClosed,
-                end => GrantLeft::For(end.since(now)),
-            });
-        PolicyStatus { progress, grant }
+            .map(|end| grant_left(end, now));
+        PolicyStatus {
+            progress,
+            grant,
+            ports: self.ports,
+        }
     }
 
     /// Any SYN that is not a knock of this policy's sequence in order.
-    pub fn other_syn(&mut self, policy: &Policy, emit: &mut impl FnMut(EventKind)) {
+    pub fn other_syn(&mut self, policy: &Policy, emit: &mut impl FnMut(EventKind, GrantScope)) {
         if policy.strict && self.in_progress(policy) {
             self.stage = 0;
-            emit(EventKind::Reset);
+            emit(EventKind::Reset, self.scope());
         }
     }
 }

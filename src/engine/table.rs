@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use super::source::SourceState;
-use super::{Event, EventKind, EventSink};
+use super::{Event, EventKind, EventSink, GrantScope, PortMask, GRANT_UNTIL_CLOSED};
 
 /// Places per bucket: the sources compared when one must be evicted.
 const WAYS: usize = 8;
@@ -159,6 +159,11 @@ impl SourceTable {
                 src,
                 policy,
                 kind: EventKind::Evicted,
+                grant: GrantScope {
+                    prefix: None,
+                    ports: PortMask::ALL,
+                    until: GRANT_UNTIL_CLOSED,
+                },
             });
         }
         // The newcomer takes the evicted source's place and its count.

@@ -50,8 +50,12 @@ impl Gate {
             src: ip(src),
             dst_port,
         };
-        self.engine
-            .decide(syn, Timestamp::from_millis(self.now), &mut self.events)
+        self.engine.decide(
+            syn,
+            Timestamp::from_millis(self.now),
+            &mut self.events,
+            &mut NoScripts,
+        )
     }
 
     fn knock(&mut self, src: &str, ports: &[u16]) {
@@ -518,15 +522,20 @@ fn status_shows_progress_and_grants_with_time_left() {
         [
             SourceStatus {
                 src: ip("10.0.0.2"),
+                prefix: None,
                 policy: "ssh".into(),
+                stage: 0,
                 status: PolicyStatus {
                     progress: None,
                     grant: Some(GrantLeft::For(Duration::from_secs(3596))),
+                    ports: PortMask::ALL,
                 },
             },
             SourceStatus {
                 src: ip("10.0.0.3"),
+                prefix: None,
                 policy: "ssh".into(),
+                stage: 0,
                 status: PolicyStatus {
                     progress: Some(Progress {
                         stage: 1,
@@ -534,6 +543,7 @@ fn status_shows_progress_and_grants_with_time_left() {
                         left: Duration::from_secs(6),
                     }),
                     grant: None,
+                    ports: PortMask::ALL,
                 },
             },
         ]
@@ -660,17 +670,19 @@ fn restored_grants_keep_the_time_they_had_left() {
     let key = gate.key("ssh");
     let now = Timestamp::from_millis(0);
     let left = GrantLeft::For(Duration::from_secs(30));
+    let restore = |src: &str, left| Restore {
+        src: ip(src),
+        prefix: None,
+        policy: key,
+        left,
+        ports: PortMask::ALL,
+        stage: 0,
+    };
     gate.engine
-        .restore(ip("10.0.0.2"), key, left, now, &mut gate.events)
+        .restore(restore("10.0.0.2", left), now, &mut gate.events)
         .unwrap();
     gate.engine
-        .restore(
-            ip("10.0.0.3"),
-            key,
-            GrantLeft::UntilClosed,
-            now,
-            &mut gate.events,
-        )
+        .restore(restore("10.0.0.3", GrantLeft::UntilClosed), now, &mut gate.events)
         .unwrap();
     assert_eq!(gate.syn("10.0.0.2", 22), ACCEPT);
     gate.advance(30_000);
@@ -707,6 +719,7 @@ fn rotating_gate() -> Gate {
         close_port: Some(3333),
         grant_timeout: None,
         strict: true,
+        hooks: Default::default(),
     };
     let mut gate = Gate::new(SSH);
     gate.engine.reload(&[policy]);

@@ -17,6 +17,7 @@ use crate::config::Config;
 use crate::engine::{
     Engine, Event, EventKind, Policies, PolicyKey, PortRole, Reason, TablePart, Timestamp,
 };
+use crate::script::ScriptVms;
 use capture::Packet;
 
 /// How often the daemon expires state; the simulation does the same.
@@ -135,6 +136,7 @@ struct Track {
 pub fn simulate(config: &Config, name: &str, packets: &[Packet], options: &Options) -> Report {
     let engine = Engine::new(config);
     let mut simulation = Simulation {
+        scripts: ScriptVms::new(),
         policies: engine.policies(),
         engine,
         options,
@@ -166,6 +168,8 @@ fn verdict_key(reason: Reason) -> String {
 
 struct Simulation<'a> {
     engine: Engine,
+    /// Script policies run in one VM each, as on one worker.
+    scripts: ScriptVms,
     /// The engine's policies: a simulation never reloads.
     policies: Arc<Policies>,
     options: &'a Options,
@@ -189,7 +193,9 @@ impl Simulation<'_> {
             self.next_expiry = Some(now.saturating_add(EXPIRE_INTERVAL));
         }
         let syn = packet.tcp.syn();
-        let decision = self.engine.decide(syn, now, &mut self.events);
+        let decision = self
+            .engine
+            .decide(syn, now, &mut self.events, &mut self.scripts);
         self.report.syns += 1;
         *self
             .report
@@ -197,7 +203,7 @@ impl Simulation<'_> {
             .entry(verdict_key(decision.reason))
             .or_default() += 1;
         let role = self.engine.role(syn.dst_port, now);
-        if let PortRole::Knock { policy, .. } = role {
+        if let PortRole::Knock { policy, .. } | PortRole::Script { policy } = role {
             let key = self.policies.key(policy);
             self.tracks.entry((key, syn.src)).or_default().knocks += 1;
         }
@@ -223,21 +229,27 @@ impl Simulation<'_> {
 
     /// Folds the events of one packet (or one expiry) into the tracks.
     fn record(&mut self, at: f64, packet: Option<(u16, PortRole)>) {
-        for Event { src, policy, kind } in self.events.drain(..) {
+        for Event {
+            src, policy, kind, ..
+        } in self.events.drain(..)
+        {
             let track = self.tracks.entry((policy, src)).or_default();
             let Some((id, rules)) = self.policies.find(policy) else {
                 continue;
             };
-            let steps = rules.knock.sequence_len();
+            let steps = match rules.knock.sequence_len() {
+                0 => String::new(),
+                steps => format!("/{steps}"),
+            };
             let change = match kind {
                 EventKind::Advanced { stage } => {
                     track.progressed = true;
                     track.ended = None;
-                    format!("knock {stage}/{steps}")
+                    format!("knock {stage}{steps}")
                 }
                 EventKind::Restarted => {
                     track.ended = None;
-                    format!("restart at 1/{steps}")
+                    format!("restart at 1{steps}")
                 }
                 EventKind::Duplicate => "duplicate knock".to_owned(),
                 EventKind::Granted | EventKind::Refreshed => {
@@ -253,7 +265,11 @@ impl Simulation<'_> {
                 EventKind::Reset => {
                     let (port, role) = packet.expect("resets happen on packets");
                     track.ended = Some(match role {
-                        PortRole::Knock { policy: p, .. } if p == id => Why::WrongOrder { port },
+                        PortRole::Knock { policy: p, .. } | PortRole::Script { policy: p }
+                            if p == id =>
+                        {
+                            Why::WrongOrder { port }
+                        }
                         _ => Why::ResetByOtherPort { port },
                     });
                     format!("reset by port {port}")
