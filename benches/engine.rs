@@ -64,7 +64,12 @@ fn source(n: u64) -> IpAddr {
 }
 
 fn decide(engine: &Engine, src: IpAddr, dst_port: u16, events: &mut Vec<Event>) {
-    black_box(engine.decide(Syn { src, dst_port }, Timestamp::from_millis(1), events, &mut knockq::engine::NoScripts));
+    black_box(engine.decide(
+        Syn { src, dst_port },
+        Timestamp::from_millis(1),
+        events,
+        &mut knockq::engine::NoScripts,
+    ));
     events.clear();
 }
 

@@ -102,14 +102,18 @@ impl Default for HooksConfig {
 fn hook_concurrency<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
     match usize::deserialize(d)? {
         n @ 1..=64 => Ok(n),
-        n => Err(serde::de::Error::custom(format!("concurrency {n} is outside 1..64"))),
+        n => Err(serde::de::Error::custom(format!(
+            "concurrency {n} is outside 1..64"
+        ))),
     }
 }
 
 fn hook_queue<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
     match usize::deserialize(d)? {
         n @ 1..=65536 => Ok(n),
-        n => Err(serde::de::Error::custom(format!("queue {n} is outside 1..65536"))),
+        n => Err(serde::de::Error::custom(format!(
+            "queue {n} is outside 1..65536"
+        ))),
     }
 }
 
@@ -287,8 +291,7 @@ pub struct PolicyHooks {
 /// of a prefix grant), `{prefix}` (its length), `{policy}`, `{ports}`
 /// (comma-separated), `{reason}` and `{end}` (Unix time the grant ends, or
 /// `never`).
-pub const HOOK_PLACEHOLDERS: [&str; 6] =
-    ["source", "prefix", "policy", "ports", "reason", "end"];
+pub const HOOK_PLACEHOLDERS: [&str; 6] = ["source", "prefix", "policy", "ports", "reason", "end"];
 
 /// The ports a policy's knock is made of.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -509,7 +512,9 @@ impl RawScript {
                 PortOrRange::Range(text) => parse_port_range(text),
             })
             .collect::<Result<Vec<_>, String>>()
-            .map_err(|message| errors.spanned(&self.knock_ports, key("script.knock_ports"), message))?;
+            .map_err(|message| {
+                errors.spanned(&self.knock_ports, key("script.knock_ports"), message)
+            })?;
         if knock_ports.is_empty() {
             let message = "knock_ports is empty: give the ports the script decides".to_owned();
             return Err(errors.spanned(&self.knock_ports, key("script.knock_ports"), message));
@@ -540,14 +545,17 @@ impl RawScript {
             .secret_file
             .as_ref()
             .map(|file| {
-                Secret::load(&errors.relative_path(file.get_ref())).map_err(|e| {
-                    errors.spanned(file, key("script.secret_file"), e.to_string())
-                })
+                Secret::load(&errors.relative_path(file.get_ref()))
+                    .map_err(|e| errors.spanned(file, key("script.secret_file"), e.to_string()))
             })
             .transpose()?;
         let file = errors.relative_path(self.file.get_ref());
         let source = std::fs::read_to_string(&file).map_err(|e| {
-            errors.spanned(&self.file, key("script.file"), format!("{}: {e}", file.display()))
+            errors.spanned(
+                &self.file,
+                key("script.file"),
+                format!("{}: {e}", file.display()),
+            )
         })?;
         let script = Script {
             file: file.clone(),
@@ -595,7 +603,9 @@ fn check_hook(
     let argv = hook.get_ref();
     let fail = |message: String| Err(errors.spanned(hook, key(name), message));
     if argv.first().is_none_or(|program| program.is_empty()) {
-        return fail("give the program and its arguments, such as [\"/usr/sbin/nft\", ...]".to_owned());
+        return fail(
+            "give the program and its arguments, such as [\"/usr/sbin/nft\", ...]".to_owned(),
+        );
     }
     for arg in argv {
         let mut rest = arg.as_str();
@@ -1045,7 +1055,8 @@ fn validate(raw: RawConfig, errors: &ErrorContext) -> Result<Config, ConfigError
                 Knock::Rotating(r)
             }
             (None, None, Some(script)) => {
-                let open_ports: Vec<u16> = policy.open_ports.get_ref().iter().map(|p| p.0).collect();
+                let open_ports: Vec<u16> =
+                    policy.open_ports.get_ref().iter().map(|p| p.0).collect();
                 if open_ports.len() > PortMask::MAX_PORTS {
                     let message = format!(
                         "a script policy opens at most {} ports",

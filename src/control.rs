@@ -265,7 +265,12 @@ mod tests {
         };
         assert!(
             engine
-                .decide(syn, Timestamp::from_millis(1), &mut Vec::new(), &mut crate::engine::NoScripts)
+                .decide(
+                    syn,
+                    Timestamp::from_millis(1),
+                    &mut Vec::new(),
+                    &mut crate::engine::NoScripts
+                )
                 .verdict()
                 == crate::engine::Verdict::Accept
         );

@@ -221,25 +221,38 @@ mod tests {
         };
         assert_eq!(
             fill(&argv, &values),
-            ["nft", "add element inet t s { 10.0.0.0/24 }", "22,8080:never"]
+            [
+                "nft",
+                "add element inet t s { 10.0.0.0/24 }",
+                "22,8080:never"
+            ]
         );
     }
 
     #[test]
     fn a_command_succeeds_fails_with_its_last_stderr_line_or_times_out() {
-        assert!(matches!(execute(&run(&["true"]), Duration::from_secs(5)), Outcome::Ok));
+        assert!(matches!(
+            execute(&run(&["true"]), Duration::from_secs(5)),
+            Outcome::Ok
+        ));
         match execute(
             &run(&["sh", "-c", "echo first >&2; echo 'last words' >&2; exit 3"]),
             Duration::from_secs(5),
         ) {
             Outcome::Failed(why) => {
-                assert!(why.contains("exit status: 3") && why.ends_with("last words"), "{why}")
+                assert!(
+                    why.contains("exit status: 3") && why.ends_with("last words"),
+                    "{why}"
+                )
             }
             _ => panic!("a failing command fails"),
         }
         let started = Instant::now();
         assert!(matches!(
-            execute(&run(&["sh", "-c", "sleep 30 & sleep 30"]), Duration::from_millis(200)),
+            execute(
+                &run(&["sh", "-c", "sleep 30 & sleep 30"]),
+                Duration::from_millis(200)
+            ),
             Outcome::TimedOut(_)
         ));
         assert!(started.elapsed() < Duration::from_secs(10));
@@ -254,7 +267,11 @@ mod tests {
         // SAFETY: tests in this binary do not read this variable.
         unsafe { std::env::set_var("KNOCKQ_HOOK_TEST_SECRET", "leak") };
         let outcome = execute(
-            &run(&["sh", "-c", "test -z \"$KNOCKQ_HOOK_TEST_SECRET\" && test -n \"$PATH\""]),
+            &run(&[
+                "sh",
+                "-c",
+                "test -z \"$KNOCKQ_HOOK_TEST_SECRET\" && test -n \"$PATH\"",
+            ]),
             Duration::from_secs(5),
         );
         assert!(matches!(outcome, Outcome::Ok));

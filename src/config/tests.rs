@@ -48,7 +48,8 @@ fn unknown_keys_are_refused() {
     assert_eq!(
         error(&format!("{SSH}colour = \"blue\"\n")),
         "knockq.toml:6: policy[0].colour: unknown field `colour`, expected one of `name`, `sequence`, `rotating`, \
-         `step_timeout`, `open_ports`, `close_port`, `grant_timeout`, `strict`, `allow_weak_sequence`"
+         `script`, `step_timeout`, `open_ports`, `close_port`, `grant_timeout`, `strict`, `allow_weak_sequence`, \
+         `on_grant`, `on_revoke`"
     );
     assert!(error(&format!("[queue]\nnumber = 1\n{SSH}"))
         .starts_with("knockq.toml:2: queue.number: unknown field `number`"));
@@ -324,7 +325,7 @@ fn rotating_settings_are_checked() {
     );
     assert_eq!(
         fixture.error(&OPS.replace("[policy.rotating]\nsecret_file = \"ops.key\"\nports = \"20000-59999\"\n", "")),
-        "knockq.toml:2: policy[0].sequence: no knock: give a sequence of ports or a [policy.rotating] table"
+        "knockq.toml:2: policy[0].sequence: no knock: give a sequence of ports, a [policy.rotating] or a [policy.script] table"
     );
 }
 

@@ -16,7 +16,9 @@ use tracing::{debug, info, warn};
 
 use super::metrics::Metrics;
 use crate::config::Policy;
-use crate::engine::{Engine, Event, EventKind, GrantScope, Policies, WallClock, GRANT_UNTIL_CLOSED};
+use crate::engine::{
+    Engine, Event, EventKind, GrantScope, Policies, WallClock, GRANT_UNTIL_CLOSED,
+};
 use crate::hooks::{self, Hook, Hooks, Placeholders};
 
 /// How often a summary of suppressed lines may be logged.
@@ -90,7 +92,9 @@ impl EventReport {
             EventKind::Granted => (Hook::OnGrant, &policy.hooks.on_grant, "granted"),
             EventKind::Refreshed => (Hook::OnGrant, &policy.hooks.on_grant, "refreshed"),
             EventKind::Restored => (Hook::OnGrant, &policy.hooks.on_grant, "restored"),
-            EventKind::Revoked(reason) => (Hook::OnRevoke, &policy.hooks.on_revoke, reason.as_str()),
+            EventKind::Revoked(reason) => {
+                (Hook::OnRevoke, &policy.hooks.on_revoke, reason.as_str())
+            }
             _ => return,
         };
         let Some(argv) = argv else { return };
@@ -119,7 +123,10 @@ impl EventReport {
 
     fn log(&mut self, policies: &Policies, event: Event, now: Instant) {
         let Event {
-            policy, kind, grant, ..
+            policy,
+            kind,
+            grant,
+            ..
         } = event;
         let src = Subject(&event);
         // A reload may have removed the policy since the event.

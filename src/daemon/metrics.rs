@@ -201,7 +201,9 @@ impl Metrics {
 
     /// Counts a command run on grant or revoke, on the executor's threads.
     pub fn hook_run(&self, policy: &str, hook: &str, outcome: &str) {
-        self.hook_runs.with_label_values(&[policy, hook, outcome]).inc();
+        self.hook_runs
+            .with_label_values(&[policy, hook, outcome])
+            .inc();
     }
 
     /// Follows a reload: series for the policies now in force; the active

@@ -113,7 +113,8 @@ pub fn run(
     engine.set_wall_clock(clock.wall());
     let grants_changed = Arc::new(AtomicBool::new(false));
     // Always there, idle until a policy has a command: a reload may add one.
-    let hooks = Some(Hooks::start(&config.hooks, Arc::clone(&metrics)).map_err(DaemonError::Threads)?);
+    let hooks =
+        Some(Hooks::start(&config.hooks, Arc::clone(&metrics)).map_err(DaemonError::Threads)?);
     let report = || {
         EventReport::new(
             Arc::clone(&metrics),

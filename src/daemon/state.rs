@@ -13,7 +13,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use crate::engine::{Engine, EventSink, GrantLeft, Policies, PolicyKey, PortMask, Restore, Timestamp};
+use crate::engine::{
+    Engine, EventSink, GrantLeft, Policies, PolicyKey, PortMask, Restore, Timestamp,
+};
 
 const FORMAT_VERSION: u32 = 3;
 /// Version 2 files (before network grants, port subsets and script
@@ -274,7 +276,12 @@ mod tests {
                 src: src.parse().unwrap(),
                 dst_port: port,
             };
-            engine.decide(syn, Timestamp::from_millis(0), &mut Vec::new(), &mut NoScripts);
+            engine.decide(
+                syn,
+                Timestamp::from_millis(0),
+                &mut Vec::new(),
+                &mut NoScripts,
+            );
         }
     }
 
@@ -284,7 +291,12 @@ mod tests {
             dst_port: 22,
         };
         engine
-            .decide(syn, Timestamp::from_millis(5), &mut Vec::new(), &mut NoScripts)
+            .decide(
+                syn,
+                Timestamp::from_millis(5),
+                &mut Vec::new(),
+                &mut NoScripts,
+            )
             .verdict()
             == Verdict::Accept
     }

@@ -86,7 +86,14 @@ impl Worker {
                     }));
                     let now = self.clock.at(received);
                     for packet in parsed.drain(..) {
-                        self.take(packet, now, &mut verdicts, &mut decided, &mut events, &mut scripts);
+                        self.take(
+                            packet,
+                            now,
+                            &mut verdicts,
+                            &mut decided,
+                            &mut events,
+                            &mut scripts,
+                        );
                     }
                     received
                 }
@@ -220,8 +227,12 @@ impl ScriptFailures {
         (described, counted): (Vec<Failure>, Vec<(PolicyKey, FailureKind)>),
     ) {
         let policies = engine.policies();
-        let described = described.into_iter().map(|f| (f.policy, f.kind, Some(f.message)));
-        let counted = counted.into_iter().map(|(policy, kind)| (policy, kind, None));
+        let described = described
+            .into_iter()
+            .map(|f| (f.policy, f.kind, Some(f.message)));
+        let counted = counted
+            .into_iter()
+            .map(|(policy, kind)| (policy, kind, None));
         for (key, kind, message) in described.chain(counted) {
             // A reload may have removed the policy since.
             let Some(policy) = policies.get(key) else {

@@ -27,9 +27,9 @@ use crate::config::{self, Config, Policy};
 
 pub use policies::{Policies, PolicyKey};
 pub use ports::{PolicySet, PortMap, PortMask, PortRole};
-pub use script::{NoScripts, ScriptAction, ScriptGrant, ScriptInput, ScriptOutput, ScriptRunner};
 use prefixes::{PrefixGrant, PrefixGrants};
 use rotation::SpentWindows;
+pub use script::{NoScripts, ScriptAction, ScriptGrant, ScriptInput, ScriptOutput, ScriptRunner};
 use source::SourceState;
 pub use source::{GrantLeft, PolicyStatus, Progress};
 use table::SourceTable;
@@ -403,7 +403,15 @@ impl Engine {
                 if let Some(key) = starts {
                     source.slot_or_insert(key, now);
                 }
-                apply(&policies, syn.src, source, syn_context, now, events, &mut calls)
+                apply(
+                    &policies,
+                    syn.src,
+                    source,
+                    syn_context,
+                    now,
+                    events,
+                    &mut calls,
+                )
             })
             .unwrap_or(false);
         if let PortRole::Open { policies: open } = role {
@@ -480,9 +488,10 @@ impl Engine {
         let input = ScriptInput {
             src: syn.src,
             port: syn.dst_port,
-            knock_port: role == PortRole::Script {
-                policy: call.policy,
-            },
+            knock_port: role
+                == PortRole::Script {
+                    policy: call.policy,
+                },
             stage: call.stage,
             last: call.last,
             granted: call.granted || network_granted(),
@@ -522,23 +531,24 @@ impl Engine {
         }
         let address_grant = matches!(output.action, ScriptAction::Grant(g) if g.prefix.is_none());
         let create = output.stage > 0 || address_grant;
-        self.sources.update(syn.src, create, events, |source, events| {
-            let slot = match create {
-                true => Some(source.slot_or_insert(key, now)),
-                false => source.slot_mut(key),
-            };
-            if let Some(slot) = slot {
-                slot.script_output(&output, end, now, &mut |kind, grant| {
-                    events.event(Event {
-                        src: syn.src,
-                        policy: key,
-                        kind,
-                        grant,
-                    })
-                });
-            }
-            source.remove_empty_slots();
-        });
+        self.sources
+            .update(syn.src, create, events, |source, events| {
+                let slot = match create {
+                    true => Some(source.slot_or_insert(key, now)),
+                    false => source.slot_mut(key),
+                };
+                if let Some(slot) = slot {
+                    slot.script_output(&output, end, now, &mut |kind, grant| {
+                        events.event(Event {
+                            src: syn.src,
+                            policy: key,
+                            kind,
+                            grant,
+                        })
+                    });
+                }
+                source.remove_empty_slots();
+            });
         if output.action == ScriptAction::Revoke {
             self.prefixes
                 .revoke(syn.src, Some(key), RevokeReason::CloseKnock, events);
@@ -576,7 +586,12 @@ impl Engine {
     }
 
     /// Puts back a grant saved before a restart, with the time it had left.
-    pub fn restore(&self, saved: Restore, now: Timestamp, events: &mut impl EventSink) -> Result<(), GrantError> {
+    pub fn restore(
+        &self,
+        saved: Restore,
+        now: Timestamp,
+        events: &mut impl EventSink,
+    ) -> Result<(), GrantError> {
         let Restore {
             src,
             prefix,

@@ -64,7 +64,9 @@ impl PortMask {
         open_ports
             .iter()
             .enumerate()
-            .filter(move |&(index, _)| self == Self::ALL || (index < 16 && self.0 & (1 << index) != 0))
+            .filter(move |&(index, _)| {
+                self == Self::ALL || (index < 16 && self.0 & (1 << index) != 0)
+            })
             .map(|(_, &port)| port)
     }
 }

@@ -9,7 +9,9 @@ use std::sync::{PoisonError, RwLock};
 
 use ipnet::IpNet;
 
-use super::{Event, EventKind, EventSink, GrantScope, PolicyKey, PortMask, RevokeReason, Timestamp};
+use super::{
+    Event, EventKind, EventSink, GrantScope, PolicyKey, PortMask, RevokeReason, Timestamp,
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PrefixGrant {
@@ -151,6 +153,9 @@ impl PrefixGrants {
     /// The grants in force at `now`.
     pub fn list(&self, now: Timestamp) -> Vec<PrefixGrant> {
         let list = self.list.read().unwrap_or_else(PoisonError::into_inner);
-        list.iter().filter(|grant| now < grant.until).copied().collect()
+        list.iter()
+            .filter(|grant| now < grant.until)
+            .copied()
+            .collect()
     }
 }

@@ -61,8 +61,12 @@ pub struct ScriptGrant {
 /// error, its time budget, its memory limit, or an answer out of bounds):
 /// the packet is rejected and no state changes. The runner records why.
 pub trait ScriptRunner {
-    fn run(&mut self, policies: &Policies, policy: PolicyId, input: &ScriptInput)
-        -> Option<ScriptOutput>;
+    fn run(
+        &mut self,
+        policies: &Policies,
+        policy: PolicyId,
+        input: &ScriptInput,
+    ) -> Option<ScriptOutput>;
 }
 
 /// For configurations without script policies; a script policy's SYN is
@@ -76,12 +80,7 @@ impl ScriptRunner for NoScripts {
 }
 
 impl<F: FnMut(PolicyId, &ScriptInput) -> Option<ScriptOutput>> ScriptRunner for F {
-    fn run(
-        &mut self,
-        _: &Policies,
-        policy: PolicyId,
-        input: &ScriptInput,
-    ) -> Option<ScriptOutput> {
+    fn run(&mut self, _: &Policies, policy: PolicyId, input: &ScriptInput) -> Option<ScriptOutput> {
         self(policy, input)
     }
 }

@@ -197,7 +197,12 @@ impl PolicyState {
     }
 
     /// Ends progress whose step window has passed and grants whose time is up.
-    pub fn settle(&mut self, policy: &Policy, now: Timestamp, emit: &mut impl FnMut(EventKind, GrantScope)) {
+    pub fn settle(
+        &mut self,
+        policy: &Policy,
+        now: Timestamp,
+        emit: &mut impl FnMut(EventKind, GrantScope),
+    ) {
         if self.stage > 0 && now.since(self.knocked_at) > policy.step_timeout {
             if self.in_progress(policy) {
                 emit(EventKind::Expired, self.scope());
@@ -272,7 +277,11 @@ impl PolicyState {
     }
 
     /// Ends the grant, if any; true if there was one.
-    pub fn revoke(&mut self, reason: RevokeReason, emit: &mut impl FnMut(EventKind, GrantScope)) -> bool {
+    pub fn revoke(
+        &mut self,
+        reason: RevokeReason,
+        emit: &mut impl FnMut(EventKind, GrantScope),
+    ) -> bool {
         let scope = self.scope();
         let granted = self.replace_grant(None).is_some();
         if granted {
@@ -282,7 +291,12 @@ impl PolicyState {
     }
 
     /// Opens (or restarts) the grant of `ports` until `end`.
-    pub fn grant(&mut self, end: Timestamp, ports: PortMask, emit: &mut impl FnMut(EventKind, GrantScope)) {
+    pub fn grant(
+        &mut self,
+        end: Timestamp,
+        ports: PortMask,
+        emit: &mut impl FnMut(EventKind, GrantScope),
+    ) {
         let refreshed = self.replace_grant(Some(end)).is_some();
         self.ports = ports;
         let kind = match refreshed {

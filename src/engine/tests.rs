@@ -682,7 +682,11 @@ fn restored_grants_keep_the_time_they_had_left() {
         .restore(restore("10.0.0.2", left), now, &mut gate.events)
         .unwrap();
     gate.engine
-        .restore(restore("10.0.0.3", GrantLeft::UntilClosed), now, &mut gate.events)
+        .restore(
+            restore("10.0.0.3", GrantLeft::UntilClosed),
+            now,
+            &mut gate.events,
+        )
         .unwrap();
     assert_eq!(gate.syn("10.0.0.2", 22), ACCEPT);
     gate.advance(30_000);

@@ -9,15 +9,13 @@
 //! library calls such as a pathological `string.find`.
 
 use std::cell::{Cell, RefCell};
+use std::collections::HashSet;
 use std::net::IpAddr;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
-use mlua::{
-    Function, Lua, LuaOptions, StdLib, Table, UserData, UserDataMethods, Value,
-    VmState,
-};
+use mlua::{Function, Lua, LuaOptions, StdLib, Table, UserData, UserDataMethods, Value, VmState};
 
 use super::{FailureKind, Script};
 use crate::engine::{PortMask, ScriptAction, ScriptGrant, ScriptInput, ScriptOutput, Timestamp};
@@ -97,7 +95,8 @@ impl Vm {
                 ),
             });
         };
-        lua.globals().set_readonly(true);
+        freeze(&lua, Value::Table(lua.globals()), &mut HashSet::new()).map_err(failed)?;
+        freeze(&lua, Value::Function(handler.clone()), &mut HashSet::new()).map_err(failed)?;
         let knock = knock_table(&lua, script, &call).map_err(failed)?;
         Ok(Vm {
             port_key: lua.create_string("port").map_err(failed)?,
@@ -150,6 +149,46 @@ impl Vm {
     pub fn used_memory(&self) -> usize {
         self.lua.used_memory()
     }
+}
+
+/// Makes every table reachable from `value` read-only: the script's
+/// globals, the tables they hold, and those its functions keep as
+/// upvalues. What the top level built stays as it was for every call.
+fn freeze(lua: &Lua, value: Value, seen: &mut HashSet<usize>) -> mlua::Result<()> {
+    if !seen.insert(value.to_pointer() as usize) {
+        return Ok(());
+    }
+    match value {
+        Value::Table(table) => {
+            let entries: Vec<(Value, Value)> = table.pairs().collect::<mlua::Result<_>>()?;
+            table.set_readonly(true);
+            if let Some(metatable) = table.metatable() {
+                freeze(lua, Value::Table(metatable), seen)?;
+            }
+            for (key, value) in entries {
+                freeze(lua, key, seen)?;
+                freeze(lua, value, seen)?;
+            }
+        }
+        Value::Function(function) => {
+            // SAFETY: pushes the function's upvalues, which lua_getupvalue
+            // copies onto the stack, as the results; nothing else.
+            let upvalues: mlua::MultiValue = unsafe {
+                lua.exec_raw(function, |state| {
+                    let mut n = 1;
+                    while !mlua::ffi::lua_getupvalue(state, 1, n).is_null() {
+                        n += 1;
+                    }
+                    mlua::ffi::lua_remove(state, 1);
+                })
+            }?;
+            for upvalue in upvalues {
+                freeze(lua, upvalue, seen)?;
+            }
+        }
+        _ => {}
+    }
+    Ok(())
 }
 
 fn bad_stage(value: &Value) -> VmError {
@@ -321,7 +360,10 @@ impl UserData for Nets {
                     .map(|call| call.input.get().src)
                     .ok_or_else(|| mlua::Error::runtime("no knock in progress"))?,
                 Value::String(text) => text.to_str()?.parse::<IpAddr>().map_err(|_| {
-                    mlua::Error::runtime(format!("contains: \"{}\" is not an address", text.display()))
+                    mlua::Error::runtime(format!(
+                        "contains: \"{}\" is not an address",
+                        text.display()
+                    ))
                 })?,
                 other => {
                     return Err(mlua::Error::runtime(format!(
@@ -355,9 +397,7 @@ fn knock_table(lua: &Lua, script: &Script, call: &Rc<Call>) -> mlua::Result<Tabl
                     Ok(())
                 }
                 Err(message) => {
-                    let line = lua
-                        .inspect_stack(1, |debug| debug.current_line())
-                        .flatten();
+                    let line = lua.inspect_stack(1, |debug| debug.current_line()).flatten();
                     *state.refused.borrow_mut() = Some((line, message.clone()));
                     Err(mlua::Error::runtime(message))
                 }
@@ -437,8 +477,10 @@ fn grant_options(
             let ports = list
                 .sequence_values::<i64>()
                 .map(|port| {
-                    let port = port.map_err(|_| "k:grant: ports must be a list of port numbers".to_owned())?;
-                    u16::try_from(port).map_err(|_| format!("k:grant: port {port} is outside 1..65535"))
+                    let port = port
+                        .map_err(|_| "k:grant: ports must be a list of port numbers".to_owned())?;
+                    u16::try_from(port)
+                        .map_err(|_| format!("k:grant: port {port} is outside 1..65535"))
                 })
                 .collect::<Result<Vec<u16>, String>>()?;
             if ports.is_empty() {
@@ -448,13 +490,23 @@ fn grant_options(
                 format!("k:grant: port {port} is not one of the policy's open_ports")
             })?
         }
-        other => return Err(format!("k:grant: ports must be a list, not {}", describe(&other))),
+        other => {
+            return Err(format!(
+                "k:grant: ports must be a list, not {}",
+                describe(&other)
+            ))
+        }
     };
     let duration = match field("seconds") {
         Value::Nil => None,
         Value::Integer(n) => Some(n as f64),
         Value::Number(n) => Some(n),
-        other => return Err(format!("k:grant: seconds must be a number, not {}", describe(&other))),
+        other => {
+            return Err(format!(
+                "k:grant: seconds must be a number, not {}",
+                describe(&other)
+            ))
+        }
     };
     let duration = duration
         .map(|seconds| {
@@ -483,7 +535,12 @@ fn grant_options(
                 }
             }
         }
-        other => return Err(format!("k:grant: prefix must be an integer, not {}", describe(&other))),
+        other => {
+            return Err(format!(
+                "k:grant: prefix must be an integer, not {}",
+                describe(&other)
+            ))
+        }
     };
     Ok(ScriptGrant {
         ports,
