@@ -57,7 +57,11 @@ pub enum Response {
 /// One source under one policy.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SourceEntry {
+    /// The source, or the network address of a network grant.
     pub source: IpAddr,
+    /// A network grant's prefix length.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<u8>,
     pub policy: String,
     pub grant: Option<GrantEntry>,
     pub progress: Option<ProgressEntry>,
@@ -72,6 +76,7 @@ pub struct GrantEntry {
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct ProgressEntry {
     pub stage: u8,
+    /// Stages to a grant; 0 for a script policy, whose stages have no fixed end.
     pub of: usize,
     pub seconds_left: f64,
 }
@@ -119,6 +124,7 @@ fn carry_out(
                 .into_iter()
                 .map(|s| SourceEntry {
                     source: s.src,
+                    prefix: s.prefix,
                     policy: s.policy,
                     grant: s.status.grant.map(GrantEntry::from),
                     progress: s.status.progress.map(|p| ProgressEntry {

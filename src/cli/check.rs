@@ -3,7 +3,7 @@
 use std::fmt::Write;
 use std::path::Path;
 
-use crate::config::Config;
+use crate::config::{Config, Knock};
 
 pub fn summary(path: &Path, config: &Config) -> String {
     let mut out = String::new();
@@ -31,7 +31,7 @@ pub fn summary(path: &Path, config: &Config) -> String {
             policy.name,
             policy.knock.describe(),
             humantime::format_duration(policy.step_timeout),
-            if policy.strict {
+            if policy.strict && !matches!(policy.knock, Knock::Script(_)) {
                 ", other ports reset"
             } else {
                 ""
@@ -46,6 +46,22 @@ pub fn summary(path: &Path, config: &Config) -> String {
         }
         if let Some(close) = policy.close_port {
             let _ = write!(out, "; knock {close} to close");
+        }
+        if let Knock::Script(script) = &policy.knock {
+            let _ = write!(
+                out,
+                "; script compiled, budget {} a call, {} MiB",
+                humantime::format_duration(script.budget),
+                script.memory_limit >> 20
+            );
+        }
+        for (hook, argv) in [
+            ("on grant", &policy.hooks.on_grant),
+            ("on revoke", &policy.hooks.on_revoke),
+        ] {
+            if let Some(argv) = argv {
+                let _ = write!(out, "; {hook} runs {}", argv[0]);
+            }
         }
         out.push('\n');
     }

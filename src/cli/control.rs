@@ -76,15 +76,18 @@ fn table(sources: &[SourceEntry]) -> String {
             let progress = s.progress.map_or_else(
                 || "-".to_owned(),
                 |p| {
-                    format!(
-                        "{}/{}, next within {}",
-                        p.stage,
-                        p.of,
-                        seconds(p.seconds_left)
-                    )
+                    let stage = match p.of {
+                        0 => format!("stage {}", p.stage),
+                        of => format!("{}/{of}", p.stage),
+                    };
+                    format!("{stage}, next within {}", seconds(p.seconds_left))
                 },
             );
-            [s.source.to_string(), s.policy.clone(), grant, progress]
+            let source = match s.prefix {
+                Some(prefix) => format!("{}/{prefix}", s.source),
+                None => s.source.to_string(),
+            };
+            [source, s.policy.clone(), grant, progress]
         })
         .collect();
     let header = ["SOURCE", "POLICY", "GRANT", "KNOCKS"].map(str::to_owned);
@@ -134,6 +137,7 @@ mod tests {
     fn the_table_lines_up() {
         let sources = [
             SourceEntry {
+                prefix: None,
                 source: "10.0.0.2".parse().unwrap(),
                 policy: "ssh".into(),
                 grant: Some(GrantEntry {
@@ -142,6 +146,7 @@ mod tests {
                 progress: None,
             },
             SourceEntry {
+                prefix: None,
                 source: "fd00::33".parse().unwrap(),
                 policy: "admin-web".into(),
                 grant: Some(GrantEntry { seconds_left: None }),

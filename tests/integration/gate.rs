@@ -25,8 +25,13 @@ fn short_windows(step_timeout: &str, grant_timeout: &str) -> String {
 /// The example policy's walkthrough: closed, knock, open, close knock, closed.
 fn walkthrough(backends: &[&str], clients: [&str; 4]) {
     let mut net = Net::new();
+    walkthrough_with(&mut net, EXAMPLE_CONFIG, backends, clients);
+}
+
+/// The walkthrough against `config`, which must knock like the example.
+fn walkthrough_with(net: &mut Net, config: &str, backends: &[&str], clients: [&str; 4]) {
     net.listen(&[22, 8080, 443]);
-    let gate = net.start_gate(EXAMPLE_CONFIG, backends);
+    let gate = net.start_gate(config, backends);
     let [me, stranger, ..] = clients;
     assert!(net.connect(me, 22).is_rejected());
     net.knock(me, &[1111, 2222]);
@@ -57,6 +62,19 @@ fn walkthrough(backends: &[&str], clients: [&str; 4]) {
         "{log}"
     );
     assert_eq!(net.pending_packets(), 0);
+}
+
+/// The seed walkthrough, against the seed recipe written as a script.
+#[test]
+fn walkthrough_with_the_seed_script_both_families() {
+    if !can_run_end_to_end("walkthrough_with_the_seed_script_both_families") {
+        return;
+    }
+    for clients in [CLIENTS4, CLIENTS6] {
+        let mut net = Net::new();
+        let config = net.example_policy("seed", |lua| lua);
+        walkthrough_with(&mut net, &config, DUAL_STACK_RULES, clients);
+    }
 }
 
 #[test]
@@ -337,8 +355,9 @@ fn outcomes(net: &Net, steps: &[Step]) -> Vec<bool> {
         .collect()
 }
 
-/// The gate configured like the seed's recipe answers every client exactly
-/// as the recipe's xt_recent chains do.
+/// The gate configured like the seed's recipe, with the built-in policy and
+/// with the recipe as a script (examples/policies/seed.toml), answers every
+/// client exactly as the recipe's xt_recent chains do.
 #[test]
 fn behaves_like_the_xt_recent_recipe() {
     if !can_run_end_to_end("behaves_like_the_xt_recent_recipe") {
@@ -398,6 +417,14 @@ fn behaves_like_the_xt_recent_recipe() {
         let _gate = net.start_gate(EXAMPLE_CONFIG, IPV4_RULES);
         outcomes(&net, &steps)
     };
+    let script = {
+        let mut net = Net::new();
+        net.listen(&[22, 8080, 443, 80]);
+        let config = net.example_policy("seed", |lua| lua);
+        let _gate = net.start_gate(&config, IPV4_RULES);
+        outcomes(&net, &steps)
+    };
     assert_eq!(knockq, recipe);
+    assert_eq!(script, recipe, "the seed recipe as a script");
     assert_eq!(recipe.iter().filter(|&&open| open).count(), 6, "{recipe:?}");
 }

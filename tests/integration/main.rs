@@ -6,5 +6,6 @@ mod client;
 mod gate;
 mod observe;
 mod resilience;
+mod scripts;
 mod simulate;
 mod util;

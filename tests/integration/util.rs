@@ -198,6 +198,16 @@ impl Net {
         path
     }
 
+    /// The text of `examples/policies/NAME.toml`, its script copied beside
+    /// the files [`Net::config`] writes, and with `edit` applied to the
+    /// script's text.
+    pub fn example_policy(&self, name: &str, edit: impl FnOnce(String) -> String) -> String {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/policies");
+        let script = fs::read_to_string(dir.join(format!("{name}.lua"))).unwrap();
+        fs::write(self.dir.path().join(format!("{name}.lua")), edit(script)).unwrap();
+        fs::read_to_string(dir.join(format!("{name}.toml"))).unwrap()
+    }
+
     /// Loads the rules `knockq rules` prints into the gate namespace.
     pub fn load_rules(&self, config: &Path, backend: &str) {
         let loader = match backend {
