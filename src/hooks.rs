@@ -90,11 +90,11 @@ impl Hooks {
                         let outcome = execute(&run, timeout);
                         metrics.hook_run(&run.policy, run.hook.as_str(), outcome.label());
                         match outcome {
-                            Outcome::Ok => debug!(event = %"hook", policy = %run.policy, hook = run.hook.as_str(), "ran {:?}", run.argv),
+                            Outcome::Ok => debug!(event = %"hook", policy = %run.policy, hook = %run.hook.as_str(), "ran {:?}", run.argv),
                             Outcome::Failed(why) | Outcome::TimedOut(why) => warn!(
                                 event = %"hook_failed",
                                 policy = %run.policy,
-                                hook = run.hook.as_str(),
+                                hook = %run.hook.as_str(),
                                 "{}: {why}",
                                 run.argv[0]
                             ),

@@ -242,7 +242,7 @@ impl ScriptFailures {
             let count = self.0.entry((key, kind)).or_default();
             *count += 1;
             if let (true, Some(message)) = (count.is_power_of_two(), message) {
-                warn!(event = %"script_error", policy = %policy.name, kind = kind.as_str(), count = *count, "{message}");
+                warn!(event = %"script_error", policy = %policy.name, kind = %kind.as_str(), count = *count, "{message}");
             }
         }
     }

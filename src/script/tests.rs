@@ -467,7 +467,14 @@ fn an_endless_loop_is_stopped_by_the_budget() {
     let started = Instant::now();
     assert_eq!(gate.syn("10.0.0.1", 1111), FAILED);
     assert!(started.elapsed() < Duration::from_secs(1));
-    assert_eq!(gate.failures()[0].0, FailureKind::Budget);
+    let failures = gate.failures();
+    assert_eq!(failures[0].0, FailureKind::Budget);
+    assert!(
+        failures[0]
+            .1
+            .contains("p.lua:2: the call ran past its time budget"),
+        "{failures:?}"
+    );
     // The VM still works for the next packet.
     assert_eq!(gate.syn("10.0.0.1", 4444), NO_GRANT);
 }

@@ -38,8 +38,10 @@ struct Call {
     input: Cell<ScriptInput>,
     action: Cell<ScriptAction>,
     deadline: Cell<Instant>,
-    /// Set by the interrupt when the budget ran out.
+    /// Set by the interrupt when the budget ran out, with the script's
+    /// line it stopped at.
     over_budget: Cell<bool>,
+    stopped_at: Cell<Option<usize>>,
     /// Set by `k:grant` when the script asked for more than it may.
     refused: RefCell<Option<(Option<usize>, String)>>,
 }
@@ -76,6 +78,7 @@ impl Vm {
             action: Cell::new(ScriptAction::None),
             deadline: Cell::new(Instant::now() + LOAD_BUDGET),
             over_budget: Cell::new(false),
+            stopped_at: Cell::new(None),
             refused: RefCell::new(None),
         });
         let failed = |e: mlua::Error| classify(&e, &call, FailureKind::Load);
@@ -115,6 +118,7 @@ impl Vm {
         call.input.set(*input);
         call.action.set(ScriptAction::None);
         call.over_budget.set(false);
+        call.stopped_at.set(None);
         let failed = |e: mlua::Error| classify(&e, call, FailureKind::Runtime);
         self.knock.set_readonly(false);
         let set = self
@@ -239,9 +243,14 @@ fn classify(error: &mlua::Error, call: &Call, otherwise: FailureKind) -> VmError
         mlua::Error::CallbackError { traceback, .. } => traceback.as_str(),
         _ => "",
     };
-    let line = line_of(&message).or_else(|| line_of(traceback));
+    let line = match kind {
+        FailureKind::Budget => call.stopped_at.get(),
+        _ => None,
+    }
+    .or_else(|| line_of(&message))
+    .or_else(|| line_of(traceback));
     let message = match kind {
-        FailureKind::Budget => format!("{message}: the call ran past its time budget"),
+        FailureKind::Budget => "the call ran past its time budget".to_owned(),
         FailureKind::Memory => format!("{message}: the script ran out of its memory limit"),
         _ => message,
     };
@@ -297,9 +306,14 @@ fn sandbox(script: &Script, call: &Rc<Call>) -> mlua::Result<Lua> {
     globals.raw_set("knockq", library(&lua, script)?)?;
     lua.set_memory_limit(script.memory_limit)?;
     let interrupt = Rc::clone(call);
-    lua.set_interrupt(move |_| {
+    lua.set_interrupt(move |lua| {
         if Instant::now() > interrupt.deadline.get() {
             interrupt.over_budget.set(true);
+            // The innermost Lua function's line: a library call such as
+            // string.find has none.
+            let line =
+                (0..8).find_map(|level| lua.inspect_stack(level, |d| d.current_line()).flatten());
+            interrupt.stopped_at.set(line);
             return Err(mlua::Error::runtime("interrupted"));
         }
         Ok(VmState::Continue)
