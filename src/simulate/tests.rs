@@ -353,3 +353,92 @@ fn an_ascending_sweep_walks_through_a_lenient_ascending_sequence() {
     assert_eq!(results[0], (Order::Ascending, Some(2222)));
     assert_eq!(results[1], (Order::Descending, None));
 }
+
+/// The seed example with its script beside it, as `simulate` loads it.
+fn seed_script_config() -> Config {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/policies");
+    config::load(&dir.join("seed.toml")).unwrap()
+}
+
+#[test]
+fn the_seed_script_simulates_like_the_built_in_policy() {
+    let syns = pcap(&[
+        Syn(0.0, "10.9.0.2", 1111),
+        Syn(1.0, "10.9.0.2", 2222),
+        Syn(1.5, "10.9.0.2", 22),
+        Syn(2.0, "10.9.0.3", 1111),
+        Syn(2.5, "10.9.0.3", 80),
+        Syn(3.0, "10.9.0.3", 2222),
+        Syn(4.0, "10.9.0.4", 1111),
+        Syn(20.0, "10.9.0.4", 2222),
+        Syn(21.0, "10.9.0.2", 3333),
+        Syn(21.5, "10.9.0.2", 22),
+        Syn(22.0, "fd09::2", 1111),
+        Syn(22.1, "fd09::2", 1111),
+        Syn(22.2, "fd09::2", 2222),
+        Syn(22.3, "fd09::2", 8080),
+    ]);
+    let capture = capture::parse(&syns, Path::new("capture.pcap")).unwrap();
+    let options = Options {
+        verdicts: true,
+        ..Options::default()
+    };
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/knockq.toml");
+    let builtin = config::load(&example).unwrap();
+    let builtin = simulate(&builtin, "knockq.toml", &capture.packets, &options);
+    let script = simulate(
+        &seed_script_config(),
+        "seed.toml",
+        &capture.packets,
+        &options,
+    );
+    let verdicts = |report: &Report| -> Vec<(IpAddr, u16, &'static str)> {
+        report
+            .packets
+            .iter()
+            .map(|p| (p.source, p.dst_port, p.verdict))
+            .collect()
+    };
+    assert_eq!(verdicts(&script), verdicts(&builtin));
+    let granted = |report: &Report| -> Vec<IpAddr> {
+        report.policies[0]
+            .granted
+            .iter()
+            .map(|g| g.source)
+            .collect()
+    };
+    assert_eq!(granted(&script), [ip("10.9.0.2"), ip("fd09::2")]);
+    assert_eq!(granted(&script), granted(&builtin));
+    let whys = |report: &Report| -> Vec<(IpAddr, Why)> {
+        report.policies[0]
+            .incomplete
+            .iter()
+            .map(|i| (i.source, i.why))
+            .collect()
+    };
+    assert_eq!(whys(&script), whys(&builtin));
+    // A replay of the same capture gives the same answers every time.
+    let again = simulate(
+        &seed_script_config(),
+        "seed.toml",
+        &capture.packets,
+        &options,
+    );
+    assert_eq!(verdicts(&again), verdicts(&script));
+}
+
+#[test]
+fn full_sweeps_never_walk_through_the_seed_script() {
+    let results: Vec<_> = sweep::sweep(&seed_script_config(), Duration::from_millis(1))
+        .into_iter()
+        .map(|r| (r.order, r.granted_at_probe))
+        .collect();
+    assert_eq!(
+        results,
+        [
+            (Order::Ascending, None),
+            (Order::Descending, None),
+            (Order::Random, None)
+        ]
+    );
+}
