@@ -3,19 +3,20 @@
 //! `cargo bench --bench engine`. Decisions for an unknown source, a knock
 //! that advances, a first knock into a full table (evicting), and a granted
 //! source, with 1, 100,000 and 1,000,000 tracked sources, on one thread and
-//! on two threads sharing the engine. Memory is measured with a counting
+//! on two threads sharing the engine; and the same knock written as a script
+//! policy at 1,000,000 tracked sources. Memory is measured with a counting
 //! allocator, not estimated.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr};
-use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use knockq::config;
 use knockq::engine::{Engine, Event, Syn, Timestamp};
+use knockq::script::ScriptVms;
 
 /// Counts the bytes live on the heap.
 struct Counting;
@@ -51,9 +52,63 @@ open_ports = [22, 8080]
 close_port = 3333
 "#;
 
+/// The built-in policy's knock, as a script policy.
+const SCRIPT_CONFIG: &str = r#"
+[limits]
+max_sources = MAX
+
+[[policy]]
+name = "ssh"
+step_timeout = "1h"
+open_ports = [22, 8080]
+[policy.script]
+file = "bench.lua"
+knock_ports = [1111, 2222, 3333, 4444]
+"#;
+
+const SCRIPT: &str = r#"
+local SEQUENCE = { 1111, 2222, 4444 }
+return function(k)
+  local stage = k.stage
+  if k.port == 3333 then
+    k:revoke()
+    return 0
+  elseif k.port == SEQUENCE[stage + 1] then
+    if stage + 1 < #SEQUENCE then
+      return stage + 1
+    end
+    k:grant()
+    return 0
+  elseif k.port == SEQUENCE[stage] then
+    return stage
+  elseif k.port == SEQUENCE[1] then
+    return 1
+  end
+  return 0
+end
+"#;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Policy {
+    BuiltIn,
+    Script,
+}
+
 fn engine(max_sources: usize) -> Engine {
-    let text = CONFIG.replace("MAX", &max_sources.to_string());
-    Engine::new(&config::parse(&text, Path::new("bench.toml")).unwrap())
+    engine_with(Policy::BuiltIn, max_sources)
+}
+
+fn engine_with(policy: Policy, max_sources: usize) -> Engine {
+    let (text, file) = match policy {
+        Policy::BuiltIn => (CONFIG, None),
+        Policy::Script => (SCRIPT_CONFIG, Some(("bench.lua", SCRIPT))),
+    };
+    let dir = tempfile::TempDir::new().unwrap();
+    if let Some((name, script)) = file {
+        std::fs::write(dir.path().join(name), script).unwrap();
+    }
+    let text = text.replace("MAX", &max_sources.to_string());
+    Engine::new(&config::parse(&text, &dir.path().join("bench.toml")).unwrap())
 }
 
 /// The n-th source address of the benchmark, spread over 10.0.0.0/8.
@@ -63,14 +118,22 @@ fn source(n: u64) -> IpAddr {
     ))
 }
 
-fn decide(engine: &Engine, src: IpAddr, dst_port: u16, events: &mut Vec<Event>) {
+/// What one thread needs to decide: its events buffer and its script VMs,
+/// as a worker has.
+#[derive(Default)]
+struct Thread {
+    events: Vec<Event>,
+    scripts: ScriptVms,
+}
+
+fn decide(engine: &Engine, src: IpAddr, dst_port: u16, thread: &mut Thread) {
     black_box(engine.decide(
         Syn { src, dst_port },
         Timestamp::from_millis(1),
-        events,
-        &mut knockq::engine::NoScripts,
+        &mut thread.events,
+        &mut thread.scripts,
     ));
-    events.clear();
+    thread.events.clear();
 }
 
 /// Packets the daemon's worker takes per wake-up at most.
@@ -83,7 +146,7 @@ fn decide_batch(
     batch: &[IpAddr],
     dst_port: u16,
     prefetch: bool,
-    events: &mut Vec<Event>,
+    events: &mut Thread,
 ) {
     if prefetch {
         for &src in batch {
@@ -97,9 +160,9 @@ fn decide_batch(
 
 /// An engine tracking `tracked` sources at stage 1, with room for as many
 /// more (and at least the default cap), so that they are not evicted.
-fn filled(tracked: u64) -> Engine {
-    let engine = engine((2 * tracked as usize).max(1 << 20));
-    let mut events = Vec::new();
+fn filled(policy: Policy, tracked: u64) -> Engine {
+    let engine = engine_with(policy, (2 * tracked as usize).max(1 << 20));
+    let mut events = Thread::default();
     for n in 0..tracked {
         decide(&engine, source(n), 1111, &mut events);
     }
@@ -113,13 +176,12 @@ fn memory_per_source() {
     const SOURCES: usize = 1_000_000;
     let before = LIVE.load(Ordering::Relaxed);
     let engine = engine(SOURCES);
-    let mut events = Vec::new();
+    let mut events = Thread::default();
     // Some first knocks land in a full bucket below the cap and take an
     // older source's place: knock until the cap is reached.
     let mut n = 0;
     while engine.tracked_sources() < SOURCES {
         decide(&engine, source(n), 1111, &mut events);
-        events.clear();
         n += 1;
     }
     let full = LIVE.load(Ordering::Relaxed);
@@ -131,10 +193,19 @@ fn memory_per_source() {
 
 fn single_thread(c: &mut Criterion) {
     memory_per_source();
-    for tracked in [1u64, 100_000, 1_000_000] {
-        let engine = filled(tracked);
-        let mut events = Vec::new();
-        let mut group = c.benchmark_group(format!("decide/{tracked} tracked"));
+    for (policy, tracked) in [
+        (Policy::BuiltIn, 1u64),
+        (Policy::BuiltIn, 100_000),
+        (Policy::BuiltIn, 1_000_000),
+        (Policy::Script, 1_000_000),
+    ] {
+        let engine = filled(policy, tracked);
+        let mut events = Thread::default();
+        let name = match policy {
+            Policy::BuiltIn => format!("decide/{tracked} tracked"),
+            Policy::Script => format!("decide/{tracked} tracked, script policy"),
+        };
+        let mut group = c.benchmark_group(name);
         let mut n = 0;
         group.bench_function("unknown source", |b| {
             b.iter(|| {
@@ -185,7 +256,7 @@ fn single_thread(c: &mut Criterion) {
 
     // A first knock into a table at its cap: each one evicts the oldest.
     let full = engine(1_000_000);
-    let mut events = Vec::new();
+    let mut events = Thread::default();
     for n in 0..1_000_000 {
         decide(&full, source(n), 1111, &mut events);
     }
@@ -210,7 +281,7 @@ fn single_thread(c: &mut Criterion) {
 
 /// Two threads deciding at once on one engine; time per decision per thread.
 fn two_threads(c: &mut Criterion) {
-    let engine = filled(1_000_000);
+    let engine = filled(Policy::BuiltIn, 1_000_000);
     let mut group = c.benchmark_group("decide/1000000 tracked, 2 threads");
     for (name, port) in [("unknown source", 22u16), ("first knock", 1111)] {
         group.bench_function(name, |b| {
@@ -220,7 +291,7 @@ fn two_threads(c: &mut Criterion) {
                     for thread in 0..2u64 {
                         let engine = &engine;
                         scope.spawn(move || {
-                            let mut events = Vec::new();
+                            let mut events = Thread::default();
                             for i in 0..iters {
                                 let n = 10_000_000 + thread * (1 << 40) + i;
                                 decide(engine, source(n), port, &mut events);
