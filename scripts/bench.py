@@ -10,6 +10,8 @@ namespaces joined by a veth pair, against the same SYN flood from trafgen
            mark and NF_REPEAT: the floor of any userspace gate;
   kernel   the in-kernel xt_recent recipe, no userspace hop: the limit;
   knockq-2q  knockq with [queue] count = 2 and --queue-balance 0:1;
+  knockq-script  knockq with the same knock as a script policy
+             (examples/policies/seed.toml): every flooded SYN enters the script;
   baseline   with KNOCKQ_BENCH_BASELINE=PATH, another knockq build (an
              earlier commit, say) with the same configuration as knockq.
 
@@ -20,7 +22,8 @@ decided SYN and how much of it was spent in the kernel (from
 /proc/PID/stat), and the time from connect() to its answer for a granted
 source, at light load and during the flood. Rounds alternate the gates; the
 table reports medians over rounds, and ratios within this one run.
-KNOCKQ_BENCH_RATE=N limits the flood to N SYNs per second.
+KNOCKQ_BENCH_RATE=N limits the flood to N SYNs per second;
+KNOCKQ_BENCH_GATES=knockq,knockq-script,... measures only those gates.
 """
 
 import os
@@ -40,6 +43,7 @@ BASELINE = os.environ.get("KNOCKQ_BENCH_BASELINE")
 RATE = os.environ.get("KNOCKQ_BENCH_RATE")
 RECIPE = ROOT / "tests/testdata/recent-recipe.iptables"
 CONFIG = ROOT / "examples/knockq.toml"
+SCRIPT_CONFIG = ROOT / "examples/policies/seed.toml"
 GATE, CLIENT, FLOODER = "10.9.0.1", "10.9.0.2", "10.9.0.3"
 ROUNDS = int(os.environ.get("KNOCKQ_BENCH_ROUNDS", "3"))
 FLOOD_SECONDS = int(os.environ.get("KNOCKQ_BENCH_SECONDS", "10"))
@@ -140,7 +144,11 @@ class Gate:
             return
         config = workdir / "knockq.toml"
         queues = 2 if kind == "knockq-2q" else 1
-        config.write_text(CONFIG.read_text().replace("count = 1", f"count = {queues}"))
+        source = CONFIG
+        if kind == "knockq-script":
+            source = SCRIPT_CONFIG
+            (workdir / "seed.lua").write_text((SCRIPT_CONFIG.parent / "seed.lua").read_text())
+        config.write_text(source.read_text().replace("count = 1", f"count = {queues}"))
         rules = sh(f"{KNOCKQ} rules --config {config} --backend iptables").stdout
         path = workdir / "rules.iptables"
         path.write_text(rules)
@@ -266,7 +274,9 @@ def main():
     for binary in (KNOCKQ, FLOOR):
         if not binary.exists():
             sys.exit(f"{binary} is missing: run `make bench`, which builds it")
-    gates = ["knockq", "floor", "kernel", "knockq-2q"] + (["baseline"] if BASELINE else [])
+    gates = ["knockq", "floor", "kernel", "knockq-2q", "knockq-script"] + (["baseline"] if BASELINE else [])
+    if os.environ.get("KNOCKQ_BENCH_GATES"):
+        gates = os.environ["KNOCKQ_BENCH_GATES"].split(",")
     results = {gate: [] for gate in gates}
     for round_number in range(ROUNDS):
         order = gates[round_number % len(gates):] + gates[:round_number % len(gates)]
@@ -293,17 +303,27 @@ def main():
               f"| {cell(t['cpu_us_per_packet'], 2)} ({cell(t['kernel_us_per_packet'], 2)}) "
               f"| {cell(t['light_p50_us'])} | {cell(t['light_p99_us'])} "
               f"| {cell(t['flood_p50_us'])} | {cell(t['flood_p99_us'])} | {cell(None if t['flood_unanswered'] is None else t['flood_unanswered'] * 100)} % |")
-    k, f, n = table["knockq"], table["floor"], table["kernel"]
+    k = table.get("knockq")
     print()
-    print(f"knockq / floor: CPU per SYN {k['cpu_us_per_packet'] / f['cpu_us_per_packet']:.2f}, "
-          f"SYNs decided per second {k['decided_pps'] / f['decided_pps']:.2f}")
-    two = table["knockq-2q"]
-    print(f"knockq with two queues / one queue: SYNs decided per second "
-          f"{two['decided_pps'] / k['decided_pps']:.2f}, CPU per SYN {two['cpu_us_per_packet'] / k['cpu_us_per_packet']:.2f}")
-    print(f"knockq / kernel: answer p99 at light load {k['light_p99_us'] / n['light_p99_us']:.2f} "
-          f"({k['light_p99_us'] - n['light_p99_us']:+.1f} µs), "
-          f"SYNs decided per second {k['decided_pps'] / n['decided_pps']:.2f}")
-    if BASELINE:
+    if k and "floor" in table:
+        f = table["floor"]
+        print(f"knockq / floor: CPU per SYN {k['cpu_us_per_packet'] / f['cpu_us_per_packet']:.2f}, "
+              f"SYNs decided per second {k['decided_pps'] / f['decided_pps']:.2f}")
+    if k and "knockq-2q" in table:
+        two = table["knockq-2q"]
+        print(f"knockq with two queues / one queue: SYNs decided per second "
+              f"{two['decided_pps'] / k['decided_pps']:.2f}, CPU per SYN {two['cpu_us_per_packet'] / k['cpu_us_per_packet']:.2f}")
+    if k and "kernel" in table:
+        n = table["kernel"]
+        print(f"knockq / kernel: answer p99 at light load {k['light_p99_us'] / n['light_p99_us']:.2f} "
+              f"({k['light_p99_us'] - n['light_p99_us']:+.1f} µs), "
+              f"SYNs decided per second {k['decided_pps'] / n['decided_pps']:.2f}")
+    if k and "knockq-script" in table:
+        sc = table["knockq-script"]
+        print(f"script policy / built-in policy: CPU per SYN "
+              f"{sc['cpu_us_per_packet'] / k['cpu_us_per_packet']:.2f}, SYNs decided per second "
+              f"{sc['decided_pps'] / k['decided_pps']:.2f}")
+    if k and BASELINE:
         b = table["baseline"]
         print(f"knockq / baseline ({BASELINE}): CPU per SYN "
               f"{k['cpu_us_per_packet'] / b['cpu_us_per_packet']:.2f}, SYNs decided per second "
