@@ -325,6 +325,64 @@ mod tests {
     }
 
     #[test]
+    fn network_grants_and_script_grants_of_some_ports_survive_a_restart() {
+        let dir = tempfile::TempDir::new().unwrap();
+        std::fs::write(
+            dir.path().join("p.lua"),
+            "return function(k)\n  if k.port == 1111 then k:grant{ prefix = 24 } end\n  \
+             if k.port == 2222 then k:grant{ ports = {8080} } end\n  return 0\nend\n",
+        )
+        .unwrap();
+        let path = dir.path().join("knockq.toml");
+        std::fs::write(
+            &path,
+            "[[policy]]\nname = \"p\"\nopen_ports = [22, 8080]\n[policy.script]\n\
+             file = \"p.lua\"\nknock_ports = [1111, 2222]\n",
+        )
+        .unwrap();
+        let config = crate::config::load(&path).unwrap();
+        let syn = |engine: &Engine, src: &str, port| {
+            let syn = Syn {
+                src: src.parse().unwrap(),
+                dst_port: port,
+            };
+            let mut scripts = crate::script::ScriptVms::new();
+            engine
+                .decide(
+                    syn,
+                    Timestamp::from_millis(5),
+                    &mut Vec::new(),
+                    &mut scripts,
+                )
+                .verdict()
+        };
+        let before = Engine::new(&config);
+        syn(&before, "10.0.1.5", 1111);
+        syn(&before, "10.0.2.5", 2222);
+        let store = StateStore::new(dir.path());
+        assert_eq!(store.save(&before, Timestamp::from_millis(5)).unwrap(), 2);
+        let after = Engine::new(&config);
+        assert_eq!(
+            store
+                .restore(&after, Timestamp::from_millis(0), &mut Vec::new())
+                .unwrap(),
+            2
+        );
+        assert_eq!(syn(&after, "10.0.1.77", 22), Verdict::Accept, "the /24");
+        assert_eq!(syn(&after, "10.0.2.5", 8080), Verdict::Accept);
+        assert_eq!(syn(&after, "10.0.2.5", 22), Verdict::Reject, "only 8080");
+        // A changed script is another knock: its grants do not come back.
+        std::fs::write(dir.path().join("p.lua"), "return function(k) return 0 end").unwrap();
+        let changed = Engine::new(&crate::config::load(&path).unwrap());
+        assert_eq!(
+            store
+                .restore(&changed, Timestamp::from_millis(0), &mut Vec::new())
+                .unwrap(),
+            0
+        );
+    }
+
+    #[test]
     fn a_changed_policy_or_an_expired_grant_is_not_restored() {
         let policies = engine(SSH).policies();
         let grant = |policy: &str, knock: &str, seconds_left| SavedGrant {

@@ -8,7 +8,6 @@
 
 mod vm;
 
-use std::collections::HashMap;
 use std::ops::RangeInclusive;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -122,7 +121,8 @@ const MAX_DESCRIBED_FAILURES: usize = 16;
 /// replaced when a reload changes the script.
 #[derive(Default)]
 pub struct ScriptVms {
-    vms: HashMap<PolicyKey, Result<Vm, VmError>>,
+    /// A few at most: found by a look along the list, quicker than a hash.
+    vms: Vec<(PolicyKey, Result<Vm, VmError>)>,
     failures: Vec<Failure>,
     /// Failures past [`MAX_DESCRIBED_FAILURES`], by policy and kind.
     undescribed: Vec<(PolicyKey, FailureKind)>,
@@ -176,12 +176,16 @@ impl ScriptRunner for ScriptVms {
         else {
             return None;
         };
-        if !self.vms.contains_key(&key) {
-            // A reload replaced scripts: forget the VMs of policies gone.
-            self.vms.retain(|&key, _| policies.get(key).is_some());
-            self.vms.insert(key, Vm::load(script));
-        }
-        let result = match &self.vms[&key] {
+        let index = match self.vms.iter().position(|(k, _)| *k == key) {
+            Some(index) => index,
+            None => {
+                // A reload replaced scripts: forget the VMs of policies gone.
+                self.vms.retain(|&(key, _)| policies.get(key).is_some());
+                self.vms.push((key, Vm::load(script)));
+                self.vms.len() - 1
+            }
+        };
+        let result = match &self.vms[index].1 {
             Ok(vm) => vm.call(input),
             Err(error) => Err(error.clone()),
         };

@@ -15,7 +15,9 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
-use mlua::{Function, Lua, LuaOptions, StdLib, Table, UserData, UserDataMethods, Value, VmState};
+use mlua::{
+    ffi, Function, Lua, LuaOptions, StdLib, Table, UserData, UserDataMethods, Value, VmState,
+};
 
 use super::{FailureKind, Script};
 use crate::engine::{PortMask, ScriptAction, ScriptGrant, ScriptInput, ScriptOutput, Timestamp};
@@ -53,8 +55,8 @@ pub struct Vm {
     /// The knock table `k`, made once and passed to every call; frozen, so
     /// no call can leave anything in it for the next.
     knock: Table,
-    port_key: mlua::String,
-    stage_key: mlua::String,
+    /// The same table in the registry, for [`Vm::set_knock`].
+    knock_key: mlua::RegistryKey,
     call: Rc<Call>,
     budget: Duration,
 }
@@ -102,8 +104,7 @@ impl Vm {
         freeze(&lua, Value::Function(handler.clone()), &mut HashSet::new()).map_err(failed)?;
         let knock = knock_table(&lua, script, &call).map_err(failed)?;
         Ok(Vm {
-            port_key: lua.create_string("port").map_err(failed)?,
-            stage_key: lua.create_string("stage").map_err(failed)?,
+            knock_key: lua.create_registry_value(&knock).map_err(failed)?,
             lua,
             handler,
             knock,
@@ -120,13 +121,7 @@ impl Vm {
         call.over_budget.set(false);
         call.stopped_at.set(None);
         let failed = |e: mlua::Error| classify(&e, call, FailureKind::Runtime);
-        self.knock.set_readonly(false);
-        let set = self
-            .knock
-            .raw_set(&self.port_key, input.port)
-            .and_then(|()| self.knock.raw_set(&self.stage_key, input.stage));
-        self.knock.set_readonly(true);
-        set.map_err(failed)?;
+        self.set_knock(input.port, input.stage);
         call.deadline.set(Instant::now() + self.budget);
         let returned: Value = self.handler.call(&self.knock).map_err(|e| {
             let error = failed(e);
@@ -146,6 +141,31 @@ impl Vm {
             stage,
             action: call.action.get(),
         })
+    }
+
+    /// Sets `k.port` and `k.stage` for the next call. mlua's `raw_set`
+    /// guards each write with a protected call, in case it allocates, which
+    /// took some 100 ns a field; these two fields exist from the start, so
+    /// overwriting them never allocates and cannot fail: straight to Luau.
+    fn set_knock(&self, port: u16, stage: u8) {
+        self.lua.exec_raw_lua(|raw| {
+            let state = raw.state();
+            // SAFETY: the main thread's stack always has room for the two
+            // values pushed here (Luau keeps LUA_MINSTACK slots free);
+            // the table is live (the registry holds it), the keys exist in
+            // it, so the raw writes replace values without allocating and
+            // cannot raise an error; the stack is left as it was.
+            unsafe {
+                ffi::lua_rawgeti(state, ffi::LUA_REGISTRYINDEX, self.knock_key.id().into());
+                ffi::lua_setreadonly(state, -1, 0);
+                ffi::lua_pushinteger(state, port.into());
+                ffi::lua_rawsetfield(state, -2, c"port".as_ptr());
+                ffi::lua_pushinteger(state, stage.into());
+                ffi::lua_rawsetfield(state, -2, c"stage".as_ptr());
+                ffi::lua_setreadonly(state, -1, 1);
+                ffi::lua_pop(state, 1);
+            }
+        });
     }
 
     /// Memory the VM holds now.
@@ -395,6 +415,9 @@ impl UserData for Nets {
 /// demand through its metatable, `grant` and `revoke` as methods.
 fn knock_table(lua: &Lua, script: &Script, call: &Rc<Call>) -> mlua::Result<Table> {
     let knock = lua.create_table()?;
+    // Set for each call (`Vm::set_knock`), so they must exist already.
+    knock.raw_set("port", 0)?;
+    knock.raw_set("stage", 0)?;
     // For `nets:contains(k)`.
     lua.set_app_data(Rc::clone(call));
 
