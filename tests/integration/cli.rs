@@ -314,3 +314,48 @@ fn bad_client_input_is_one_line_and_exit_2() {
         "knockq: give the ports to knock, or a --profile\n",
     );
 }
+
+#[test]
+fn a_script_that_does_not_compile_is_one_line_with_its_file_and_line_and_exit_2() {
+    let path = "tests/testdata/scripts/broken.toml";
+    for command in ["check", "rules", "run"] {
+        let out = run(knockq().args([command, "--config", path]));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{command}: {stderr}");
+        assert_eq!(
+            stderr,
+            "knockq: tests/testdata/scripts/broken.lua:4: Expected identifier when parsing expression, got 'end'\n",
+            "{command}"
+        );
+        assert!(out.stdout.is_empty(), "{command}: nothing half-done");
+    }
+    let out = run(knockq().args([
+        "check",
+        "--config",
+        "tests/testdata/scripts/port-taken.toml",
+    ]));
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "knockq: tests/testdata/scripts/port-taken.toml:11: policy[1].script.knock_ports: \
+         knock port 2222 is also a knock port of policy \"ssh\"\n"
+    );
+}
+
+#[test]
+fn check_compiles_scripts_and_names_their_ports() {
+    let out = run(knockq().args(["check", "--config", "examples/policies/seed.toml"]));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        summary.contains(
+            "policy ssh: knock script examples/policies/seed.lua on 1111 2222 3333 (at most 10s between knocks) \
+             to open 22 8080 for 8h; script compiled, budget 1ms a call, 16 MiB"
+        ),
+        "{summary}"
+    );
+}

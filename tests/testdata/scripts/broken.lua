@@ -1,0 +1,5 @@
+return function(k)
+  if k.port == 1111 then
+    return k.stage +
+  end
+end
