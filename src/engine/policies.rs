@@ -22,12 +22,14 @@ pub struct Policies {
 }
 
 /// Whether two policies are the same knock for the same ports: the state of
-/// one is valid for the other. Timeouts and strictness may differ.
+/// one is valid for the other. Timeouts and strictness may differ, and so
+/// may a script's limits: its text and ports are its knock.
 fn same_knock(a: &Policy, b: &Policy) -> bool {
-    a.name == b.name
-        && a.knock == b.knock
-        && a.open_ports == b.open_ports
-        && a.close_port == b.close_port
+    let knock = match (&a.knock, &b.knock) {
+        (Knock::Script(_), Knock::Script(_)) => a.knock.identity() == b.knock.identity(),
+        (a, b) => a == b,
+    };
+    a.name == b.name && knock && a.open_ports == b.open_ports && a.close_port == b.close_port
 }
 
 impl Policies {

@@ -551,22 +551,23 @@ fn a_reload_with_a_changed_script_takes_the_new_one() {
     let path = dir.path().join("knockq.toml");
     std::fs::write(&path, policy_toml("")).unwrap();
     let lua = dir.path().join("p.lua");
-    std::fs::write(
-        &lua,
-        "return function(k) if k.port == 2222 then k:grant() end return 0 end",
-    )
-    .unwrap();
+    let opens_on = |port: u16| {
+        format!("return function(k) if k.port == {port} then k:grant() end return 0 end")
+    };
+    std::fs::write(&lua, opens_on(2222)).unwrap();
     let mut gate = Gate::from_config(config::load(&path).unwrap(), None);
     gate.knock("10.0.0.1", &[2222]);
     assert_eq!(gate.syn("10.0.0.1", 22), ACCEPT);
-    std::fs::write(
-        &lua,
-        "return function(k) if k.port == 1111 then k:grant() end return 0 end",
-    )
-    .unwrap();
-    let reloaded = config::load(&path).unwrap();
-    let result = gate.engine.reload(&reloaded.policies);
+    // Other limits keep the knock, and its grants.
+    std::fs::write(&path, policy_toml("budget = \"5ms\"\n")).unwrap();
+    let result = gate.engine.reload(&config::load(&path).unwrap().policies);
+    assert_eq!(result.kept, ["p"]);
+    assert_eq!(gate.syn("10.0.0.1", 22), ACCEPT);
+    // Another text is another knock.
+    std::fs::write(&lua, opens_on(1111)).unwrap();
+    let result = gate.engine.reload(&config::load(&path).unwrap().policies);
     assert_eq!(result.fresh, ["p"], "a changed script is a changed knock");
+    assert_eq!(gate.syn("10.0.0.1", 22), NO_GRANT);
     gate.knock("10.0.0.2", &[2222]);
     assert_eq!(gate.syn("10.0.0.2", 22), NO_GRANT);
     gate.knock("10.0.0.2", &[1111]);

@@ -148,7 +148,7 @@ fn alert_rules_pass_promtool() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("SUCCESS: 4 rules found"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("SUCCESS: 6 rules found"));
 }
 
 /// The dashboard is valid JSON and charts every family it promises.
@@ -170,6 +170,8 @@ fn grafana_dashboard_charts_the_metrics() {
         "knockq_tracked_sources",
         "knockq_verdict_duration_seconds_bucket",
         "knockq_queue_dropped_total",
+        "knockq_script_errors_total",
+        "knockq_hook_runs_total",
     ] {
         assert!(
             exprs.iter().any(|e| e.contains(family)),
