@@ -66,27 +66,14 @@ file = "bench.lua"
 knock_ports = [1111, 2222, 3333, 4444]
 "#;
 
-const SCRIPT: &str = r#"
-local SEQUENCE = { 1111, 2222, 4444 }
-return function(k)
-  local stage = k.stage
-  if k.port == 3333 then
-    k:revoke()
-    return 0
-  elseif k.port == SEQUENCE[stage + 1] then
-    if stage + 1 < #SEQUENCE then
-      return stage + 1
-    end
-    k:grant()
-    return 0
-  elseif k.port == SEQUENCE[stage] then
-    return stage
-  elseif k.port == SEQUENCE[1] then
-    return 1
-  end
-  return 0
-end
-"#;
+/// The seed example's script, with the built-in policy's three ports.
+fn script() -> String {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/policies/seed.lua");
+    let seed = std::fs::read_to_string(path).unwrap();
+    let script = seed.replace("{ 1111, 2222 }", "{ 1111, 2222, 4444 }");
+    assert_ne!(script, seed, "the seed script's sequence");
+    script
+}
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Policy {
@@ -99,13 +86,13 @@ fn engine(max_sources: usize) -> Engine {
 }
 
 fn engine_with(policy: Policy, max_sources: usize) -> Engine {
-    let (text, file) = match policy {
-        Policy::BuiltIn => (CONFIG, None),
-        Policy::Script => (SCRIPT_CONFIG, Some(("bench.lua", SCRIPT))),
+    let text = match policy {
+        Policy::BuiltIn => CONFIG,
+        Policy::Script => SCRIPT_CONFIG,
     };
     let dir = tempfile::TempDir::new().unwrap();
-    if let Some((name, script)) = file {
-        std::fs::write(dir.path().join(name), script).unwrap();
+    if policy == Policy::Script {
+        std::fs::write(dir.path().join("bench.lua"), script()).unwrap();
     }
     let text = text.replace("MAX", &max_sources.to_string());
     Engine::new(&config::parse(&text, &dir.path().join("bench.toml")).unwrap())

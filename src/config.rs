@@ -896,6 +896,19 @@ fn in_range<'a>(ranges: &[(RangeInclusive<u16>, &'a str)], port: u16) -> Option<
         .map(|(_, owner)| PortUse::Rotating(owner))
 }
 
+/// What `port` is used for already, if anything.
+fn port_use<'a>(
+    open: &HashMap<u16, &'a str>,
+    claimed: &HashMap<u16, PortUse<'a>>,
+    ranges: &[(RangeInclusive<u16>, &'a str)],
+    port: u16,
+) -> Option<PortUse<'a>> {
+    open.get(&port)
+        .map(|owner| PortUse::Open(owner))
+        .or_else(|| claimed.get(&port).copied())
+        .or_else(|| in_range(ranges, port))
+}
+
 /// A fixed sequence: not empty, not too long, not guessable by a scan, and
 /// every port used by nothing else.
 fn check_sequence(
@@ -1070,12 +1083,7 @@ fn validate(raw: RawConfig, errors: &ErrorContext) -> Result<Config, ConfigError
                 }
                 let s = script.get_ref().validate(&open_ports, errors, &key)?;
                 for port in s.knock_ports.iter().flat_map(Clone::clone) {
-                    let conflict = open
-                        .get(&port)
-                        .map(|owner| PortUse::Open(owner))
-                        .or_else(|| claimed.get(&port).copied())
-                        .or_else(|| in_range(&ranges, port));
-                    if let Some(conflict) = conflict {
+                    if let Some(conflict) = port_use(&open, &claimed, &ranges, port) {
                         let message = format!("knock port {port} is also {conflict}");
                         return Err(errors.spanned(
                             &script.get_ref().knock_ports,
@@ -1117,12 +1125,7 @@ fn validate(raw: RawConfig, errors: &ErrorContext) -> Result<Config, ConfigError
         if let Some(close) = &policy.close_port {
             let port = close.get_ref().0;
             // Its own knock ports were checked against it above.
-            let conflict = open
-                .get(&port)
-                .map(|owner| PortUse::Open(owner))
-                .or_else(|| claimed.get(&port).copied())
-                .or_else(|| in_range(&ranges, port));
-            if let Some(conflict) = conflict {
+            if let Some(conflict) = port_use(&open, &claimed, &ranges, port) {
                 let message = format!("close port {port} is also {conflict}");
                 return Err(errors.spanned(close, key("close_port"), message));
             }

@@ -215,9 +215,10 @@ impl UnusualCounts {
 }
 
 /// Failed script calls: every one counted in the metrics, logged with the
-/// script's file and line at 1, 2, 4, 8… failures of each policy and kind.
+/// script's file and line at 1, 2, 4, 8… failures of each policy and kind
+/// (with the latest message kept, for failures past those described).
 #[derive(Default)]
-struct ScriptFailures(std::collections::HashMap<(PolicyKey, FailureKind), u64>);
+struct ScriptFailures(std::collections::HashMap<(PolicyKey, FailureKind), (u64, String)>);
 
 impl ScriptFailures {
     fn report(
@@ -239,10 +240,13 @@ impl ScriptFailures {
                 continue;
             };
             metrics.script_error(&policy.name, kind.as_str());
-            let count = self.0.entry((key, kind)).or_default();
+            let (count, latest) = self.0.entry((key, kind)).or_default();
             *count += 1;
-            if let (true, Some(message)) = (count.is_power_of_two(), message) {
-                warn!(event = %"script_error", policy = %policy.name, kind = %kind.as_str(), count = *count, "{message}");
+            if let Some(message) = message {
+                *latest = message;
+            }
+            if count.is_power_of_two() {
+                warn!(event = %"script_error", policy = %policy.name, kind = %kind.as_str(), count = *count, "{latest}");
             }
         }
     }
