@@ -431,9 +431,13 @@ impl Engine {
             }
         }
         if !calls.is_empty() {
-            let all_ran = calls.iter().fold(true, |all_ran, call| {
-                self.run_script(&policies, call, syn, role, now, events, scripts) && all_ran
-            });
+            // Every script runs, even after one failed: each answers for
+            // its own policy.
+            let mut all_ran = true;
+            for call in &calls {
+                all_ran &=
+                    self.run_script(&policies, call, syn.src, syn_context, now, events, scripts);
+            }
             if !all_ran {
                 return Decision::reject(Reason::Failed);
             }
@@ -473,8 +477,10 @@ impl Engine {
         &self,
         policies: &Policies,
         call: &ScriptCall,
-        syn: Syn,
-        role: PortRole,
+        src: IpAddr,
+        SynContext {
+            role, port, wall, ..
+        }: SynContext,
         now: Timestamp,
         events: &mut impl EventSink,
         scripts: &mut impl ScriptRunner,
@@ -482,12 +488,12 @@ impl Engine {
         let key = policies.key(call.policy);
         let network_granted = || {
             self.prefixes
-                .find(syn.src, now, |grant| grant.policy == key)
+                .find(src, now, |grant| grant.policy == key)
                 .is_some()
         };
         let input = ScriptInput {
-            src: syn.src,
-            port: syn.dst_port,
+            src,
+            port,
             knock_port: role
                 == PortRole::Script {
                     policy: call.policy,
@@ -496,7 +502,7 @@ impl Engine {
             last: call.last,
             granted: call.granted || network_granted(),
             now,
-            unix_millis: self.wall_clock().unix_millis(now),
+            unix_millis: wall.unix_millis(now),
         };
         let Some(output) = scripts.run(policies, call.policy, &input) else {
             return false;
@@ -511,7 +517,7 @@ impl Engine {
         };
         let mut output = output;
         if let (ScriptAction::Grant(grant), Some(prefix)) = (output.action, network) {
-            let net = IpNet::new(syn.src, prefix)
+            let net = IpNet::new(src, prefix)
                 .expect("the runner checked the prefix")
                 .trunc();
             let opened = PrefixGrant {
@@ -531,27 +537,26 @@ impl Engine {
         }
         let address_grant = matches!(output.action, ScriptAction::Grant(g) if g.prefix.is_none());
         let create = output.stage > 0 || address_grant;
-        self.sources
-            .update(syn.src, create, events, |source, events| {
-                let slot = match create {
-                    true => Some(source.slot_or_insert(key, now)),
-                    false => source.slot_mut(key),
-                };
-                if let Some(slot) = slot {
-                    slot.script_output(&output, end, now, &mut |kind, grant| {
-                        events.event(Event {
-                            src: syn.src,
-                            policy: key,
-                            kind,
-                            grant,
-                        })
-                    });
-                }
-                source.remove_empty_slots();
-            });
+        self.sources.update(src, create, events, |source, events| {
+            let slot = match create {
+                true => Some(source.slot_or_insert(key, now)),
+                false => source.slot_mut(key),
+            };
+            if let Some(slot) = slot {
+                slot.script_output(&output, end, now, &mut |kind, grant| {
+                    events.event(Event {
+                        src,
+                        policy: key,
+                        kind,
+                        grant,
+                    })
+                });
+            }
+            source.remove_empty_slots();
+        });
         if output.action == ScriptAction::Revoke {
             self.prefixes
-                .revoke(syn.src, Some(key), RevokeReason::CloseKnock, events);
+                .revoke(src, Some(key), RevokeReason::CloseKnock, events);
         }
         true
     }

@@ -65,7 +65,7 @@ impl PortMask {
             .iter()
             .enumerate()
             .filter(move |&(index, _)| {
-                self == Self::ALL || (index < 16 && self.0 & (1 << index) != 0)
+                self == Self::ALL || (index < Self::MAX_PORTS && self.0 & (1 << index) != 0)
             })
             .map(|(_, &port)| port)
     }

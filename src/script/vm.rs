@@ -547,7 +547,9 @@ fn grant_options(
     };
     let duration = duration
         .map(|seconds| {
-            if !(seconds > 0.0) || seconds > max_grant.as_secs_f64() {
+            // Written so that NaN is outside too.
+            let within = seconds > 0.0 && seconds <= max_grant.as_secs_f64();
+            if !within {
                 return Err(format!(
                     "k:grant: {seconds} seconds is outside 0..{} (the policy's max_grant)",
                     max_grant.as_secs_f64()
