@@ -89,6 +89,8 @@ pub struct Connect {
     pub port: Option<u16>,
     pub knock: Vec<u16>,
     pub close: bool,
+    /// Overrides the profile's close port; implies `close`.
+    pub close_port: Option<u16>,
     pub patience: Duration,
 }
 
@@ -99,14 +101,12 @@ pub fn connect(request: Connect, args: &ClientArgs) -> Result<(), ClientError> {
         .port
         .or_else(|| profile.as_ref().and_then(|p| p.port))
         .ok_or_else(|| usage("give a PORT, or a --profile with a port"))?;
-    let close_port = match request.close {
-        false => None,
-        true => Some(
-            profile
-                .as_ref()
-                .and_then(|p| p.close_port)
-                .ok_or_else(|| usage("--close needs a --profile with a close_port"))?,
-        ),
+    let close_port = match (request.close_port, request.close) {
+        (Some(port), _) => Some(port),
+        (None, false) => None,
+        (None, true) => Some(profile.as_ref().and_then(|p| p.close_port).ok_or_else(|| {
+            usage("--close needs --close-port PORT, or a --profile with a close_port")
+        })?),
     };
     let knock = match (&profile, request.knock.is_empty()) {
         (_, false) => request.knock,

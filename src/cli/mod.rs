@@ -8,13 +8,14 @@ pub mod exit;
 mod simulate;
 
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 use crate::config::{self, DEFAULT_CONTROL_SOCKET};
 use crate::daemon;
+use crate::firewall::load::{self, Firewall};
 use crate::firewall::{Backend, Ruleset};
 
 const DEFAULT_CONFIG: &str = "/etc/knockq/knockq.toml";
@@ -73,12 +74,21 @@ enum Command {
         #[command(flatten)]
         socket: ControlSocketArg,
     },
-    /// Print the firewall rules that send SYNs to the gate.
+    /// Print the firewall rules that send SYNs to the gate, or load or
+    /// remove them.
     Rules {
         #[arg(long, short, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
-        #[arg(long, value_enum, default_value_t = Backend::Nft)]
-        backend: Backend,
+        #[arg(long, value_enum, default_value_t = RulesBackend::Auto)]
+        backend: RulesBackend,
+        /// Load the rules into the kernel as one change, keeping the host's
+        /// own rules; loading again replaces them.
+        #[arg(long, conflicts_with = "remove")]
+        apply: bool,
+        /// Remove exactly the rules --apply loaded (the configuration is not
+        /// read: removal works whatever it has become).
+        #[arg(long)]
+        remove: bool,
     },
     /// Try configurations offline: replay a capture through the engine, or
     /// check whether full-range port sweeps would walk through a sequence.
@@ -137,6 +147,9 @@ enum Command {
         /// Knock the profile's close port when the connection ends.
         #[arg(long)]
         close: bool,
+        /// Knock this port when the connection ends (no profile needed).
+        #[arg(long, value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
+        close_port: Option<u16>,
         /// How long to keep trying to connect after knocking.
         #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
         wait: std::time::Duration,
@@ -152,6 +165,20 @@ struct ControlSocketArg {
     /// The daemon's control socket.
     #[arg(long = "control-socket", value_name = "PATH", default_value = DEFAULT_CONTROL_SOCKET)]
     path: PathBuf,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum RulesBackend {
+    /// nft where the kernel can queue from nftables, else iptables and
+    /// ip6tables; --remove removes knockq's rules from both.
+    Auto,
+    /// IPv4 and IPv6 rules for nft -f, in table inet knockq.
+    Nft,
+    /// IPv4 rules for iptables-restore; --apply and --remove handle the
+    /// IPv6 rules through ip6tables as well.
+    Iptables,
+    /// IPv6 rules for ip6tables-restore (printed only).
+    Ip6tables,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -219,10 +246,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             print!("{}", control::revoke(&socket.path, source, policy)?)
         }
-        Command::Rules { config, backend } => {
-            let config = config::load(&config)?;
-            print!("{}", Ruleset::from_config(&config).render(backend));
-        }
+        Command::Rules {
+            config,
+            backend,
+            apply,
+            remove,
+        } => rules(&config, backend, apply, remove)?,
         Command::Simulate {
             config,
             pcap,
@@ -258,6 +287,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             port,
             knock,
             close,
+            close_port,
             wait,
             client,
         } => client::connect(
@@ -266,6 +296,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 port,
                 knock,
                 close,
+                close_port,
                 patience: wait,
             },
             &client,
@@ -277,6 +308,53 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 file.display()
             );
         }
+    }
+    Ok(())
+}
+
+fn rules(config: &Path, backend: RulesBackend, apply: bool, remove: bool) -> anyhow::Result<()> {
+    let firewall = match backend {
+        RulesBackend::Auto => Firewall::detect(),
+        RulesBackend::Nft => Firewall::Nft,
+        RulesBackend::Iptables => Firewall::Iptables,
+        RulesBackend::Ip6tables if apply || remove => Cli::command()
+            .error(
+                clap::error::ErrorKind::ArgumentConflict,
+                "--backend ip6tables only prints: --backend iptables loads and removes the IPv6 rules too",
+            )
+            .exit(),
+        RulesBackend::Ip6tables => Firewall::Iptables,
+    };
+    if remove {
+        let firewalls = match backend {
+            RulesBackend::Auto => vec![Firewall::Nft, Firewall::Iptables],
+            _ => vec![firewall],
+        };
+        for firewall in firewalls {
+            if load::remove(firewall)? {
+                eprintln!("knockq: removed the {} rules", firewall.as_str());
+            }
+        }
+        return Ok(());
+    }
+    let rules = Ruleset::from_config(&config::load(config)?);
+    if apply {
+        load::apply(&rules, firewall)?;
+        eprintln!(
+            "knockq: loaded the {} rules for {}",
+            firewall.as_str(),
+            config.display()
+        );
+        return Ok(());
+    }
+    let printed: &[Backend] = match backend {
+        RulesBackend::Auto => firewall.backends(),
+        RulesBackend::Nft => &[Backend::Nft],
+        RulesBackend::Iptables => &[Backend::Iptables],
+        RulesBackend::Ip6tables => &[Backend::Ip6tables],
+    };
+    for &backend in printed {
+        print!("{}", rules.render(backend));
     }
     Ok(())
 }

@@ -25,6 +25,7 @@ use tracing::{error, info, warn};
 
 use crate::config::{Config, ConfigError};
 use crate::engine::{Engine, TablePart, Timestamp, WallClock};
+use crate::firewall;
 use crate::hooks::Hooks;
 use control::ControlSocket;
 use events::EventReport;
@@ -213,6 +214,7 @@ pub fn run(
             false => "off".to_owned(),
         }
     );
+    report_loaded_rules(&config);
     // Every queue is bound and served: tell systemd (a no-op outside it).
     let _ = sd_notify::notify(&[NotifyState::Ready]);
     let watchdog = sd_notify::watchdog_enabled();
@@ -319,4 +321,21 @@ fn workers_alive(heartbeats: &[(u16, Arc<AtomicU64>)], clock: Clock) -> bool {
         }
     }
     alive
+}
+
+/// Which backend's rules feed the queue: without any, no SYN reaches it.
+fn report_loaded_rules(config: &Config) {
+    let loaded = firewall::load::loaded();
+    if loaded.is_empty() {
+        warn!(
+            "no knockq rules are loaded (neither table inet {} nor chain {}): no SYN reaches \
+             {}; load them with `knockq rules --apply`",
+            firewall::NFT_TABLE,
+            firewall::CHAIN,
+            config.queue
+        );
+        return;
+    }
+    let names: Vec<&str> = loaded.iter().map(|b| b.as_str()).collect();
+    info!("knockq rules are loaded through {}", names.join(" and "));
 }

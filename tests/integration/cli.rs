@@ -123,7 +123,7 @@ fn systemd_unit_verifies() {
     let dir = tempfile::TempDir::new().unwrap();
     let unit = std::fs::read_to_string("systemd/knockq.service").unwrap();
     // verify checks that the programs exist: point it at the built binary.
-    let unit = unit.replace("/usr/local/bin/knockq", env!("CARGO_BIN_EXE_knockq"));
+    let unit = unit.replace("/usr/bin/knockq", env!("CARGO_BIN_EXE_knockq"));
     let path = dir.path().join("knockq.service");
     std::fs::write(&path, unit).unwrap();
     let out = run(std::process::Command::new("systemd-analyze")

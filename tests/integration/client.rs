@@ -363,8 +363,27 @@ fn ssh_goes_through_with_knockq_connect_as_proxy_command() {
         "ssh with connect --knock",
     );
     assert_eq!(text(&out.stdout), "through-42\n");
+    assert_eq!(
+        net.connect(me, 22),
+        Reply::Open,
+        "still open without --close"
+    );
     succeeded(net.in_client(&format!("{BIN} knock {GATE4} 3333")), "close");
     assert!(!ssh.run(&net, "").status.success(), "closed again");
+
+    // The seed's own flow, knocks and close knock on the command line, with
+    // no profile.
+    let out = succeeded(
+        ssh.run(
+            &net,
+            &format!("-o ProxyCommand='{BIN} connect --knock 1111,2222 --close-port 3333 %h %p'"),
+        ),
+        "ssh with connect --knock --close-port",
+    );
+    assert_eq!(text(&out.stdout), "through-42\n");
+    wait_for("the --close-port knock after ssh ended", || {
+        net.connect(me, 22).is_rejected()
+    });
 
     // A rotating profile, written into an ssh configuration as a user would,
     // closing behind itself.

@@ -1,10 +1,12 @@
-//! Firewall rules as data, rendered as iptables-restore or nft text. Pure:
-//! applying the text is left to the caller (`iptables-restore`, `nft -f`).
+//! Firewall rules as data, rendered as iptables-restore or nft text. This
+//! module is pure; [`load`] hands the text to `nft` and `iptables-restore`.
 //!
 //! The verdict path needs three things from the rules: NEW TCP SYNs that the
 //! host did not accept already go to the queue; a packet the daemon marked
 //! with [`REJECT_MARK`] (and sent back with NF_REPEAT) is rejected by a rule
 //! placed before the queue rule; nothing marked ever reaches the queue again.
+
+pub mod load;
 
 use ipnet::IpNet;
 
@@ -31,11 +33,32 @@ pub enum Backend {
     Nft,
 }
 
+impl Backend {
+    /// IPv4 and IPv6 through the iptables tools.
+    pub const IPTABLES: [Backend; 2] = [Backend::Iptables, Backend::Ip6tables];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Backend::Iptables => "iptables",
+            Backend::Ip6tables => "ip6tables",
+            Backend::Nft => "nft",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Ruleset {
     queue: QueueConfig,
     reject_with: RejectWith,
     always_allow: Vec<IpNet>,
+}
+
+/// Whether iptables text carries the jump from INPUT to [`CHAIN`]: loaded
+/// with `--noflush` into a table that has the jump already, it must not.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Jump {
+    Add,
+    Present,
 }
 
 #[derive(Clone, Copy)]
@@ -54,9 +77,19 @@ impl Ruleset {
     }
 
     pub fn render(&self, backend: Backend) -> String {
+        self.render_to_load(backend, false)
+    }
+
+    /// The text to load into a running firewall: for iptables without the
+    /// jump from INPUT when `jump_present`, so that loading twice adds one.
+    fn render_to_load(&self, backend: Backend, jump_present: bool) -> String {
+        let jump = match jump_present {
+            true => Jump::Present,
+            false => Jump::Add,
+        };
         match backend {
-            Backend::Iptables => self.iptables(Family::V4),
-            Backend::Ip6tables => self.iptables(Family::V6),
+            Backend::Iptables => self.iptables(Family::V4, jump),
+            Backend::Ip6tables => self.iptables(Family::V6, jump),
             Backend::Nft => self.nft(),
         }
     }
@@ -81,7 +114,7 @@ impl Ruleset {
         })
     }
 
-    fn iptables(&self, family: Family) -> String {
+    fn iptables(&self, family: Family, jump: Jump) -> String {
         let loader = match family {
             Family::V4 => "iptables-restore",
             Family::V6 => "ip6tables-restore",
@@ -99,7 +132,12 @@ impl Ruleset {
         if self.queue.fail_open {
             queue.push_str(" --queue-bypass");
         }
-        let _ = writeln!(out, "*filter\n:{CHAIN} - [0:0]\n-A INPUT -j {CHAIN}");
+        // With --noflush, declaring the chain empties it: its rules are
+        // replaced in the same commit.
+        let _ = writeln!(out, "*filter\n:{CHAIN} - [0:0]");
+        if jump == Jump::Add {
+            let _ = writeln!(out, "-A INPUT -j {CHAIN}");
+        }
         let _ = writeln!(out, "-A {CHAIN} -i lo -j ACCEPT");
         let _ = writeln!(
             out,
