@@ -1,5 +1,5 @@
 # knockq: `make demo` shows the gate working, `make test` runs every test.
-.PHONY: demo test rules bench
+.PHONY: demo test rules bench deb
 
 demo:
 	scripts/demo
@@ -20,3 +20,12 @@ bench:
 	scripts/install-deps
 	cargo build --release --locked --bin knockq --example nfq_floor
 	python3 scripts/bench.py
+
+# The Debian package: target/debian/knockq_<version>_amd64.deb, with the man
+# pages and completions generated from the command line's definition.
+deb:
+	cargo build --release --locked --bin knockq
+	rm -rf target/assets
+	target/release/knockq generate man target/assets/man > /dev/null
+	target/release/knockq generate completions target/assets/completions > /dev/null
+	cargo deb --no-build --locked --strip

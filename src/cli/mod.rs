@@ -5,6 +5,7 @@ mod check;
 mod client;
 mod control;
 pub mod exit;
+mod generate;
 mod simulate;
 
 use std::net::{IpAddr, SocketAddr};
@@ -158,6 +159,13 @@ enum Command {
     },
     /// Write a new secret for rotating sequences (mode 0600; never overwrites).
     Keygen { file: PathBuf },
+    /// Write man pages or shell completions into DIR (for packaging).
+    #[command(hide = true)]
+    Generate {
+        #[arg(value_enum)]
+        what: generate::Generated,
+        dir: PathBuf,
+    },
 }
 
 #[derive(clap::Args)]
@@ -301,6 +309,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             },
             &client,
         )?,
+        Command::Generate { what, dir } => {
+            for file in generate::generate(what, Cli::command(), &dir)? {
+                println!("{}", file.display());
+            }
+        }
         Command::Keygen { file } => {
             crate::rotating::keygen(&file)?;
             eprintln!(

@@ -3,9 +3,12 @@
 
 mod cli;
 mod client;
+mod deploy;
 mod gate;
 mod observe;
 mod resilience;
+mod rules;
 mod scripts;
 mod simulate;
 mod util;
+mod vm;

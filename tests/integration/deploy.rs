@@ -1,0 +1,403 @@
+//! The Debian package `make deb` builds, and the Ansible role and Puppet
+//! class that deploy it, applied for real to a throwaway root: an overlay
+//! of this machine's own root in a private mount namespace, so the package
+//! installs with dpkg and every write is discarded with the test's
+//! directory.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use tempfile::TempDir;
+
+use crate::util::*;
+
+/// Lintian tags the package keeps (README.md, "Installing", says why).
+const KEPT_LINTIAN_TAGS: &[&str] = &["initial-upload-closes-no-bugs"];
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn succeeded(out: Output, what: &str) -> Output {
+    assert!(
+        out.status.success(),
+        "{what}:\n{}\n{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    out
+}
+
+/// The package `make deb` built for this version (`make test` builds it).
+fn package(test: &str) -> Option<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/debian");
+    let prefix = format!("knockq_{}-", env!("CARGO_PKG_VERSION"));
+    let found = fs::read_dir(&dir).ok().and_then(|entries| {
+        entries.filter_map(|e| e.ok().map(|e| e.path())).find(|p| {
+            let name = p.file_name().unwrap().to_string_lossy();
+            name.starts_with(&prefix) && name.ends_with("_amd64.deb")
+        })
+    });
+    if found.is_none() {
+        // can_run's rule: under CI a failure, elsewhere a loud skip.
+        can_run(
+            test,
+            false,
+            &["target/debian/knockq_*.deb (run `make deb`)"],
+        );
+    }
+    found
+}
+
+#[test]
+fn package_holds_everything_and_lintian_passes() {
+    let test = "package_holds_everything_and_lintian_passes";
+    if !can_run(test, false, &["dpkg-deb", "lintian"]) {
+        return;
+    }
+    let Some(deb) = package(test) else { return };
+    let lintian = run(std::process::Command::new("lintian")
+        .args(["--fail-on", "error,warning", "--suppress-tags"])
+        .arg(KEPT_LINTIAN_TAGS.join(","))
+        .arg(&deb));
+    succeeded(lintian, "lintian");
+
+    let listing = text(
+        &succeeded(
+            run(std::process::Command::new("dpkg-deb").arg("-c").arg(&deb)),
+            "dpkg-deb -c",
+        )
+        .stdout,
+    );
+    let mut expected = vec![
+        "./usr/bin/knockq".to_owned(),
+        "./usr/lib/systemd/system/knockq.service".to_owned(),
+        "./etc/knockq/knockq.toml".to_owned(),
+        "./usr/share/man/man8/knockq.8.gz".to_owned(),
+        "./usr/share/bash-completion/completions/knockq".to_owned(),
+        "./usr/share/zsh/vendor-completions/_knockq".to_owned(),
+        "./usr/share/fish/vendor_completions.d/knockq.fish".to_owned(),
+        "./usr/share/doc/knockq/README.md".to_owned(),
+        "./usr/share/doc/knockq/copyright".to_owned(),
+        "./usr/share/doc/knockq/changelog.Debian.gz".to_owned(),
+        "./usr/share/doc/knockq/examples/knockq.toml".to_owned(),
+        "./usr/share/doc/knockq/examples/policies/seed.lua".to_owned(),
+        "./usr/share/doc/knockq/contrib/grafana-dashboard.json".to_owned(),
+        "./usr/share/doc/knockq/contrib/alerts.yml".to_owned(),
+    ];
+    for sub in [
+        "run", "rules", "check", "status", "grant", "revoke", "simulate", "knock", "connect",
+        "keygen",
+    ] {
+        expected.push(format!("./usr/share/man/man8/knockq-{sub}.8.gz"));
+    }
+    for path in &expected {
+        assert!(
+            listing.lines().any(|l| l.ends_with(&format!(" {path}"))),
+            "{path} is not in the package:\n{listing}"
+        );
+    }
+
+    let dir = TempDir::new().unwrap();
+    succeeded(
+        run(std::process::Command::new("dpkg-deb")
+            .arg("-R")
+            .arg(&deb)
+            .arg(dir.path())),
+        "dpkg-deb -R",
+    );
+    let control = dir.path().join("DEBIAN");
+    assert_eq!(
+        fs::read_to_string(control.join("conffiles")).unwrap(),
+        "/etc/knockq/knockq.toml\n"
+    );
+    // Installing must not lock anyone out: no script enables or starts it.
+    for script in ["preinst", "postinst", "prerm", "postrm"] {
+        if let Ok(body) = fs::read_to_string(control.join(script)) {
+            assert!(
+                !body.contains("enable") && !body.contains("start"),
+                "{script} enables or starts the service:\n{body}"
+            );
+        }
+    }
+    let unit =
+        fs::read_to_string(dir.path().join("usr/lib/systemd/system/knockq.service")).unwrap();
+    assert!(
+        unit.contains("ExecStartPre=+/usr/bin/knockq rules --apply"),
+        "{unit}"
+    );
+    // The packaged binary accepts the packaged configuration.
+    let check = succeeded(
+        run(
+            std::process::Command::new(dir.path().join("usr/bin/knockq"))
+                .args(["check", "--config"])
+                .arg(dir.path().join("etc/knockq/knockq.toml")),
+        ),
+        "knockq check",
+    );
+    assert!(text(&check.stdout).contains("policy ssh: knock 1111 2222"));
+    let page = run(std::process::Command::new("sh").arg("-c").arg(format!(
+        "zcat {}/usr/share/man/man8/knockq-rules.8.gz",
+        dir.path().display()
+    )));
+    assert!(
+        text(&page.stdout).contains("\\-\\-apply"),
+        "{}",
+        text(&page.stdout)
+    );
+    let bash = fs::read_to_string(
+        dir.path()
+            .join("usr/share/bash-completion/completions/knockq"),
+    )
+    .unwrap();
+    assert!(bash.contains("simulate") && bash.contains("--close-port"));
+}
+
+/// A root to install into and throw away: this machine's root with an
+/// overlay on top whose writes land in the test's directory.
+struct ThrowawayRoot {
+    dir: TempDir,
+}
+
+impl ThrowawayRoot {
+    fn new() -> ThrowawayRoot {
+        let dir = TempDir::new().unwrap();
+        for sub in ["upper", "work", "root"] {
+            fs::create_dir(dir.path().join(sub)).unwrap();
+        }
+        ThrowawayRoot { dir }
+    }
+
+    /// Runs `script` with /bin/sh inside the root, in a mount namespace of
+    /// its own, so the overlay never shows outside it.
+    fn run(&self, script: &str) -> Output {
+        let d = self.dir.path().display();
+        // The script goes in a file: no quoting through two shells. The
+        // root sees the test's directory through its /tmp.
+        fs::write(self.dir.path().join("script"), script).unwrap();
+        sh(&format!(
+            "unshare --mount --propagation private sh -c '\
+             mount -t overlay overlay -o lowerdir=/,upperdir={d}/upper,workdir={d}/work {d}/root && \
+             for fs in proc sys dev tmp; do mount --rbind /$fs {d}/root/$fs; done && \
+             chroot {d}/root /bin/sh {d}/script'"
+        ))
+    }
+
+    /// A file as the root sees it.
+    fn read(&self, path: &str) -> Option<String> {
+        let out = self.run(&format!("cat {path}"));
+        out.status.success().then(|| text(&out.stdout))
+    }
+}
+
+/// What the variables of both tools ask for, as TOML's data model: the
+/// rendered file must parse to exactly this.
+const SETTINGS: &str = r#"{
+  "queue": {"num": 3, "count": 2},
+  "verdict": {"reject_with": "tcp-reset"},
+  "limits": {"max_sources": 50000},
+  "metrics": {"enabled": true, "listen": "127.0.0.1:9731"},
+  "policies": [
+    {"name": "ssh", "sequence": [1111, 2222], "close_port": 3333,
+     "open_ports": [22], "step_timeout": "5s", "grant_timeout": "1h"},
+    {"name": "web", "sequence": [4444, 5555, 6666], "open_ports": [80, 443],
+     "strict": false, "on_grant": ["/usr/bin/logger", "knockq", "{source}"]}
+  ]
+}"#;
+
+/// The same settings as written by hand, for `knockq check` to summarise.
+const SETTINGS_TOML: &str = r#"[queue]
+num = 3
+count = 2
+[verdict]
+reject_with = "tcp-reset"
+[limits]
+max_sources = 50000
+[metrics]
+enabled = true
+listen = "127.0.0.1:9731"
+[[policy]]
+name = "ssh"
+sequence = [1111, 2222]
+close_port = 3333
+open_ports = [22]
+step_timeout = "5s"
+grant_timeout = "1h"
+[[policy]]
+name = "web"
+sequence = [4444, 5555, 6666]
+open_ports = [80, 443]
+strict = false
+on_grant = ["/usr/bin/logger", "knockq", "{source}"]
+"#;
+
+/// Checks what a tool left in the root: the package installed, the
+/// configuration exactly the settings, the service enabled.
+fn check_deployed(root: &ThrowawayRoot, scratch: &Path) -> String {
+    succeeded(
+        root.run("dpkg-query -W -f '${Status}' knockq | grep -qx 'install ok installed'"),
+        "knockq installed",
+    );
+    let rendered = root
+        .read("/etc/knockq/knockq.toml")
+        .expect("a configuration");
+    let rendered_path = scratch.join("rendered.toml");
+    fs::write(&rendered_path, &rendered).unwrap();
+    let parsed = succeeded(
+        sh(&format!(
+            "python3 -c 'import json, sys, tomllib; c = tomllib.load(open(sys.argv[1], \"rb\")); \
+             c[\"policies\"] = c.pop(\"policy\"); print(json.dumps(c, sort_keys=True))' {}",
+            rendered_path.display()
+        )),
+        "the rendered configuration is TOML",
+    );
+    let expected: serde_json::Value = serde_json::from_str(SETTINGS).unwrap();
+    let parsed: serde_json::Value = serde_json::from_slice(&parsed.stdout).unwrap();
+    assert_eq!(parsed, expected, "rendered:\n{rendered}");
+    // `knockq check` in the root summarises it as it does the same settings
+    // written by hand.
+    let by_hand = scratch.join("by-hand.toml");
+    fs::write(&by_hand, SETTINGS_TOML).unwrap();
+    let summary = text(
+        &succeeded(
+            root.run("/usr/bin/knockq check --config /etc/knockq/knockq.toml"),
+            "check",
+        )
+        .stdout,
+    );
+    let expected = text(
+        &succeeded(
+            run(knockq().args(["check", "--config"]).arg(&by_hand)),
+            "check by hand",
+        )
+        .stdout,
+    );
+    assert_eq!(
+        summary.replace("/etc/knockq/knockq.toml", "FILE"),
+        expected.replace(&by_hand.display().to_string(), "FILE")
+    );
+    assert!(
+        root.run("test -L /etc/systemd/system/multi-user.target.wants/knockq.service")
+            .status
+            .success(),
+        "knockq is not enabled"
+    );
+    rendered
+}
+
+#[test]
+fn ansible_role_deploys_into_a_throwaway_root() {
+    let test = "ansible_role_deploys_into_a_throwaway_root";
+    if !can_run(test, true, &["ansible-playbook", "unshare", "python3"]) {
+        return;
+    }
+    let Some(deb) = package(test) else { return };
+    let root = ThrowawayRoot::new();
+    let scratch = TempDir::new().unwrap();
+    let settings: serde_json::Value = serde_json::from_str(SETTINGS).unwrap();
+    let vars = |policies: &serde_json::Value| {
+        serde_json::json!({
+            "knockq_package_path": deb,
+            "knockq_queue": settings["queue"],
+            "knockq_verdict": settings["verdict"],
+            "knockq_limits": settings["limits"],
+            "knockq_metrics": settings["metrics"],
+            "knockq_policies": policies,
+        })
+    };
+    let roles = Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/ansible/roles");
+    let playbook = scratch.path().join("site.yml");
+    fs::write(&playbook, "- hosts: localhost\n  roles: [knockq]\n").unwrap();
+    let apply = |vars: serde_json::Value| {
+        let file = scratch.path().join("vars.json");
+        fs::write(&file, vars.to_string()).unwrap();
+        root.run(&format!(
+            "ANSIBLE_ROLES_PATH={} ANSIBLE_NOCOLOR=1 ansible-playbook -i localhost, -c local -e @{} {}",
+            roles.display(),
+            file.display(),
+            playbook.display()
+        ))
+    };
+    let out = succeeded(apply(vars(&settings["policies"])), "ansible-playbook");
+    assert!(
+        text(&out.stdout).contains("knockq was enabled but not started"),
+        "{}",
+        text(&out.stdout)
+    );
+    let rendered = check_deployed(&root, scratch.path());
+
+    // A bad variable: refused by `knockq check`, the old file stays.
+    let mut bad = settings["policies"].clone();
+    bad[0]["open_ports"] = serde_json::json!([0]);
+    let out = apply(vars(&bad));
+    assert!(!out.status.success(), "a bad policy was deployed");
+    assert!(
+        text(&out.stdout).contains("failed to validate"),
+        "{}",
+        text(&out.stdout)
+    );
+    assert_eq!(root.read("/etc/knockq/knockq.toml").unwrap(), rendered);
+}
+
+#[test]
+fn puppet_class_deploys_into_a_throwaway_root() {
+    let test = "puppet_class_deploys_into_a_throwaway_root";
+    if !can_run(test, true, &["puppet", "unshare", "python3"]) {
+        return;
+    }
+    let Some(deb) = package(test) else { return };
+    let root = ThrowawayRoot::new();
+    let scratch = TempDir::new().unwrap();
+    let settings: serde_json::Value = serde_json::from_str(SETTINGS).unwrap();
+    let modules = Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/puppet");
+    // Puppet's own data syntax is close enough to JSON: `=>` for `:`.
+    let puppet_value = |value: &serde_json::Value| value.to_string().replace("\":", "\" =>");
+    let apply = |policies: &serde_json::Value| {
+        let manifest = scratch.path().join("site.pp");
+        fs::write(
+            &manifest,
+            format!(
+                "class {{ 'knockq':\n  package_path => '{}',\n  queue => {},\n  verdict => {},\n  limits => {},\n  metrics => {},\n  policies => {},\n}}\n",
+                deb.display(),
+                puppet_value(&settings["queue"]),
+                puppet_value(&settings["verdict"]),
+                puppet_value(&settings["limits"]),
+                puppet_value(&settings["metrics"]),
+                puppet_value(policies),
+            ),
+        )
+        .unwrap();
+        root.run(&format!(
+            "puppet apply --detailed-exitcodes --color=false --modulepath {} {}",
+            modules.display(),
+            manifest.display()
+        ))
+    };
+    let out = apply(&settings["policies"]);
+    // --detailed-exitcodes: 2 means changes were made and none failed.
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}\n{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    assert!(
+        text(&out.stdout).contains("knockq was enabled but not started"),
+        "{}",
+        text(&out.stdout)
+    );
+    let rendered = check_deployed(&root, scratch.path());
+
+    let mut bad = settings["policies"].clone();
+    bad[0]["open_ports"] = serde_json::json!([0]);
+    let out = apply(&bad);
+    assert!(
+        matches!(out.status.code(), Some(4 | 6)),
+        "a bad policy was deployed: {}\n{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    assert_eq!(root.read("/etc/knockq/knockq.toml").unwrap(), rendered);
+}

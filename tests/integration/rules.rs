@@ -1,0 +1,232 @@
+//! `knockq rules --apply`, `--remove` and `--backend auto` against the real
+//! kernel's firewall, in throwaway namespaces; also run on Debian's kernel
+//! by `vm::gate_tests_on_debians_stock_kernel`.
+
+use crate::gate::walkthrough;
+use crate::util::*;
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// `knockq rules ARGS` in the gate namespace, with a configuration.
+fn rules(net: &Net, config: &std::path::Path, args: &str) -> std::process::Output {
+    let bin = env!("CARGO_BIN_EXE_knockq");
+    net.in_gate(&format!("{bin} rules --config {} {args}", config.display()))
+}
+
+fn succeeded(out: std::process::Output, what: &str) -> std::process::Output {
+    assert!(out.status.success(), "{what}: {}", text(&out.stderr));
+    out
+}
+
+/// The gate's whole iptables and ip6tables filter tables.
+fn iptables_state(net: &Net) -> String {
+    text(&net.in_gate("iptables -S; ip6tables -S").stdout)
+}
+
+#[test]
+fn apply_and_remove_keep_the_hosts_own_iptables_rules() {
+    let test = "apply_and_remove_keep_the_hosts_own_iptables_rules";
+    if !can_run_end_to_end(test) {
+        return;
+    }
+    let net = Net::new();
+    let config = net.config(EXAMPLE_CONFIG);
+    succeeded(
+        net.in_gate(
+            "iptables -A INPUT -p tcp --dport 9 -j ACCEPT && iptables -N HOST && \
+             ip6tables -A INPUT -p tcp --dport 9 -j ACCEPT",
+        ),
+        "the host's own rules",
+    );
+    let host = iptables_state(&net);
+
+    for _ in 0..2 {
+        succeeded(rules(&net, &config, "--apply --backend iptables"), "apply");
+    }
+    for tool in ["iptables", "ip6tables"] {
+        let input = text(&net.in_gate(&format!("{tool} -S INPUT")).stdout);
+        assert_eq!(
+            input.lines().collect::<Vec<_>>(),
+            [
+                "-P INPUT ACCEPT",
+                "-A INPUT -p tcp -m tcp --dport 9 -j ACCEPT",
+                "-A INPUT -j KNOCKQ"
+            ],
+            "{tool}: the host's rule first, then one jump however often applied"
+        );
+        let chain = text(&net.in_gate(&format!("{tool} -S KNOCKQ")).stdout);
+        assert!(
+            chain.contains("-j NFQUEUE --queue-num 0"),
+            "{tool}: {chain}"
+        );
+    }
+    // The loaded rules are the printed ones: the same rules in chain KNOCKQ.
+    let printed = text(&rules(&net, &config, "--backend iptables").stdout);
+    let loaded = text(&net.in_gate("iptables-save -t filter").stdout);
+    let chain_rules = |dump: &str| -> Vec<String> {
+        dump.lines()
+            .filter(|l| l.starts_with("-A KNOCKQ"))
+            .map(str::to_owned)
+            .collect()
+    };
+    let printed_file = net.dir.path().join("printed.iptables");
+    std::fs::write(&printed_file, printed).unwrap();
+    let reloaded = Net::new();
+    succeeded(
+        reloaded.in_gate(&format!("iptables-restore < {}", printed_file.display())),
+        "the printed rules",
+    );
+    let expected = text(&reloaded.in_gate("iptables-save -t filter").stdout);
+    assert_eq!(chain_rules(&loaded), chain_rules(&expected));
+
+    let out = succeeded(
+        net.in_gate(&format!(
+            "{} rules --remove --backend iptables",
+            env!("CARGO_BIN_EXE_knockq")
+        )),
+        "remove",
+    );
+    assert!(text(&out.stderr).contains("removed the iptables rules"));
+    assert_eq!(iptables_state(&net), host, "exactly knockq's rules removed");
+    let again = succeeded(
+        net.in_gate(&format!("{} rules --remove", env!("CARGO_BIN_EXE_knockq"))),
+        "remove again",
+    );
+    assert_eq!(text(&again.stderr), "", "nothing left to remove");
+}
+
+#[test]
+fn apply_and_remove_keep_the_hosts_own_nft_tables() {
+    let test = "apply_and_remove_keep_the_hosts_own_nft_tables";
+    if !can_run_end_to_end(test) || !can_queue_from_nft(test) {
+        return;
+    }
+    let net = Net::new();
+    let config = net.config(EXAMPLE_CONFIG);
+    succeeded(
+        net.in_gate(
+            "nft add table inet host && nft add chain inet host input \
+             '{ type filter hook input priority 0; policy accept; }' && \
+             nft add rule inet host input tcp dport 9 accept",
+        ),
+        "the host's own table",
+    );
+    let host = text(&net.in_gate("nft list ruleset").stdout);
+    for _ in 0..2 {
+        succeeded(rules(&net, &config, "--apply --backend nft"), "apply");
+    }
+    let tables = text(&net.in_gate("nft list tables").stdout);
+    assert_eq!(tables, "table inet host\ntable inet knockq\n");
+    let knockq = text(&net.in_gate("nft list table inet knockq").stdout);
+    assert_eq!(knockq.matches("queue").count(), 1, "{knockq}");
+    succeeded(
+        net.in_gate(&format!(
+            "{} rules --remove --backend nft",
+            env!("CARGO_BIN_EXE_knockq")
+        )),
+        "remove",
+    );
+    assert_eq!(text(&net.in_gate("nft list ruleset").stdout), host);
+}
+
+/// `auto` asks the kernel: nft exactly where it can queue from nft, checked
+/// here by loading a queue rule for real.
+#[test]
+fn auto_picks_nft_exactly_where_the_kernel_can_queue_from_it() {
+    let test = "auto_picks_nft_exactly_where_the_kernel_can_queue_from_it";
+    if !can_run_end_to_end(test) {
+        return;
+    }
+    let net = Net::new();
+    let config = net.config(EXAMPLE_CONFIG);
+    let printed = |backend: &str| text(&succeeded(rules(&net, &config, backend), backend).stdout);
+    let auto = printed("--backend auto");
+    let nft = nft_can_queue();
+    if in_emulated_vm() {
+        assert!(nft, "Debian's kernel queues from nft");
+    }
+    let expected = match nft {
+        true => printed("--backend nft"),
+        false => printed("--backend iptables") + &printed("--backend ip6tables"),
+    };
+    assert_eq!(auto, expected);
+
+    succeeded(rules(&net, &config, "--apply"), "apply");
+    let nft_table = net.in_gate("nft list table inet knockq").status.success();
+    let chain = net
+        .in_gate("iptables -S KNOCKQ && ip6tables -S KNOCKQ")
+        .status
+        .success();
+    assert_eq!((nft_table, chain), (nft, !nft), "loaded where auto said");
+    succeeded(
+        net.in_gate(&format!("{} rules --remove", env!("CARGO_BIN_EXE_knockq"))),
+        "remove",
+    );
+    assert!(!net.in_gate("nft list table inet knockq").status.success());
+    assert!(!net.in_gate("iptables -S KNOCKQ").status.success());
+    assert!(!net.in_gate("ip6tables -S KNOCKQ").status.success());
+}
+
+/// The seed walkthrough through the rules `--apply --backend auto` loaded.
+#[test]
+fn walkthrough_with_applied_rules_both_families() {
+    if can_run_end_to_end("walkthrough_with_applied_rules_both_families") {
+        walkthrough(APPLIED_RULES, CLIENTS4);
+        walkthrough(APPLIED_RULES, CLIENTS6);
+    }
+}
+
+#[test]
+fn run_says_which_rules_are_loaded() {
+    if !can_run_end_to_end("run_says_which_rules_are_loaded") {
+        return;
+    }
+    let net = Net::new();
+    let config = net.config(EXAMPLE_CONFIG);
+    {
+        let gate = net.start_daemon(&config);
+        gate.wait_for_log("no knockq rules are loaded");
+    }
+    let mut cases = vec![("iptables", "loaded through iptables and ip6tables")];
+    if nft_can_queue() {
+        cases.push(("nft", "loaded through nft"));
+    }
+    for (backend, said) in cases {
+        succeeded(
+            rules(&net, &config, &format!("--apply --backend {backend}")),
+            "apply",
+        );
+        let gate = net.start_daemon(&config);
+        gate.wait_for_log(said);
+        drop(gate);
+        succeeded(
+            net.in_gate(&format!("{} rules --remove", env!("CARGO_BIN_EXE_knockq"))),
+            "remove",
+        );
+    }
+}
+
+/// A configuration that does not load changes nothing in the kernel.
+#[test]
+fn a_refused_configuration_loads_nothing() {
+    if !can_run_end_to_end("a_refused_configuration_loads_nothing") {
+        return;
+    }
+    let net = Net::new();
+    let config = net.config(&EXAMPLE_CONFIG.replace("count = 1", "count = 0"));
+    let before = iptables_state(&net) + &text(&net.in_gate("nft list ruleset").stdout);
+    for backend in ["auto", "iptables", "nft"] {
+        let out = rules(&net, &config, &format!("--apply --backend {backend}"));
+        assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+        assert_eq!(
+            text(&out.stderr).lines().count(),
+            1,
+            "{}",
+            text(&out.stderr)
+        );
+    }
+    let after = iptables_state(&net) + &text(&net.in_gate("nft list ruleset").stdout);
+    assert_eq!(after, before);
+}

@@ -1,0 +1,100 @@
+//! The end-to-end gate tests again, on the kernel users run: QEMU boots
+//! Debian's stock kernel (`linux-image-amd64`) over this machine's own files
+//! with virtme-ng, and this test binary runs the gate and rules tests inside
+//! it. That kernel has the nft queue statement this machine's may lack.
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+use crate::util::*;
+
+/// The tests run inside the VM: every gate and rules test.
+const FILTERS: &[&str] = &["gate::", "rules::"];
+
+/// Emulated without KVM, a client command takes hundreds of milliseconds:
+/// this test's one-second windows cannot hold there. It runs on the host.
+const SKIPPED: &[&str] = &["gate::step_window_and_grant_timeout"];
+
+/// Tests that must have run, and passed, in the VM.
+const MUST_PASS: &[&str] = &[
+    "gate::walkthrough_with_nc_nft_both_families",
+    "gate::walkthrough_with_nc_iptables",
+    "rules::auto_picks_nft_exactly_where_the_kernel_can_queue_from_it",
+    "rules::apply_and_remove_keep_the_hosts_own_nft_tables",
+];
+
+/// Debian's newest stock kernel image in /boot.
+fn debian_kernel() -> Option<PathBuf> {
+    let mut kernels: Vec<PathBuf> = std::fs::read_dir("/boot")
+        .ok()?
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|path| {
+            let name = path.file_name().unwrap().to_string_lossy();
+            name.starts_with("vmlinuz-") && name.ends_with("-amd64")
+        })
+        .collect();
+    kernels.sort();
+    kernels.pop()
+}
+
+#[test]
+fn gate_tests_on_debians_stock_kernel() {
+    let test = "gate_tests_on_debians_stock_kernel";
+    if !can_run(test, true, &["vng", "qemu-system-x86_64", "busybox"]) {
+        return;
+    }
+    let Some(kernel) = debian_kernel() else {
+        // can_run's rule: under CI a failure, elsewhere a loud skip.
+        can_run(
+            test,
+            true,
+            &["/boot/vmlinuz-*-amd64 (apt-get install linux-image-amd64)"],
+        );
+        return;
+    };
+    let _alone = Net::machine_alone();
+    let exe = std::env::current_exe().unwrap();
+    let skips: String = SKIPPED.iter().map(|t| format!(" --skip {t}")).collect();
+    let ci = std::env::var("CI").unwrap_or_default();
+    // The shared files are read-only, and a Unix socket cannot live on 9p:
+    // the tests write to a tmpfs of the VM's own.
+    let script = format!(
+        "mount -t tmpfs tmpfs /tmp && cd /tmp && {IN_VM}=1 CI={ci} {exe} --test-threads 2 {filters}{skips}",
+        exe = exe.display(),
+        filters = FILTERS.join(" "),
+    );
+    let mut vng = Command::new("timeout");
+    vng.arg("900s")
+        .arg("vng")
+        .arg("--run")
+        .arg(&kernel)
+        .args(["--memory", "2G", "--cpus", "2"]);
+    if !std::path::Path::new("/dev/kvm").exists() {
+        vng.arg("--disable-kvm");
+    }
+    // vng reads a terminal's input when it has one: give it none.
+    let out = run(vng.arg("--exec").arg(&script).stdin(Stdio::null()));
+    let report =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    // The VM's results, in this test's own log.
+    let results: Vec<&str> = report
+        .lines()
+        .filter(|l| l.starts_with("test ") || l.contains("test result") || l.contains("NOT RUN"))
+        .collect();
+    eprintln!(
+        "in the VM booting {}:\n{}",
+        kernel.display(),
+        results.join("\n")
+    );
+    assert!(
+        out.status.success(),
+        "the tests failed in the VM:\n{report}"
+    );
+    for name in MUST_PASS {
+        assert!(
+            report.contains(&format!("test {name} ... ok")),
+            "{name} did not pass in the VM:\n{report}"
+        );
+    }
+    assert!(!report.contains("NOT RUN"), "{report}");
+}
