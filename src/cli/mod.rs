@@ -326,22 +326,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn rules(config: &Path, backend: RulesBackend, apply: bool, remove: bool) -> anyhow::Result<()> {
-    let firewall = match backend {
+    // What is loaded or removed: IPv6 goes with IPv4, so ip6tables alone is
+    // only ever printed.
+    let chosen = || match backend {
         RulesBackend::Auto => Firewall::detect(),
         RulesBackend::Nft => Firewall::Nft,
-        RulesBackend::Iptables => Firewall::Iptables,
-        RulesBackend::Ip6tables if apply || remove => Cli::command()
+        RulesBackend::Iptables | RulesBackend::Ip6tables => Firewall::Iptables,
+    };
+    if backend == RulesBackend::Ip6tables && (apply || remove) {
+        Cli::command()
             .error(
                 clap::error::ErrorKind::ArgumentConflict,
                 "--backend ip6tables only prints: --backend iptables loads and removes the IPv6 rules too",
             )
-            .exit(),
-        RulesBackend::Ip6tables => Firewall::Iptables,
-    };
+            .exit();
+    }
     if remove {
         let firewalls = match backend {
             RulesBackend::Auto => vec![Firewall::Nft, Firewall::Iptables],
-            _ => vec![firewall],
+            _ => vec![chosen()],
         };
         for firewall in firewalls {
             if load::remove(firewall)? {
@@ -352,6 +355,7 @@ fn rules(config: &Path, backend: RulesBackend, apply: bool, remove: bool) -> any
     }
     let rules = Ruleset::from_config(&config::load(config)?);
     if apply {
+        let firewall = chosen();
         load::apply(&rules, firewall)?;
         eprintln!(
             "knockq: loaded the {} rules for {}",
@@ -361,7 +365,7 @@ fn rules(config: &Path, backend: RulesBackend, apply: bool, remove: bool) -> any
         return Ok(());
     }
     let printed: &[Backend] = match backend {
-        RulesBackend::Auto => firewall.backends(),
+        RulesBackend::Auto => chosen().backends(),
         RulesBackend::Nft => &[Backend::Nft],
         RulesBackend::Iptables => &[Backend::Iptables],
         RulesBackend::Ip6tables => &[Backend::Ip6tables],
