@@ -12,21 +12,6 @@ use crate::util::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_knockq");
 
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-fn succeeded(out: Output, what: &str) -> Output {
-    assert!(
-        out.status.success(),
-        "{what}: exit {:?}\nstdout: {}\nstderr: {}",
-        out.status.code(),
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-    out
-}
-
 #[test]
 fn knock_opens_a_fixed_policy_for_an_immediate_connect() {
     if !can_run_end_to_end("knock_opens_a_fixed_policy_for_an_immediate_connect") {

@@ -15,20 +15,6 @@ use crate::util::*;
 /// Lintian tags the package keeps (README.md, "Installing", says why).
 const KEPT_LINTIAN_TAGS: &[&str] = &["initial-upload-closes-no-bugs"];
 
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-fn succeeded(out: Output, what: &str) -> Output {
-    assert!(
-        out.status.success(),
-        "{what}:\n{}\n{}",
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-    out
-}
-
 /// The package `make deb` built for this version (`make test` builds it).
 fn package(test: &str) -> Option<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/debian");

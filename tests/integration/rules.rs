@@ -5,19 +5,10 @@
 use crate::gate::walkthrough;
 use crate::util::*;
 
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
 /// `knockq rules ARGS` in the gate namespace, with a configuration.
 fn rules(net: &Net, config: &std::path::Path, args: &str) -> std::process::Output {
     let bin = env!("CARGO_BIN_EXE_knockq");
     net.in_gate(&format!("{bin} rules --config {} {args}", config.display()))
-}
-
-fn succeeded(out: std::process::Output, what: &str) -> std::process::Output {
-    assert!(out.status.success(), "{what}: {}", text(&out.stderr));
-    out
 }
 
 /// The gate's whole iptables and ip6tables filter tables.

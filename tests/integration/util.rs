@@ -29,6 +29,23 @@ pub fn knockq() -> Command {
     Command::new(env!("CARGO_BIN_EXE_knockq"))
 }
 
+/// A command's output as text.
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Asserts that a command succeeded, showing its output if not.
+pub fn succeeded(out: Output, what: &str) -> Output {
+    assert!(
+        out.status.success(),
+        "{what}: exit {:?}\nstdout: {}\nstderr: {}",
+        out.status.code(),
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    out
+}
+
 pub fn run(command: &mut Command) -> Output {
     command
         .output()
