@@ -15,6 +15,9 @@ const FILTERS: &[&str] = &["gate::", "rules::"];
 /// this test's one-second windows cannot hold there. It runs on the host.
 const SKIPPED: &[&str] = &["gate::step_window_and_grant_timeout"];
 
+/// The VM's own scratch directory; its /run is a tmpfs already.
+const SCRATCH: &str = "/run/knockq-tests";
+
 /// Tests that must have run, and passed, in the VM.
 const MUST_PASS: &[&str] = &[
     "gate::walkthrough_with_nc_nft_both_families",
@@ -57,9 +60,11 @@ fn gate_tests_on_debians_stock_kernel() {
     let skips: String = SKIPPED.iter().map(|t| format!(" --skip {t}")).collect();
     let ci = std::env::var("CI").unwrap_or_default();
     // The shared files are read-only, and a Unix socket cannot live on 9p:
-    // the tests write to a tmpfs of the VM's own.
+    // the tests write to a tmpfs of the VM's own. Not over /tmp, which may
+    // hold this very checkout.
     let script = format!(
-        "mount -t tmpfs tmpfs /tmp && cd /tmp && {IN_VM}=1 CI={ci} {exe} --test-threads 2 {filters}{skips}",
+        "mkdir -p {SCRATCH} && mount -t tmpfs tmpfs {SCRATCH} && cd {SCRATCH} && \
+         TMPDIR={SCRATCH} {IN_VM}=1 CI={ci} {exe} --test-threads 2 {filters}{skips}",
         exe = exe.display(),
         filters = FILTERS.join(" "),
     );
