@@ -170,6 +170,44 @@ impl ThrowawayRoot {
         ))
     }
 
+    /// Boots the root with systemd as PID 1 in a container with a network
+    /// namespace of its own (systemd-nspawn), runs `script` there as a
+    /// service once the system is up, then powers off. Returns what the
+    /// script printed.
+    fn boot(&self, script: &str) -> String {
+        let d = self.dir.path().display();
+        let out = self.dir.path().join("out");
+        fs::create_dir_all(&out).unwrap();
+        let unit = "[Unit]\nAfter=multi-user.target\n[Service]\nType=oneshot\n\
+                    ExecStart=/bin/sh -c '/bin/sh /out/script > /out/log 2>&1'\n\
+                    ExecStartPost=/bin/systemctl --no-block poweroff\n";
+        fs::write(out.join("script"), script).unwrap();
+        fs::write(out.join("boot-test.service"), unit).unwrap();
+        succeeded(
+            self.run(&format!(
+                "cp {d}/out/boot-test.service /etc/systemd/system/ && \
+                 ln -sf /etc/systemd/system/boot-test.service \
+                 /etc/systemd/system/multi-user.target.wants/boot-test.service"
+            )),
+            "the boot-time test service",
+        );
+        let boot = sh(&format!(
+            "unshare --mount --propagation private sh -c '\
+             mount -t overlay overlay -o lowerdir=/,upperdir={d}/upper,workdir={d}/work {d}/root && \
+             timeout 300 systemd-nspawn --quiet --directory {d}/root --private-network \
+             --register=no --keep-unit --link-journal=no --bind {d}/out:/out --boot \
+             --console=pipe < /dev/null'"
+        ));
+        let log = fs::read_to_string(out.join("log")).unwrap_or_default();
+        assert!(
+            boot.status.success() && !log.is_empty(),
+            "the container did not boot and run the test:\n{}\n{}\n{log}",
+            text(&boot.stdout),
+            text(&boot.stderr)
+        );
+        log
+    }
+
     /// A file as the root sees it.
     fn read(&self, path: &str) -> Option<String> {
         let out = self.run(&format!("cat {path}"));
@@ -386,4 +424,72 @@ fn puppet_class_deploys_into_a_throwaway_root() {
         text(&out.stderr)
     );
     assert_eq!(root.read("/etc/knockq/knockq.toml").unwrap(), rendered);
+}
+
+/// The packaged unit under systemd as PID 1, in a container: it starts
+/// after READY=1 with its rules loaded, answers on its control socket,
+/// reloads keeping grants, keeps its watchdog fed, and stops removing the
+/// rules.
+#[test]
+fn packaged_unit_runs_under_systemd() {
+    let test = "packaged_unit_runs_under_systemd";
+    if !can_run(
+        test,
+        true,
+        &["systemd-nspawn", "unshare", "/lib/systemd/systemd"],
+    ) {
+        return;
+    }
+    let Some(deb) = package(test) else { return };
+    let root = ThrowawayRoot::new();
+    succeeded(root.run(&format!("dpkg -i {}", deb.display())), "dpkg -i");
+    // Installed, the service is neither enabled nor started.
+    assert!(!root
+        .run("test -e /etc/systemd/system/multi-user.target.wants/knockq.service")
+        .status
+        .success());
+    let log = root.boot(
+        r#"
+show() { echo "$1: $(systemctl show knockq -p "$2" --value)"; }
+systemctl start knockq; echo "start: $?"
+show active ActiveState; show sub SubState; show watchdog WatchdogUSec
+pid=$(systemctl show knockq -p MainPID --value)
+echo "chain: $(iptables -S KNOCKQ | grep -c NFQUEUE) $(ip6tables -S KNOCKQ | grep -c NFQUEUE)"
+knockq grant 192.0.2.7 --policy ssh --for 1h
+sed -i 's/grant_timeout = "8h"/grant_timeout = "4h"/' /etc/knockq/knockq.toml
+systemctl reload knockq; echo "reload: $?"
+knockq status | grep -q 192.0.2.7 && echo "grant kept"
+# Past the watchdog's 10 s: a daemon that stopped pinging would be killed.
+sleep 12
+[ "$(systemctl show knockq -p MainPID --value)" = "$pid" ] && echo "same process"
+show restarts NRestarts
+systemctl stop knockq; echo "stop: $?"
+echo "jumps: $(iptables -S INPUT | grep -c KNOCKQ) $(ip6tables -S INPUT | grep -c KNOCKQ)"
+iptables -S KNOCKQ >/dev/null 2>&1 || echo "chain removed"
+journalctl -u knockq --no-pager
+"#,
+    );
+    for line in [
+        "start: 0",
+        "active: active",
+        "sub: running",
+        "watchdog: 10s",
+        "reload: 0",
+        "grant kept",
+        "same process",
+        "restarts: 0",
+        "stop: 0",
+        "jumps: 0 0",
+        "chain removed",
+        "knockq rules are loaded through",
+        "configuration reloaded",
+    ] {
+        assert!(log.contains(line), "no {line:?} in:\n{log}");
+    }
+    let chains = log.lines().find(|l| l.starts_with("chain: ")).unwrap();
+    let nft = log.contains("loaded the nft rules");
+    assert!(
+        nft || chains == "chain: 1 1",
+        "no queue rule loaded: {chains}\n{log}"
+    );
 }
