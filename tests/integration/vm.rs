@@ -8,8 +8,13 @@ use std::process::{Command, Stdio};
 
 use crate::util::*;
 
-/// The tests run inside the VM: every gate and rules test.
-const FILTERS: &[&str] = &["gate::", "rules::"];
+/// The tests run inside the VM: every gate and rules test, and the
+/// packaged unit under systemd, which loads nft rules there.
+const FILTERS: &[&str] = &[
+    "gate::",
+    "rules::",
+    "deploy::packaged_unit_runs_under_systemd",
+];
 
 /// Emulated without KVM, a client command takes hundreds of milliseconds:
 /// this test's one-second windows cannot hold there. It runs on the host.
@@ -24,6 +29,7 @@ const MUST_PASS: &[&str] = &[
     "gate::walkthrough_with_nc_iptables",
     "rules::auto_picks_nft_exactly_where_the_kernel_can_queue_from_it",
     "rules::apply_and_remove_keep_the_hosts_own_nft_tables",
+    "deploy::packaged_unit_runs_under_systemd",
 ];
 
 /// Debian's newest stock kernel image in /boot.
