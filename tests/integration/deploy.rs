@@ -186,9 +186,11 @@ impl ThrowawayRoot {
         let d = self.dir.path().display();
         let out = self.dir.path().join("out");
         fs::create_dir_all(&out).unwrap();
-        let unit = "[Unit]\nAfter=multi-user.target\n[Service]\nType=oneshot\n\
-                    ExecStart=/bin/sh -c '/bin/sh /out/script > /out/log 2>&1'\n\
-                    ExecStartPost=/bin/systemctl --no-block poweroff\n";
+        let unit = format!(
+            "[Unit]\nAfter=multi-user.target\n[Service]\nType=oneshot\n\
+             ExecStart=/bin/sh -c '/bin/sh {d}/out/script > {d}/out/log 2>&1'\n\
+             ExecStartPost=/bin/systemctl --no-block poweroff\n"
+        );
         fs::write(out.join("script"), script).unwrap();
         fs::write(out.join("boot-test.service"), unit).unwrap();
         succeeded(
@@ -199,12 +201,15 @@ impl ThrowawayRoot {
             )),
             "the boot-time test service",
         );
+        // The test's directory at its own path; the checkout, read-only, for
+        // the role and the class.
         let boot = sh(&format!(
             "unshare --mount --propagation private sh -c '\
              mount -t overlay overlay -o lowerdir=/,upperdir={d}/upper,workdir={d}/work {d}/root && \
              timeout 300 systemd-nspawn --quiet --directory {d}/root --private-network \
-             --register=no --keep-unit --link-journal=no --bind {d}/out:/out --boot \
-             --console=pipe < /dev/null'"
+             --register=no --keep-unit --link-journal=no --bind {d} --bind-ro {checkout} \
+             --boot --console=pipe < /dev/null'",
+            checkout = env!("CARGO_MANIFEST_DIR"),
         ));
         let log = fs::read_to_string(out.join("log")).unwrap_or_default();
         assert!(
@@ -214,6 +219,14 @@ impl ThrowawayRoot {
             text(&boot.stderr)
         );
         log
+    }
+
+    /// Writes `contents` to `name` in the test's directory, which the root
+    /// sees at the same path.
+    fn file(&self, name: &str, contents: &str) -> PathBuf {
+        let path = self.dir.path().join(name);
+        fs::write(&path, contents).unwrap();
+        path
     }
 
     /// A file as the root sees it.
@@ -318,101 +331,30 @@ fn check_deployed(root: &ThrowawayRoot, scratch: &Path) -> String {
     rendered
 }
 
-#[test]
-fn ansible_role_deploys_into_a_throwaway_root() {
-    let test = "ansible_role_deploys_into_a_throwaway_root";
-    if !can_run(test, true, &["ansible-playbook", "unshare", "python3"]) {
-        return;
-    }
-    let Some(deb) = package(test) else { return };
-    let root = ThrowawayRoot::new();
-    let deb = root.offer(&deb);
-    let scratch = TempDir::new().unwrap();
-    let settings: serde_json::Value = serde_json::from_str(SETTINGS).unwrap();
-    let vars = |policies: &serde_json::Value| {
-        serde_json::json!({
-            "knockq_package_path": deb,
-            "knockq_queue": settings["queue"],
-            "knockq_verdict": settings["verdict"],
-            "knockq_limits": settings["limits"],
-            "knockq_metrics": settings["metrics"],
-            "knockq_policies": policies,
-        })
-    };
-    let roles = Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/ansible/roles");
-    let playbook = scratch.path().join("site.yml");
-    fs::write(&playbook, "- hosts: localhost\n  roles: [knockq]\n").unwrap();
-    let apply = |vars: serde_json::Value| {
-        let file = scratch.path().join("vars.json");
-        fs::write(&file, vars.to_string()).unwrap();
-        root.run(&format!(
-            "ANSIBLE_ROLES_PATH={} ANSIBLE_NOCOLOR=1 ansible-playbook -i localhost, -c local -e @{} {}",
-            roles.display(),
-            file.display(),
-            playbook.display()
-        ))
-    };
-    let out = succeeded(apply(vars(&settings["policies"])), "ansible-playbook");
-    assert!(
-        text(&out.stdout).contains("knockq was enabled but not started"),
-        "{}",
-        text(&out.stdout)
-    );
-    let rendered = check_deployed(&root, scratch.path());
-
-    // A bad variable: refused by `knockq check`, the old file stays.
-    let mut bad = settings["policies"].clone();
-    bad[0]["open_ports"] = serde_json::json!([0]);
-    let out = apply(vars(&bad));
-    assert!(!out.status.success(), "a bad policy was deployed");
-    assert!(
-        text(&out.stdout).contains("failed to validate"),
-        "{}",
-        text(&out.stdout)
-    );
-    assert_eq!(root.read("/etc/knockq/knockq.toml").unwrap(), rendered);
+/// Each run of a tool gets files of its own.
+fn next_file_number() -> u32 {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
-#[test]
-fn puppet_class_deploys_into_a_throwaway_root() {
-    let test = "puppet_class_deploys_into_a_throwaway_root";
-    if !can_run(test, true, &["puppet", "unshare", "python3"]) {
-        return;
-    }
-    let Some(deb) = package(test) else { return };
-    let root = ThrowawayRoot::new();
-    let deb = root.offer(&deb);
-    let scratch = TempDir::new().unwrap();
+/// How a deployment tool is run: the shell command that applies
+/// `policies` with the rest of [`SETTINGS`], and whether its exit status
+/// means "applied, with changes".
+struct Tool<'a> {
+    command: &'a dyn Fn(&serde_json::Value) -> String,
+    applied: fn(Option<i32>) -> bool,
+}
+
+/// What both tools are put through. Into the root as a chroot: installed,
+/// rendered, checked and enabled, not started, and a bad variable leaves
+/// the old file. Then booted with systemd: applying starts the gate, and
+/// a changed setting reloads it.
+fn deploy_and_check(root: &ThrowawayRoot, tool: Tool) {
     let settings: serde_json::Value = serde_json::from_str(SETTINGS).unwrap();
-    let modules = Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/puppet");
-    // Puppet's own data syntax is close enough to JSON: `=>` for `:`.
-    let puppet_value = |value: &serde_json::Value| value.to_string().replace("\":", "\" =>");
-    let apply = |policies: &serde_json::Value| {
-        let manifest = scratch.path().join("site.pp");
-        fs::write(
-            &manifest,
-            format!(
-                "class {{ 'knockq':\n  package_path => '{}',\n  queue => {},\n  verdict => {},\n  limits => {},\n  metrics => {},\n  policies => {},\n}}\n",
-                deb.display(),
-                puppet_value(&settings["queue"]),
-                puppet_value(&settings["verdict"]),
-                puppet_value(&settings["limits"]),
-                puppet_value(&settings["metrics"]),
-                puppet_value(policies),
-            ),
-        )
-        .unwrap();
-        root.run(&format!(
-            "puppet apply --detailed-exitcodes --color=false --modulepath {} {}",
-            modules.display(),
-            manifest.display()
-        ))
-    };
-    let out = apply(&settings["policies"]);
-    // --detailed-exitcodes: 2 means changes were made and none failed.
-    assert_eq!(
-        out.status.code(),
-        Some(2),
+    let policies = &settings["policies"];
+    let out = root.run(&(tool.command)(policies));
+    assert!(
+        (tool.applied)(out.status.code()),
         "{}\n{}",
         text(&out.stdout),
         text(&out.stderr)
@@ -422,18 +364,154 @@ fn puppet_class_deploys_into_a_throwaway_root() {
         "{}",
         text(&out.stdout)
     );
-    let rendered = check_deployed(&root, scratch.path());
+    let scratch = TempDir::new().unwrap();
+    let rendered = check_deployed(root, scratch.path());
 
-    let mut bad = settings["policies"].clone();
+    // A bad variable: refused by `knockq check`, the old file stays.
+    let mut bad = policies.clone();
     bad[0]["open_ports"] = serde_json::json!([0]);
-    let out = apply(&bad);
+    let out = root.run(&(tool.command)(&bad));
     assert!(
-        matches!(out.status.code(), Some(4 | 6)),
-        "a bad policy was deployed: {}\n{}",
+        !out.status.success() && !(tool.applied)(out.status.code()),
+        "a bad policy was deployed"
+    );
+    assert!(
+        text(&out.stdout).contains("failed to validate")
+            || text(&out.stderr).contains("Execution of '/usr/bin/knockq check"),
+        "{}\n{}",
         text(&out.stdout),
         text(&out.stderr)
     );
     assert_eq!(root.read("/etc/knockq/knockq.toml").unwrap(), rendered);
+
+    let with_grant_timeout = |timeout: &str| {
+        let mut changed = policies.clone();
+        changed[0]["grant_timeout"] = serde_json::json!(timeout);
+        (tool.command)(&changed)
+    };
+    let log = root.boot(&format!(
+        r#"
+{}; echo "first: $?"
+echo "after the first: $(systemctl is-active knockq)"
+{}; echo "second: $?"
+for _ in $(seq 100); do
+  journalctl -u knockq | grep -q "configuration reloaded" && break
+  sleep 0.1
+done
+echo "after the second: $(systemctl is-active knockq)"
+journalctl -u knockq --no-pager
+"#,
+        with_grant_timeout("2h"),
+        with_grant_timeout("3h")
+    ));
+    for (step, line) in [
+        ("first", "after the first: active"),
+        ("second", "after the second: active"),
+    ] {
+        let status: i32 = log
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{step}: ")))
+            .and_then(|code| code.parse().ok())
+            .unwrap_or_else(|| panic!("no {step} run in:\n{log}"));
+        assert!((tool.applied)(Some(status)), "{step} run: {status}\n{log}");
+        assert!(log.contains(line), "{line:?} missing:\n{log}");
+    }
+    assert!(
+        log.contains("configuration reloaded"),
+        "the change did not reload knockq:\n{log}"
+    );
+    assert!(!log.contains("knockq was enabled but not started"), "{log}");
+}
+
+#[test]
+fn ansible_role_deploys_into_a_throwaway_root() {
+    let test = "ansible_role_deploys_into_a_throwaway_root";
+    if !can_run(
+        test,
+        true,
+        &["ansible-playbook", "unshare", "systemd-nspawn", "python3"],
+    ) {
+        return;
+    }
+    let Some(deb) = package(test) else { return };
+    let root = ThrowawayRoot::new();
+    let deb = root.offer(&deb);
+    let settings: serde_json::Value = serde_json::from_str(SETTINGS).unwrap();
+    let roles = Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/ansible/roles");
+    let playbook = root.file("site.yml", "- hosts: localhost\n  roles: [knockq]\n");
+    let command = |policies: &serde_json::Value| {
+        let vars = serde_json::json!({
+            "knockq_package_path": deb,
+            "knockq_queue": settings["queue"],
+            "knockq_verdict": settings["verdict"],
+            "knockq_limits": settings["limits"],
+            "knockq_metrics": settings["metrics"],
+            "knockq_policies": policies,
+        });
+        let vars = root.file(
+            &format!("vars-{}.json", next_file_number()),
+            &vars.to_string(),
+        );
+        format!(
+            "ANSIBLE_ROLES_PATH={} ANSIBLE_NOCOLOR=1 ansible-playbook -i localhost, -c local -e @{} {}",
+            roles.display(),
+            vars.display(),
+            playbook.display()
+        )
+    };
+    deploy_and_check(
+        &root,
+        Tool {
+            command: &command,
+            applied: |code| code == Some(0),
+        },
+    );
+}
+
+#[test]
+fn puppet_class_deploys_into_a_throwaway_root() {
+    let test = "puppet_class_deploys_into_a_throwaway_root";
+    if !can_run(
+        test,
+        true,
+        &["puppet", "unshare", "systemd-nspawn", "python3"],
+    ) {
+        return;
+    }
+    let Some(deb) = package(test) else { return };
+    let root = ThrowawayRoot::new();
+    let deb = root.offer(&deb);
+    let settings: serde_json::Value = serde_json::from_str(SETTINGS).unwrap();
+    let modules = Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/puppet");
+    // Puppet's own data syntax is close enough to JSON: `=>` for `:`.
+    let puppet_value = |value: &serde_json::Value| value.to_string().replace("\":", "\" =>");
+    let command = |policies: &serde_json::Value| {
+        let manifest = root.file(
+            &format!("site-{}.pp", next_file_number()),
+            &format!(
+                "class {{ 'knockq':\n  package_path => '{}',\n  queue => {},\n  verdict => {},\n  limits => {},\n  metrics => {},\n  policies => {},\n}}\n",
+                deb.display(),
+                puppet_value(&settings["queue"]),
+                puppet_value(&settings["verdict"]),
+                puppet_value(&settings["limits"]),
+                puppet_value(&settings["metrics"]),
+                puppet_value(policies),
+            ),
+        );
+        format!(
+            "puppet apply --detailed-exitcodes --color=false --modulepath {} {}",
+            modules.display(),
+            manifest.display()
+        )
+    };
+    deploy_and_check(
+        &root,
+        Tool {
+            command: &command,
+            // --detailed-exitcodes: 2 means changes were made, none failed.
+            applied: |code| code == Some(2),
+        },
+    );
 }
 
 /// The packaged unit under systemd as PID 1, in a container: it starts
