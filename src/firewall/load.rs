@@ -10,7 +10,7 @@ use std::io::ErrorKind::NotFound;
 use std::io::Write;
 use std::process::{Command, Output, Stdio};
 
-use super::{Backend, Ruleset, CHAIN, NFT_TABLE};
+use super::{Backend, Jump, Ruleset, CHAIN, NFT_TABLE};
 
 /// A firewall knockq can load its rules into, both address families.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,7 +89,11 @@ pub fn apply(rules: &Ruleset, firewall: Firewall) -> Result<(), LoadError> {
                 .map(|&backend| {
                     let (loader, checker) = iptables_tools(backend);
                     let jump = run(checker, &["-w", "-C", "INPUT", "-j", CHAIN], None)?;
-                    let text = rules.render_to_load(backend, jump.status.success());
+                    let jump = match jump.status.success() {
+                        true => Jump::Present,
+                        false => Jump::Add,
+                    };
+                    let text = rules.render_to_load(backend, jump);
                     expect_success(loader, &["--noflush", "--test"], &text)?;
                     Ok((loader, text))
                 })

@@ -77,16 +77,12 @@ impl Ruleset {
     }
 
     pub fn render(&self, backend: Backend) -> String {
-        self.render_to_load(backend, false)
+        self.render_to_load(backend, Jump::Add)
     }
 
     /// The text to load into a running firewall: for iptables without the
-    /// jump from INPUT when `jump_present`, so that loading twice adds one.
-    fn render_to_load(&self, backend: Backend, jump_present: bool) -> String {
-        let jump = match jump_present {
-            true => Jump::Present,
-            false => Jump::Add,
-        };
+    /// jump from INPUT when it is there already, so loading twice adds one.
+    fn render_to_load(&self, backend: Backend, jump: Jump) -> String {
         match backend {
             Backend::Iptables => self.iptables(Family::V4, jump),
             Backend::Ip6tables => self.iptables(Family::V6, jump),

@@ -5,10 +5,14 @@
 use crate::gate::walkthrough;
 use crate::util::*;
 
+/// `knockq ARGS` in the gate namespace.
+fn knockq_in_gate(net: &Net, args: &str) -> std::process::Output {
+    net.in_gate(&format!("{} {args}", env!("CARGO_BIN_EXE_knockq")))
+}
+
 /// `knockq rules ARGS` in the gate namespace, with a configuration.
 fn rules(net: &Net, config: &std::path::Path, args: &str) -> std::process::Output {
-    let bin = env!("CARGO_BIN_EXE_knockq");
-    net.in_gate(&format!("{bin} rules --config {} {args}", config.display()))
+    knockq_in_gate(net, &format!("rules --config {} {args}", config.display()))
 }
 
 /// The gate's whole iptables and ip6tables filter tables.
@@ -73,18 +77,12 @@ fn apply_and_remove_keep_the_hosts_own_iptables_rules() {
     assert_eq!(chain_rules(&loaded), chain_rules(&expected));
 
     let out = succeeded(
-        net.in_gate(&format!(
-            "{} rules --remove --backend iptables",
-            env!("CARGO_BIN_EXE_knockq")
-        )),
+        knockq_in_gate(&net, "rules --remove --backend iptables"),
         "remove",
     );
     assert!(text(&out.stderr).contains("removed the iptables rules"));
     assert_eq!(iptables_state(&net), host, "exactly knockq's rules removed");
-    let again = succeeded(
-        net.in_gate(&format!("{} rules --remove", env!("CARGO_BIN_EXE_knockq"))),
-        "remove again",
-    );
+    let again = succeeded(knockq_in_gate(&net, "rules --remove"), "remove again");
     assert_eq!(text(&again.stderr), "", "nothing left to remove");
 }
 
@@ -113,10 +111,7 @@ fn apply_and_remove_keep_the_hosts_own_nft_tables() {
     let knockq = text(&net.in_gate("nft list table inet knockq").stdout);
     assert_eq!(knockq.matches("queue").count(), 1, "{knockq}");
     succeeded(
-        net.in_gate(&format!(
-            "{} rules --remove --backend nft",
-            env!("CARGO_BIN_EXE_knockq")
-        )),
+        knockq_in_gate(&net, "rules --remove --backend nft"),
         "remove",
     );
     assert_eq!(text(&net.in_gate("nft list ruleset").stdout), host);
@@ -151,10 +146,7 @@ fn auto_picks_nft_exactly_where_the_kernel_can_queue_from_it() {
         .status
         .success();
     assert_eq!((nft_table, chain), (nft, !nft), "loaded where auto said");
-    succeeded(
-        net.in_gate(&format!("{} rules --remove", env!("CARGO_BIN_EXE_knockq"))),
-        "remove",
-    );
+    succeeded(knockq_in_gate(&net, "rules --remove"), "remove");
     assert!(!net.in_gate("nft list table inet knockq").status.success());
     assert!(!net.in_gate("iptables -S KNOCKQ").status.success());
     assert!(!net.in_gate("ip6tables -S KNOCKQ").status.success());
@@ -192,10 +184,7 @@ fn run_says_which_rules_are_loaded() {
         let gate = net.start_daemon(&config);
         gate.wait_for_log(said);
         drop(gate);
-        succeeded(
-            net.in_gate(&format!("{} rules --remove", env!("CARGO_BIN_EXE_knockq"))),
-            "remove",
-        );
+        succeeded(knockq_in_gate(&net, "rules --remove"), "remove");
     }
 }
 
