@@ -6,6 +6,7 @@
 //! and for SYNs from sources with progress under it, and keeps every piece
 //! of per-source state itself.
 
+mod budget;
 mod vm;
 
 use std::ops::RangeInclusive;

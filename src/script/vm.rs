@@ -4,21 +4,22 @@
 //! `bit32` and `utf8` libraries and knockq's own; no io, os, debug,
 //! require, loadstring, getfenv or setfenv; every global and library table
 //! read-only once the script has loaded, so nothing a call does outlives it
-//! except the stage the engine keeps. A memory limit per VM and a time
-//! budget per call, enforced by Luau's interrupt, which also stops slow
-//! library calls such as a pathological `string.find`.
+//! except the stage the engine keeps. A memory limit per VM and a budget
+//! of CPU time per call, enforced by Luau's interrupt, which also stops
+//! slow library calls such as a pathological `string.find`.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashSet;
 use std::net::IpAddr;
 use std::rc::Rc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ipnet::IpNet;
 use mlua::{
     ffi, Function, Lua, LuaOptions, StdLib, Table, UserData, UserDataMethods, Value, VmState,
 };
 
+use super::budget::Budget;
 use super::{FailureKind, Script};
 use crate::engine::{PortMask, ScriptAction, ScriptGrant, ScriptInput, ScriptOutput, Timestamp};
 
@@ -39,7 +40,7 @@ pub struct VmError {
 struct Call {
     input: Cell<ScriptInput>,
     action: Cell<ScriptAction>,
-    deadline: Cell<Instant>,
+    budget: Budget,
     /// Set by the interrupt when the budget ran out, with the script's
     /// line it stopped at.
     over_budget: Cell<bool>,
@@ -78,12 +79,13 @@ impl Vm {
                 unix_millis: 0,
             }),
             action: Cell::new(ScriptAction::None),
-            deadline: Cell::new(Instant::now() + LOAD_BUDGET),
+            budget: Budget::new(),
             over_budget: Cell::new(false),
             stopped_at: Cell::new(None),
             refused: RefCell::new(None),
         });
         let failed = |e: mlua::Error| classify(&e, &call, FailureKind::Load);
+        call.budget.start(LOAD_BUDGET);
         let lua = sandbox(script, &call).map_err(failed)?;
         let chunk = lua
             .load(&*script.source)
@@ -122,7 +124,7 @@ impl Vm {
         call.stopped_at.set(None);
         let failed = |e: mlua::Error| classify(&e, call, FailureKind::Runtime);
         self.set_knock(input.port, input.stage);
-        call.deadline.set(Instant::now() + self.budget);
+        call.budget.start(self.budget);
         let returned: Value = self.handler.call(&self.knock).map_err(|e| {
             let error = failed(e);
             if error.kind == FailureKind::Memory {
@@ -327,7 +329,7 @@ fn sandbox(script: &Script, call: &Rc<Call>) -> mlua::Result<Lua> {
     lua.set_memory_limit(script.memory_limit)?;
     let interrupt = Rc::clone(call);
     lua.set_interrupt(move |lua| {
-        if Instant::now() > interrupt.deadline.get() {
+        if interrupt.budget.spent() {
             interrupt.over_budget.set(true);
             // The innermost Lua function's line: a library call such as
             // string.find has none.
