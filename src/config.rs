@@ -28,6 +28,7 @@ pub struct Config {
     pub state: StateConfig,
     pub rules: RulesConfig,
     pub hooks: HooksConfig,
+    pub cluster: Option<ClusterConfig>,
     pub policies: Vec<Policy>,
 }
 
@@ -50,6 +51,7 @@ impl Config {
             ("[control]", self.control != new.control),
             ("[state]", self.state != new.state),
             ("[hooks]", self.hooks != new.hooks),
+            ("[cluster]", self.cluster != new.cluster),
         ]
         .into_iter()
         .find_map(|(section, changed)| changed.then_some(section))
@@ -277,6 +279,8 @@ pub struct Policy {
     pub grant_timeout: Option<Duration>,
     pub strict: bool,
     pub hooks: PolicyHooks,
+    pub scope: Scope,
+    pub offline: Offline,
 }
 
 /// Commands run when a grant of the policy opens or ends: argument vectors,
@@ -420,6 +424,7 @@ struct RawConfig {
     rules: RulesConfig,
     #[serde(default)]
     hooks: HooksConfig,
+    cluster: Option<RawCluster>,
     #[serde(default, rename = "policy")]
     policies: Vec<RawPolicy>,
 }
@@ -443,6 +448,8 @@ struct RawPolicy {
     allow_weak_sequence: bool,
     on_grant: Option<Spanned<Vec<String>>>,
     on_revoke: Option<Spanned<Vec<String>>>,
+    scope: Option<Spanned<Scope>>,
+    offline: Option<Spanned<Offline>>,
 }
 
 /// `[policy.script]`.
@@ -991,6 +998,8 @@ fn validate(raw: RawConfig, errors: &ErrorContext) -> Result<Config, ConfigError
         ));
     }
 
+    let cluster = raw.cluster.map(|c| c.validate(errors)).transpose()?;
+
     // Open ports may be shared; knock and close ports belong to one policy
     // and are never opened, so every port has one meaning for the engine.
     let mut open: HashMap<u16, &str> = HashMap::new();
@@ -1122,6 +1131,7 @@ fn validate(raw: RawConfig, errors: &ErrorContext) -> Result<Config, ConfigError
                 .map(|hook| check_hook(hook, "on_revoke", errors, &key))
                 .transpose()?,
         };
+        check_scope(policy, &knock, cluster.is_some(), errors, &key)?;
         if let Some(close) = &policy.close_port {
             let port = close.get_ref().0;
             // Its own knock ports were checked against it above.
@@ -1153,6 +1163,8 @@ fn validate(raw: RawConfig, errors: &ErrorContext) -> Result<Config, ConfigError
             grant_timeout: raw.grant_timeout,
             strict: raw.strict,
             hooks,
+            scope: raw.scope.map(Spanned::into_inner).unwrap_or_default(),
+            offline: raw.offline.map(Spanned::into_inner).unwrap_or_default(),
         })
         .collect();
     Ok(Config {
@@ -1164,9 +1176,38 @@ fn validate(raw: RawConfig, errors: &ErrorContext) -> Result<Config, ConfigError
         state: raw.state,
         rules: raw.rules,
         hooks: raw.hooks,
+        cluster,
         policies,
     })
 }
+
+/// `scope = "cluster"` needs a `[cluster]`; `offline` is for cluster
+/// rotating policies, the only ones that claim windows.
+fn check_scope(
+    policy: &RawPolicy,
+    knock: &Knock,
+    clustered: bool,
+    errors: &ErrorContext,
+    key: &dyn Fn(&str) -> String,
+) -> Result<(), ConfigError> {
+    let scope = policy.scope.as_ref();
+    let cluster = scope.is_some_and(|s| *s.get_ref() == Scope::Cluster);
+    if let (true, false, Some(scope)) = (cluster, clustered, scope) {
+        let message = "scope \"cluster\" needs a [cluster] section naming the etcd endpoints";
+        return Err(errors.spanned(scope, key("scope"), message.to_owned()));
+    }
+    if let Some(offline) = &policy.offline {
+        if !cluster || !matches!(knock, Knock::Rotating(_)) {
+            let message = "offline applies to rotating policies with scope \"cluster\" only";
+            return Err(errors.spanned(offline, key("offline"), message.to_owned()));
+        }
+    }
+    Ok(())
+}
+
+mod cluster;
+use cluster::RawCluster;
+pub use cluster::{ClusterConfig, Offline, Scope};
 
 #[cfg(test)]
 mod tests;

@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::engine::{Engine, EventSink, GrantLeft, PolicyKey, Timestamp};
+use crate::cluster::Nodes;
+use crate::engine::{Engine, EventSink, GrantLeft, PolicyKey, RevokeReason, Timestamp};
 
 /// Longest request line the daemon reads.
 pub const MAX_REQUEST_BYTES: u64 = 4096;
@@ -65,6 +66,9 @@ pub struct SourceEntry {
     pub policy: String,
     pub grant: Option<GrantEntry>,
     pub progress: Option<ProgressEntry>,
+    /// The cluster node the grant was made on, when not this one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -96,6 +100,7 @@ impl From<GrantLeft> for GrantEntry {
 /// or carried out changes nothing.
 pub fn answer(
     engine: &Engine,
+    nodes: &Nodes,
     line: &str,
     now: Timestamp,
     events: &mut impl EventSink,
@@ -108,11 +113,12 @@ pub fn answer(
             }
         }
     };
-    carry_out(engine, request, now, events).unwrap_or_else(|error| Response::Error { error })
+    carry_out(engine, nodes, request, now, events).unwrap_or_else(|error| Response::Error { error })
 }
 
 fn carry_out(
     engine: &Engine,
+    nodes: &Nodes,
     request: Request,
     now: Timestamp,
     events: &mut impl EventSink,
@@ -126,6 +132,8 @@ fn carry_out(
                     source: s.src,
                     prefix: s.prefix,
                     policy: s.policy,
+                    origin: (s.status.grant.is_some() && !s.origin.is_local())
+                        .then(|| nodes.name(s.origin).to_string()),
                     grant: s.status.grant.map(GrantEntry::from),
                     progress: s.status.progress.map(|p| ProgressEntry {
                         stage: p.stage,
@@ -170,7 +178,7 @@ fn carry_out(
                 .as_deref()
                 .map(|name| policy_key(engine, name))
                 .transpose()?;
-            match engine.revoke(source, key, events) {
+            match engine.revoke(source, key, RevokeReason::Admin, events) {
                 0 => Err(format!(
                     "{source} holds no grant{}",
                     match &policy {
@@ -234,6 +242,7 @@ mod tests {
     fn ask(engine: &Engine, line: &str) -> Response {
         answer(
             engine,
+            &Nodes::new("test"),
             line,
             Timestamp::from_millis(0),
             &mut Vec::<Event>::new(),

@@ -8,6 +8,7 @@
 //! - [`rotating`]: rotating knock sequences derived from a shared secret.
 //! - [`script`]: script policies: knock logic in sandboxed Luau.
 //! - [`hooks`]: commands run when grants open and end.
+//! - [`cluster`]: grants and spent windows shared by a fleet through etcd.
 //! - [`firewall`]: the rules that feed the queue, as iptables or nft text.
 //! - [`daemon`]: the NFQUEUE workers around the engine, metrics, control socket.
 //! - [`control`]: the control protocol, both sides.
@@ -17,6 +18,7 @@
 
 pub mod cli;
 pub mod client;
+pub mod cluster;
 pub mod config;
 pub mod control;
 pub mod daemon;

@@ -73,6 +73,11 @@ fn table(sources: &[SourceEntry]) -> String {
         .iter()
         .map(|s| {
             let grant = s.grant.map_or_else(|| "-".to_owned(), grant_left);
+            // A grant made on another node of the cluster says which.
+            let grant = match &s.origin {
+                Some(node) => format!("{grant} from {node}"),
+                None => grant,
+            };
             let progress = s.progress.map_or_else(
                 || "-".to_owned(),
                 |p| {
@@ -144,6 +149,7 @@ mod tests {
                     seconds_left: Some(3599.2),
                 }),
                 progress: None,
+                origin: None,
             },
             SourceEntry {
                 prefix: None,
@@ -155,6 +161,7 @@ mod tests {
                     of: 3,
                     seconds_left: 4.5,
                 }),
+                origin: None,
             },
         ];
         assert_eq!(

@@ -49,7 +49,7 @@ fn unknown_keys_are_refused() {
         error(&format!("{SSH}colour = \"blue\"\n")),
         "knockq.toml:6: policy[0].colour: unknown field `colour`, expected one of `name`, `sequence`, `rotating`, \
          `script`, `step_timeout`, `open_ports`, `close_port`, `grant_timeout`, `strict`, `allow_weak_sequence`, \
-         `on_grant`, `on_revoke`"
+         `on_grant`, `on_revoke`, `scope`, `offline`"
     );
     assert!(error(&format!("[queue]\nnumber = 1\n{SSH}"))
         .starts_with("knockq.toml:2: queue.number: unknown field `number`"));
@@ -387,4 +387,57 @@ fn a_rotating_range_takes_no_port_of_another_use() {
         "knockq.toml:11: policy[1].rotating: the rotating range 59000-60999 takes port 59000, \
          which is in the rotating range of policy \"ops\""
     );
+}
+
+#[test]
+fn a_cluster_section_is_read_with_its_defaults() {
+    let text = format!("[cluster]\nendpoints = [\"http://127.0.0.1:2379\"]\nnode = \"bastion-1\"\n{SSH}scope = \"cluster\"\n");
+    let config = parse(&text, Path::new("knockq.toml")).unwrap();
+    let cluster = config.cluster.unwrap();
+    assert_eq!(cluster.prefix, "/knockq");
+    assert_eq!(cluster.node, "bastion-1");
+    assert_eq!(cluster.backlog, 10_000);
+    assert_eq!(config.policies[0].scope, Scope::Cluster);
+    assert_eq!(config.policies[0].offline, Offline::Closed);
+    assert!(parse(SSH, Path::new("knockq.toml"))
+        .unwrap()
+        .cluster
+        .is_none());
+}
+
+#[test]
+fn cluster_settings_that_cannot_work_are_refused() {
+    let cluster = |body: &str| format!("[cluster]\n{body}\n{SSH}");
+    for (text, message) in [
+        (
+            format!("{SSH}scope = \"cluster\"\n"),
+            "knockq.toml:6: policy[0].scope: scope \"cluster\" needs a [cluster] section naming the etcd endpoints",
+        ),
+        (
+            format!("{SSH}offline = \"local\"\n"),
+            "knockq.toml:6: policy[0].offline: offline applies to rotating policies with scope \"cluster\" only",
+        ),
+        (
+            cluster("endpoints = []"),
+            "knockq.toml:2: cluster.endpoints: give at least one endpoint, such as \"https://10.0.0.5:2379\"",
+        ),
+        (
+            cluster("endpoints = [\"10.0.0.5:2379\"]"),
+            "knockq.toml:2: cluster.endpoints: \"10.0.0.5:2379\" is not an endpoint such as \"https://10.0.0.5:2379\"",
+        ),
+        (
+            cluster("endpoints = [\"https://10.0.0.5:2379\"]"),
+            "knockq.toml: cluster.ca_file: https:// endpoints need ca_file, the CA that signed etcd's certificates",
+        ),
+        (
+            cluster("endpoints = [\"http://10.0.0.5:2379\"]\nprefix = \"knockq/\""),
+            "knockq.toml:3: cluster.prefix: prefix \"knockq/\" must start with '/' and not end with one",
+        ),
+        (
+            cluster("endpoints = [\"https://10.0.0.5:2379\"]\nca_file = \"/nonexistent/ca.pem\""),
+            "knockq.toml:3: cluster.ca_file: /nonexistent/ca.pem: No such file or directory (os error 2)",
+        ),
+    ] {
+        assert_eq!(error(&text), message);
+    }
 }

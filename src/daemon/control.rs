@@ -14,6 +14,7 @@ use tracing::{debug, warn};
 
 use super::events::EventReport;
 use super::Clock;
+use crate::cluster::Nodes;
 use crate::control::{self, Response, MAX_REQUEST_BYTES};
 use crate::engine::Engine;
 
@@ -58,6 +59,7 @@ impl ControlSocket {
     pub fn serve(
         self,
         engine: Arc<Engine>,
+        nodes: Arc<Nodes>,
         clock: Clock,
         mut report: EventReport,
     ) -> io::Result<()> {
@@ -67,8 +69,9 @@ impl ControlSocket {
                 let mut events = Vec::new();
                 for stream in self.listener.incoming() {
                     let Ok(stream) = stream else { continue };
-                    if let Err(e) = serve_client(&stream, &engine, clock, &mut report, &mut events)
-                    {
+                    let served =
+                        serve_client(&stream, &engine, &nodes, clock, &mut report, &mut events);
+                    if let Err(e) = served {
                         debug!("control client: {e}");
                     }
                 }
@@ -84,6 +87,7 @@ impl ControlSocket {
 fn serve_client(
     stream: &UnixStream,
     engine: &Engine,
+    nodes: &Nodes,
     clock: Clock,
     report: &mut EventReport,
     events: &mut Vec<crate::engine::Event>,
@@ -115,7 +119,7 @@ fn serve_client(
                 error: format!("request longer than {MAX_REQUEST_BYTES} bytes"),
             }
         } else {
-            control::answer(engine, line.trim_end(), clock.now(), events)
+            control::answer(engine, nodes, line.trim_end(), clock.now(), events)
         };
         report.publish(engine, events, Instant::now());
         writeln!(writer, "{}", serde_json::to_string(&response)?)?;

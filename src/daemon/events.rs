@@ -2,7 +2,7 @@
 //! in the metrics, logged as one stable `event=… src=… policy=…` line per
 //! state change at info (for people and for fail2ban-style parsers), knock
 //! steps at debug, grant changes flagged for saving, and handed to the
-//! commands on grant and revoke.
+//! [`GrantListener`]s: the commands on grant and revoke, and the cluster.
 //!
 //! Spoofed sources can make resets and expiries, even grants once a
 //! sequence is known, at any rate: info lines are rate-limited, and what was
@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
 
 use super::metrics::Metrics;
+use crate::cluster::Nodes;
 use crate::config::Policy;
 use crate::engine::{
     Engine, Event, EventKind, GrantScope, Policies, WallClock, GRANT_UNTIL_CLOSED,
@@ -34,18 +35,28 @@ pub struct EventReport {
     noise: TokenBucket,
     suppressed: u64,
     last_summary: Instant,
-    hooks: Option<Arc<Hooks>>,
+    listeners: Vec<Arc<dyn GrantListener>>,
+    /// Names the nodes grants came from.
+    nodes: Arc<Nodes>,
+}
+
+/// What hears of every grant change, claim and replay, on the thread the
+/// event happened on: it must queue its work and return, never block.
+pub trait GrantListener: Send + Sync {
+    fn grant_event(&self, policy: &Policy, event: &Event, wall: WallClock);
 }
 
 impl EventReport {
     pub fn new(
         metrics: Arc<Metrics>,
         grants_changed: Arc<AtomicBool>,
-        hooks: Option<Arc<Hooks>>,
+        listeners: Vec<Arc<dyn GrantListener>>,
+        nodes: Arc<Nodes>,
         now: Instant,
     ) -> Self {
         EventReport {
-            hooks,
+            listeners,
+            nodes,
             metrics,
             grants_changed,
             grants: TokenBucket::new(200.0, 50.0, now),
@@ -76,18 +87,30 @@ impl EventReport {
         let policies = engine.policies();
         let wall = engine.wall_clock();
         for event in events.drain(..) {
-            self.run_hooks(&policies, &event, wall);
+            let heard = matches!(
+                event.kind,
+                EventKind::Granted
+                    | EventKind::Refreshed
+                    | EventKind::Restored
+                    | EventKind::Revoked(_)
+                    | EventKind::Claim { .. }
+                    | EventKind::Replayed
+            );
+            if let (true, Some(policy)) = (heard, policies.get(event.policy)) {
+                for listener in &self.listeners {
+                    listener.grant_event(policy, &event, wall);
+                }
+            }
             self.log(&policies, event, now);
         }
         self.summarise(now);
     }
+}
 
-    /// Queues the policy's command for a grant or revoke event.
-    fn run_hooks(&self, policies: &Policies, event: &Event, wall: WallClock) {
-        let Some(hooks) = &self.hooks else { return };
-        let Some(policy) = policies.get(event.policy) else {
-            return;
-        };
+/// The commands on grant and revoke: a run queued for each grant or revoke
+/// event of a policy that has one.
+impl GrantListener for Hooks {
+    fn grant_event(&self, policy: &Policy, event: &Event, wall: WallClock) {
         let (hook, argv, reason) = match event.kind {
             EventKind::Granted => (Hook::OnGrant, &policy.hooks.on_grant, "granted"),
             EventKind::Refreshed => (Hook::OnGrant, &policy.hooks.on_grant, "refreshed"),
@@ -114,13 +137,15 @@ impl EventReport {
             reason,
             end: &end,
         };
-        hooks.offer(hooks::Run {
+        self.offer(hooks::Run {
             policy: policy.name.clone(),
             hook,
             argv: hooks::fill(argv, &values),
         });
     }
+}
 
+impl EventReport {
     fn log(&mut self, policies: &Policies, event: Event, now: Instant) {
         let Event {
             policy,
@@ -134,6 +159,9 @@ impl EventReport {
             return;
         };
         let name = policy.name.as_str();
+        // Only grants made elsewhere say where.
+        let origin = (!grant.origin.is_local()).then(|| self.nodes.name(grant.origin));
+        let origin = origin.as_deref().unwrap_or("");
         let bucket = match kind {
             EventKind::Granted
             | EventKind::Refreshed
@@ -147,6 +175,9 @@ impl EventReport {
             EventKind::Duplicate => return debug!(event = %"duplicate", %src, policy = %name),
             EventKind::Restarted => return debug!(event = %"restart", %src, policy = %name),
             EventKind::Evicted => return debug!(event = %"evict", %src, policy = %name),
+            EventKind::Claim { window } => {
+                return debug!(event = %"claim", %src, policy = %name, window);
+            }
         };
         if !bucket.take(now) {
             self.suppressed += 1;
@@ -160,10 +191,17 @@ impl EventReport {
                     _ => "restore",
                 };
                 let ports = GrantPorts(policy, grant);
-                info!(event = %event, %src, policy = %name, %ports);
+                match origin {
+                    "" => info!(event = %event, %src, policy = %name, %ports),
+                    _ => info!(event = %event, %src, policy = %name, %ports, %origin),
+                }
             }
             EventKind::Revoked(reason) => {
-                info!(event = %"revoke", %src, policy = %name, reason = %reason.as_str())
+                let reason = reason.as_str();
+                match origin {
+                    "" => info!(event = %"revoke", %src, policy = %name, %reason),
+                    _ => info!(event = %"revoke", %src, policy = %name, %reason, %origin),
+                }
             }
             EventKind::Reset => info!(event = %"reset", %src, policy = %name),
             EventKind::Expired => info!(event = %"expire", %src, policy = %name),
@@ -252,7 +290,13 @@ mod tests {
         let engine = Engine::new(&config);
         let metrics = Arc::new(Metrics::new(&engine.policies(), 0..1).unwrap());
         let start = Instant::now();
-        let mut report = EventReport::new(Arc::clone(&metrics), Arc::default(), None, start);
+        let mut report = EventReport::new(
+            Arc::clone(&metrics),
+            Arc::default(),
+            Vec::new(),
+            Arc::new(Nodes::new("")),
+            start,
+        );
         let key = engine.policies().key(0);
         let reset = |i: u32| Event {
             src: std::net::Ipv4Addr::from(i).into(),
@@ -262,6 +306,7 @@ mod tests {
                 prefix: None,
                 ports: crate::engine::PortMask::ALL,
                 until: GRANT_UNTIL_CLOSED,
+                origin: crate::engine::Origin::LOCAL,
             },
         };
         let mut events: Vec<Event> = (0..1000).map(reset).collect();

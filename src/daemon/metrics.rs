@@ -27,7 +27,7 @@ const KNOCK_OUTCOMES: [&str; 6] = [
 ];
 /// Why grants end, in label order; `evicted` stays at zero, since grants are
 /// never evicted, but is exported so dashboards need no special case.
-const REVOKE_REASONS: [&str; 4] = ["close_knock", "timeout", "evicted", "admin"];
+const REVOKE_REASONS: [&str; 5] = ["close_knock", "timeout", "evicted", "admin", "cluster"];
 
 pub struct Metrics {
     registry: Registry,
@@ -251,13 +251,20 @@ impl Metrics {
                         RevokeReason::CloseKnock => 0,
                         RevokeReason::Timeout => 1,
                         RevokeReason::Admin => 3,
+                        RevokeReason::Cluster => 4,
                     };
                     policy.revoked[index].inc();
                     policy.active.dec();
                 }
-                EventKind::Refreshed | EventKind::Evicted => {}
+                // Counted by the cluster when it claims the window.
+                EventKind::Refreshed | EventKind::Evicted | EventKind::Claim { .. } => {}
             }
         }
+    }
+
+    /// The registry, for families only some gates have (the cluster's).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
     }
 
     /// The text exposition of every family, with `tracked_sources` as of now.
@@ -382,6 +389,7 @@ mod tests {
                 prefix: None,
                 ports: crate::engine::PortMask::ALL,
                 until: crate::engine::GRANT_UNTIL_CLOSED,
+                origin: crate::engine::Origin::LOCAL,
             },
         };
         metrics.events(&[

@@ -3,7 +3,7 @@
 //! reloads on SIGHUP, and stops cleanly on SIGINT or SIGTERM.
 
 mod control;
-mod events;
+pub(crate) mod events;
 pub mod metrics;
 mod queue;
 mod receive;
@@ -23,6 +23,7 @@ use sd_notify::NotifyState;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use tracing::{error, info, warn};
 
+use crate::cluster::{Cluster, ClusterError, ClusterMetrics, Nodes};
 use crate::config::{Config, ConfigError};
 use crate::engine::{Engine, TablePart, Timestamp, WallClock};
 use crate::firewall;
@@ -100,6 +101,8 @@ pub enum DaemonError {
     Worker(u16, String),
     #[error("cannot start the daemon's threads")]
     Threads(#[source] io::Error),
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
 }
 
 /// Runs the gate with `config` until SIGINT or SIGTERM. On SIGHUP, `reload`
@@ -114,13 +117,33 @@ pub fn run(
     engine.set_wall_clock(clock.wall());
     let grants_changed = Arc::new(AtomicBool::new(false));
     // Always there, idle until a policy has a command: a reload may add one.
-    let hooks =
-        Some(Hooks::start(&config.hooks, Arc::clone(&metrics)).map_err(DaemonError::Threads)?);
+    let hooks = Hooks::start(&config.hooks, Arc::clone(&metrics)).map_err(DaemonError::Threads)?;
+    let nodes = Arc::new(Nodes::new(
+        config.cluster.as_ref().map_or("", |c| c.node.as_str()),
+    ));
+    let mut listeners: Vec<Arc<dyn events::GrantListener>> = vec![hooks];
+    let cluster = match &config.cluster {
+        Some(cluster_config) => {
+            let cluster_metrics =
+                ClusterMetrics::register(metrics.registry()).map_err(ClusterError::Metrics)?;
+            let (cluster, thread) = Cluster::new(
+                cluster_config,
+                Arc::clone(&engine),
+                clock,
+                Arc::clone(&nodes),
+                Arc::new(cluster_metrics),
+            );
+            listeners.push(cluster);
+            Some(thread)
+        }
+        None => None,
+    };
     let report = || {
         EventReport::new(
             Arc::clone(&metrics),
             Arc::clone(&grants_changed),
-            hooks.clone(),
+            listeners.clone(),
+            Arc::clone(&nodes),
             Instant::now(),
         )
     };
@@ -153,11 +176,17 @@ pub fn run(
     // Grants from before a restart come back before the first packet.
     let store = StateStore::new(&config.state.dir);
     let mut restored = Vec::new();
-    match store.restore(&engine, clock.now(), &mut restored) {
+    match store.restore(&engine, &nodes, clock.now(), &mut restored) {
         Ok(count) => info!("restored {count} grants from {}", store.path().display()),
         Err(e) => warn!("saved grants not restored: {e}"),
     }
     main_report.publish(&engine, &mut restored, Instant::now());
+    if let Some(thread) = cluster {
+        let mut cluster_report = report();
+        thread.start(Box::new(move |engine, events| {
+            cluster_report.publish(engine, events, Instant::now())
+        }))?;
+    }
 
     let (stop_tx, stop_rx) = channel::unbounded();
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])
@@ -174,7 +203,7 @@ pub fn run(
 
     let control_path = control.path().to_owned();
     control
-        .serve(Arc::clone(&engine), clock, report())
+        .serve(Arc::clone(&engine), Arc::clone(&nodes), clock, report())
         .map_err(DaemonError::Threads)?;
 
     let shutdown = Arc::new(AtomicBool::new(false));
@@ -249,7 +278,7 @@ pub fn run(
         sweep.index = (sweep.index + 1) % SWEEP_PARTS;
         main_report.publish(&engine, &mut expired, Instant::now());
         if last_save.elapsed() >= SAVE_INTERVAL && grants_changed.swap(false, Ordering::Relaxed) {
-            save(&store, &engine, clock);
+            save(&store, &engine, &nodes, clock);
             last_save = Instant::now();
         }
         if watchdog.is_some() && workers_alive(&heartbeats, clock) {
@@ -261,7 +290,7 @@ pub fn run(
     for worker in workers {
         let _ = worker.join();
     }
-    save(&store, &engine, clock);
+    save(&store, &engine, &nodes, clock);
     if let Some(scrape) = scrape {
         scrape.stop();
     }
@@ -298,8 +327,8 @@ fn apply_reload(
     *config = new;
 }
 
-fn save(store: &StateStore, engine: &Engine, clock: Clock) {
-    if let Err(e) = store.save(engine, clock.now()) {
+fn save(store: &StateStore, engine: &Engine, nodes: &Nodes, clock: Clock) {
+    if let Err(e) = store.save(engine, nodes, clock.now()) {
         error!("grants not saved: {e}");
     }
 }

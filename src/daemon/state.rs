@@ -13,8 +13,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+use crate::cluster::Nodes;
 use crate::engine::{
-    Engine, EventSink, GrantLeft, Policies, PolicyKey, PortMask, Restore, Timestamp,
+    Engine, EventSink, GrantLeft, GrantRecord, Origin, Policies, PolicyKey, PortMask, Timestamp,
 };
 
 const FORMAT_VERSION: u32 = 3;
@@ -52,6 +53,9 @@ struct SavedGrant {
     /// A script policy's stage for the source.
     #[serde(default, skip_serializing_if = "is_zero")]
     stage: u8,
+    /// The cluster node the grant was made on, when not this one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    origin: Option<String>,
 }
 
 fn is_zero(stage: &u8) -> bool {
@@ -102,7 +106,12 @@ impl StateStore {
     }
 
     /// Writes every open grant and spent window; returns how many grants.
-    pub fn save(&self, engine: &Engine, now: Timestamp) -> Result<usize, StateError> {
+    pub fn save(
+        &self,
+        engine: &Engine,
+        nodes: &Nodes,
+        now: Timestamp,
+    ) -> Result<usize, StateError> {
         let policies = engine.policies();
         let grants: Vec<SavedGrant> = engine
             .grants(now)
@@ -112,6 +121,7 @@ impl StateStore {
                 let policy = policies.get(policies.by_name(&s.policy)?)?;
                 let ports = s.status.ports;
                 Some(SavedGrant {
+                    origin: (!s.origin.is_local()).then(|| nodes.name(s.origin).to_string()),
                     source: s.src,
                     prefix: s.prefix,
                     stage: s.stage,
@@ -179,6 +189,7 @@ impl StateStore {
     pub fn restore(
         &self,
         engine: &Engine,
+        nodes: &Nodes,
         now: Timestamp,
         events: &mut impl EventSink,
     ) -> Result<usize, StateError> {
@@ -209,7 +220,7 @@ impl StateStore {
                 engine.restore_spent(key, spent.window);
             }
         }
-        let restorable = still_valid(file, &policies, unix_now());
+        let restorable = still_valid(file, &policies, nodes, unix_now());
         let count = restorable.len();
         for saved in restorable {
             // Only a full table of grants refuses: nothing else is tracked yet.
@@ -227,7 +238,12 @@ fn same_knock(policies: &Policies, name: &str, knock: &str) -> Option<PolicyKey>
 
 /// The saved grants whose policy is still in force unchanged and whose time
 /// has not run out by `unix_now`.
-fn still_valid(file: StateFile, policies: &Policies, unix_now: f64) -> Vec<Restore> {
+fn still_valid(
+    file: StateFile,
+    policies: &Policies,
+    nodes: &Nodes,
+    unix_now: f64,
+) -> Vec<GrantRecord> {
     let elapsed = (unix_now - file.saved_at).max(0.0);
     file.grants
         .into_iter()
@@ -247,13 +263,17 @@ fn still_valid(file: StateFile, policies: &Policies, unix_now: f64) -> Vec<Resto
                 None => PortMask::ALL,
                 Some(ports) => PortMask::of(&policy.open_ports, ports).ok()?,
             };
-            same.then_some(Restore {
+            same.then_some(GrantRecord {
                 src: grant.source,
                 prefix: grant.prefix,
                 policy: key,
                 left,
                 ports,
                 stage: grant.stage,
+                origin: grant
+                    .origin
+                    .as_deref()
+                    .map_or(Origin::LOCAL, |name| nodes.origin(name)),
             })
         })
         .collect()
@@ -308,7 +328,12 @@ mod tests {
         let before = engine(SSH);
         knock(&before, "10.0.0.2");
         knock(&before, "fd00::2");
-        assert_eq!(store.save(&before, Timestamp::from_millis(1)).unwrap(), 2);
+        assert_eq!(
+            store
+                .save(&before, &Nodes::new(""), Timestamp::from_millis(1))
+                .unwrap(),
+            2
+        );
         let mode = fs::metadata(store.path()).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
 
@@ -316,7 +341,12 @@ mod tests {
         let mut events: Vec<Event> = Vec::new();
         assert_eq!(
             store
-                .restore(&after, Timestamp::from_millis(0), &mut events)
+                .restore(
+                    &after,
+                    &Nodes::new(""),
+                    Timestamp::from_millis(0),
+                    &mut events
+                )
                 .unwrap(),
             2
         );
@@ -360,11 +390,21 @@ mod tests {
         syn(&before, "10.0.1.5", 1111);
         syn(&before, "10.0.2.5", 2222);
         let store = StateStore::new(dir.path());
-        assert_eq!(store.save(&before, Timestamp::from_millis(5)).unwrap(), 2);
+        assert_eq!(
+            store
+                .save(&before, &Nodes::new(""), Timestamp::from_millis(5))
+                .unwrap(),
+            2
+        );
         let after = Engine::new(&config);
         assert_eq!(
             store
-                .restore(&after, Timestamp::from_millis(0), &mut Vec::new())
+                .restore(
+                    &after,
+                    &Nodes::new(""),
+                    Timestamp::from_millis(0),
+                    &mut Vec::new()
+                )
                 .unwrap(),
             2
         );
@@ -376,7 +416,12 @@ mod tests {
         let changed = Engine::new(&crate::config::load(&path).unwrap());
         assert_eq!(
             store
-                .restore(&changed, Timestamp::from_millis(0), &mut Vec::new())
+                .restore(
+                    &changed,
+                    &Nodes::new(""),
+                    Timestamp::from_millis(0),
+                    &mut Vec::new()
+                )
                 .unwrap(),
             0
         );
@@ -395,6 +440,7 @@ mod tests {
             prefix: None,
             ports: None,
             stage: 0,
+            origin: None,
         };
         let file = StateFile {
             version: FORMAT_VERSION,
@@ -408,7 +454,7 @@ mod tests {
             ],
             spent: Vec::new(),
         };
-        let valid = still_valid(file, &policies, 1030.0);
+        let valid = still_valid(file, &policies, &Nodes::new(""), 1030.0);
         let lefts: Vec<GrantLeft> = valid.iter().map(|restore| restore.left).collect();
         assert_eq!(
             lefts,
@@ -427,7 +473,12 @@ mod tests {
         let mut events: Vec<Event> = Vec::new();
         assert_eq!(
             store
-                .restore(&engine, Timestamp::from_millis(0), &mut events)
+                .restore(
+                    &engine,
+                    &Nodes::new(""),
+                    Timestamp::from_millis(0),
+                    &mut events
+                )
                 .unwrap(),
             0,
             "no file yet"
@@ -439,7 +490,12 @@ mod tests {
         ] {
             fs::write(store.path(), broken).unwrap();
             let err = store
-                .restore(&engine, Timestamp::from_millis(0), &mut events)
+                .restore(
+                    &engine,
+                    &Nodes::new(""),
+                    Timestamp::from_millis(0),
+                    &mut events,
+                )
                 .unwrap_err();
             assert!(
                 err.to_string()

@@ -180,7 +180,8 @@ pub struct Event {
     pub grant: GrantScope,
 }
 
-/// Which grant an event is about: whom it lets in, to which ports, until when.
+/// Which grant an event is about: whom it lets in, to which ports, until
+/// when, and which node made it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GrantScope {
     /// A network grant's prefix length; `None` for the address alone.
@@ -188,6 +189,21 @@ pub struct GrantScope {
     pub ports: PortMask,
     /// When it ends; [`GRANT_UNTIL_CLOSED`] for grants without a timeout.
     pub until: Timestamp,
+    pub origin: Origin,
+}
+
+/// The node of a cluster a grant was made on: [`Origin::LOCAL`] for this
+/// one. Other nodes are numbered as they are first heard of; the numbers
+/// are the daemon's to name (`cluster::Nodes`), the engine only keeps them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Origin(pub u16);
+
+impl Origin {
+    pub const LOCAL: Origin = Origin(0);
+
+    pub fn is_local(self) -> bool {
+        self == Origin::LOCAL
+    }
 }
 
 /// The end of a grant that lasts until it is closed.
@@ -214,6 +230,12 @@ pub enum EventKind {
     /// A rotating sequence was completed in a window already spent: a
     /// replay, refused.
     Replayed,
+    /// A cluster policy's rotating sequence was completed in `window`,
+    /// spent on this node: the grant waits for the cluster to claim the
+    /// window for it, so that no other node takes the same knock.
+    Claim {
+        window: u64,
+    },
     /// A grant saved before a restart was put back.
     Restored,
     Revoked(RevokeReason),
@@ -227,13 +249,16 @@ pub enum RevokeReason {
     Timeout,
     /// By an operator, through the control socket.
     Admin,
+    /// Revoked on another node of the cluster, by any of the above.
+    Cluster,
 }
 
 impl RevokeReason {
-    pub const ALL: [RevokeReason; 3] = [
+    pub const ALL: [RevokeReason; 4] = [
         RevokeReason::CloseKnock,
         RevokeReason::Timeout,
         RevokeReason::Admin,
+        RevokeReason::Cluster,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -241,6 +266,7 @@ impl RevokeReason {
             RevokeReason::CloseKnock => "close_knock",
             RevokeReason::Timeout => "timeout",
             RevokeReason::Admin => "admin",
+            RevokeReason::Cluster => "cluster",
         }
     }
 }
@@ -273,6 +299,8 @@ pub struct SourceStatus {
     /// The script stage to save with the grant (0 for other policies).
     pub stage: u8,
     pub status: PolicyStatus,
+    /// The node the grant was made on.
+    pub origin: Origin,
 }
 
 /// What a reload did to the policies.
@@ -525,6 +553,7 @@ impl Engine {
                 policy: key,
                 ports: grant.ports,
                 until: end,
+                origin: Origin::LOCAL,
             };
             if !self.prefixes.grant(opened, EventKind::Granted, events) {
                 // The list of network grants is full: the knocker gets in
@@ -593,18 +622,42 @@ impl Engine {
     /// Puts back a grant saved before a restart, with the time it had left.
     pub fn restore(
         &self,
-        saved: Restore,
+        saved: GrantRecord,
         now: Timestamp,
         events: &mut impl EventSink,
     ) -> Result<(), GrantError> {
-        let Restore {
+        self.put_grant(saved, EventKind::Restored, now, events)
+    }
+
+    /// Applies a grant another node of the cluster made, with the time it
+    /// has left. A source granted already keeps its grant, taken over by
+    /// the new one's end and origin.
+    pub fn adopt(
+        &self,
+        shared: GrantRecord,
+        now: Timestamp,
+        events: &mut impl EventSink,
+    ) -> Result<(), GrantError> {
+        self.put_grant(shared, EventKind::Granted, now, events)
+    }
+
+    /// Puts `record` in place; a new grant is a `kind` event.
+    fn put_grant(
+        &self,
+        record: GrantRecord,
+        kind: EventKind,
+        now: Timestamp,
+        events: &mut impl EventSink,
+    ) -> Result<(), GrantError> {
+        let GrantRecord {
             src,
             prefix,
             policy: key,
             left,
             ports,
             stage,
-        } = saved;
+            origin,
+        } = record;
         self.policies
             .load()
             .get(key)
@@ -622,8 +675,9 @@ impl Engine {
                 policy: key,
                 ports,
                 until: end,
+                origin,
             };
-            return match self.prefixes.grant(grant, EventKind::Restored, events) {
+            return match self.prefixes.grant(grant, kind, events) {
                 true => Ok(()),
                 false => Err(GrantError::TableFull(TableFull)),
             };
@@ -631,7 +685,7 @@ impl Engine {
         self.sources
             .update(src, true, events, |source, events| {
                 let slot = source.slot_or_insert(key, now);
-                slot.restore(end, ports, stage, &mut |kind, grant| {
+                slot.put_grant(end, ports, stage, origin, kind, &mut |kind, grant| {
                     events.event(Event {
                         src,
                         policy: key,
@@ -644,16 +698,16 @@ impl Engine {
     }
 
     /// Ends the grants of `src`, under one policy or all, and the network
-    /// grants that hold it; returns how many there were.
+    /// grants that hold it, for `reason` (an operator's, or another
+    /// node's); returns how many there were.
     pub fn revoke(
         &self,
         src: IpAddr,
         policy: Option<PolicyKey>,
+        reason: RevokeReason,
         events: &mut impl EventSink,
     ) -> usize {
-        let networks = self
-            .prefixes
-            .revoke(src, policy, RevokeReason::Admin, events);
+        let networks = self.prefixes.revoke(src, policy, reason, events);
         let addresses = self
             .sources
             .update(src, false, events, |source, events| {
@@ -671,7 +725,7 @@ impl Engine {
                             grant,
                         })
                     };
-                    revoked += usize::from(slot.revoke(RevokeReason::Admin, &mut emit));
+                    revoked += usize::from(slot.revoke(reason, &mut emit));
                 }
                 source.remove_empty_slots();
                 revoked
@@ -728,6 +782,7 @@ impl Engine {
                             _ => 0,
                         },
                         status,
+                        origin: slot.origin(),
                     });
                 }
             }
@@ -746,6 +801,7 @@ impl Engine {
                     grant: Some(source::grant_left(grant.until, now)),
                     ports: grant.ports,
                 },
+                origin: grant.origin,
             });
         }
         statuses.sort_by(|a, b| (a.src, a.prefix, &a.policy).cmp(&(b.src, b.prefix, &b.policy)));
@@ -789,9 +845,10 @@ impl Engine {
     }
 }
 
-/// A grant saved before a restart, to put back.
+/// A grant to put in place as it stands: saved before a restart, or made
+/// on another node of the cluster.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Restore {
+pub struct GrantRecord {
     pub src: IpAddr,
     /// A network grant's prefix length.
     pub prefix: Option<u8>,
@@ -800,6 +857,7 @@ pub struct Restore {
     pub ports: PortMask,
     /// A script policy's stage.
     pub stage: u8,
+    pub origin: Origin,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]

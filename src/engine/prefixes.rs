@@ -10,7 +10,7 @@ use std::sync::{PoisonError, RwLock};
 use ipnet::IpNet;
 
 use super::{
-    Event, EventKind, EventSink, GrantScope, PolicyKey, PortMask, RevokeReason, Timestamp,
+    Event, EventKind, EventSink, GrantScope, Origin, PolicyKey, PortMask, RevokeReason, Timestamp,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -20,6 +20,7 @@ pub struct PrefixGrant {
     pub ports: PortMask,
     /// [`super::source::NEVER`]: until closed.
     pub until: Timestamp,
+    pub origin: Origin,
 }
 
 impl PrefixGrant {
@@ -32,6 +33,7 @@ impl PrefixGrant {
                 prefix: Some(self.net.prefix_len()),
                 ports: self.ports,
                 until: self.until,
+                origin: self.origin,
             },
         }
     }

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use super::rotation::Accepted;
 use super::script::ScriptOutput;
-use super::{EventKind, GrantScope, PolicyKey, PortMask, RevokeReason, Timestamp};
-use crate::config::Policy;
+use super::{EventKind, GrantScope, Origin, PolicyKey, PortMask, RevokeReason, Timestamp};
+use crate::config::{Knock, Policy, Scope};
 
 /// The end of a grant that lasts until the close knock.
 pub const NEVER: Timestamp = Timestamp(u64::MAX);
@@ -127,6 +127,8 @@ pub struct PolicyState {
     /// When the grant ends ([`NEVER`]: at the close knock), or [`NO_GRANT`].
     /// A sentinel rather than an `Option`: eight bytes less per source.
     grant_until: Timestamp,
+    /// The node the grant was made on.
+    origin: Origin,
 }
 
 /// `grant_until` without a grant: no grant ends at the clock's origin.
@@ -141,6 +143,7 @@ impl PolicyState {
             ports: PortMask::ALL,
             knocked_at: now,
             grant_until: NO_GRANT,
+            origin: Origin::LOCAL,
         }
     }
 
@@ -160,11 +163,16 @@ impl PolicyState {
             prefix: None,
             ports: self.ports,
             until: self.grant_until,
+            origin: self.origin,
         }
     }
 
     pub fn stage(&self) -> u8 {
         self.stage
+    }
+
+    pub fn origin(&self) -> Origin {
+        self.origin
     }
 
     /// The time of the last change of stage, while there is progress.
@@ -268,11 +276,13 @@ impl PolicyState {
         self.follow(accepted, window, now);
         if usize::from(self.stage) < policy.knock.sequence_len() {
             emit(EventKind::Advanced { stage: self.stage }, self.scope());
-        } else if accepted.spend(window) {
-            self.grant(grant_end(policy.grant_timeout, now), PortMask::ALL, emit);
-        } else {
+        } else if !accepted.spend(window) {
             self.stage = 0;
             emit(EventKind::Replayed, self.scope());
+        } else if policy.scope == Scope::Cluster && matches!(policy.knock, Knock::Rotating(_)) {
+            emit(EventKind::Claim { window }, self.scope());
+        } else {
+            self.grant(grant_end(policy.grant_timeout, now), PortMask::ALL, emit);
         }
     }
 
@@ -290,7 +300,7 @@ impl PolicyState {
         granted
     }
 
-    /// Opens (or restarts) the grant of `ports` until `end`.
+    /// Opens (or restarts) this node's grant of `ports` until `end`.
     pub fn grant(
         &mut self,
         end: Timestamp,
@@ -299,6 +309,7 @@ impl PolicyState {
     ) {
         let refreshed = self.replace_grant(Some(end)).is_some();
         self.ports = ports;
+        self.origin = Origin::LOCAL;
         let kind = match refreshed {
             true => EventKind::Refreshed,
             false => EventKind::Granted,
@@ -306,21 +317,25 @@ impl PolicyState {
         emit(kind, self.scope());
     }
 
-    /// Puts back a grant saved before a restart, with the script stage it
-    /// had.
-    pub fn restore(
+    /// Puts a grant in place as it stands, saved before a restart or made
+    /// on `origin`, with the script stage it had; a new grant is a `kind`
+    /// event.
+    pub fn put_grant(
         &mut self,
         end: Timestamp,
         ports: PortMask,
         stage: u8,
+        origin: Origin,
+        kind: EventKind,
         emit: &mut impl FnMut(EventKind, GrantScope),
     ) {
         self.ports = ports;
+        self.origin = origin;
         if stage > 0 {
             self.stage = stage;
         }
         if self.replace_grant(Some(end)).is_none() {
-            emit(EventKind::Restored, self.scope());
+            emit(kind, self.scope());
         }
     }
 

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use super::source::SourceState;
-use super::{Event, EventKind, EventSink, GrantScope, PortMask, GRANT_UNTIL_CLOSED};
+use super::{Event, EventKind, EventSink, GrantScope, Origin, PortMask, GRANT_UNTIL_CLOSED};
 
 /// Places per bucket: the sources compared when one must be evicted.
 const WAYS: usize = 8;
@@ -163,6 +163,7 @@ impl SourceTable {
                     prefix: None,
                     ports: PortMask::ALL,
                     until: GRANT_UNTIL_CLOSED,
+                    origin: Origin::LOCAL,
                 },
             });
         }

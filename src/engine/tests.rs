@@ -466,8 +466,16 @@ fn an_operator_can_grant_without_knocking_and_revoke() {
         ACCEPT,
         "no duration, no policy timeout: until closed"
     );
-    assert_eq!(gate.engine.revoke(src, None, &mut gate.events), 1);
-    assert_eq!(gate.engine.revoke(src, None, &mut gate.events), 0);
+    assert_eq!(
+        gate.engine
+            .revoke(src, None, RevokeReason::Admin, &mut gate.events),
+        1
+    );
+    assert_eq!(
+        gate.engine
+            .revoke(src, None, RevokeReason::Admin, &mut gate.events),
+        0
+    );
     assert_eq!(gate.syn("10.0.0.7", 22), NO_GRANT);
     assert_eq!(gate.engine.tracked_sources(), 0);
     assert_eq!(
@@ -487,8 +495,12 @@ fn revoking_one_policy_keeps_the_others() {
     let mut gate = Gate::new(&two);
     gate.knock("10.0.0.2", &[1111, 2222, 5000]);
     assert_eq!(
-        gate.engine
-            .revoke(ip("10.0.0.2"), Some(gate.key("web")), &mut gate.events),
+        gate.engine.revoke(
+            ip("10.0.0.2"),
+            Some(gate.key("web")),
+            RevokeReason::Admin,
+            &mut gate.events
+        ),
         1
     );
     assert_eq!(gate.syn("10.0.0.2", 443), NO_GRANT);
@@ -525,6 +537,7 @@ fn status_shows_progress_and_grants_with_time_left() {
                 prefix: None,
                 policy: "ssh".into(),
                 stage: 0,
+                origin: Origin::LOCAL,
                 status: PolicyStatus {
                     progress: None,
                     grant: Some(GrantLeft::For(Duration::from_secs(3596))),
@@ -536,6 +549,7 @@ fn status_shows_progress_and_grants_with_time_left() {
                 prefix: None,
                 policy: "ssh".into(),
                 stage: 0,
+                origin: Origin::LOCAL,
                 status: PolicyStatus {
                     progress: Some(Progress {
                         stage: 1,
@@ -670,13 +684,14 @@ fn restored_grants_keep_the_time_they_had_left() {
     let key = gate.key("ssh");
     let now = Timestamp::from_millis(0);
     let left = GrantLeft::For(Duration::from_secs(30));
-    let restore = |src: &str, left| Restore {
+    let restore = |src: &str, left| GrantRecord {
         src: ip(src),
         prefix: None,
         policy: key,
         left,
         ports: PortMask::ALL,
         stage: 0,
+        origin: Origin::LOCAL,
     };
     gate.engine
         .restore(restore("10.0.0.2", left), now, &mut gate.events)
@@ -724,6 +739,8 @@ fn rotating_gate() -> Gate {
         grant_timeout: None,
         strict: true,
         hooks: Default::default(),
+        scope: Default::default(),
+        offline: Default::default(),
     };
     let mut gate = Gate::new(SSH);
     gate.engine.reload(&[policy]);
@@ -765,6 +782,64 @@ fn a_completed_window_cannot_be_replayed_from_anywhere() {
     assert_eq!(gate.syn("10.0.0.68", 22), NO_GRANT);
     // The source that knocked first kept its grant.
     assert_eq!(gate.syn("10.0.0.2", 22), ACCEPT);
+}
+
+#[test]
+fn a_cluster_rotating_knock_waits_for_its_claim() {
+    let mut gate = rotating_gate();
+    let mut policies = gate.engine.policies().list().to_vec();
+    policies[0].scope = config::Scope::Cluster;
+    gate.engine.reload(&policies);
+    let sequence = ops_sequence(1000);
+    gate.knock("10.0.0.2", &sequence);
+    assert_eq!(
+        gate.kinds("10.0.0.2").last(),
+        Some(&EventKind::Claim { window: 1000 })
+    );
+    assert_eq!(gate.syn("10.0.0.2", 22), NO_GRANT, "not before the claim");
+    gate.knock("10.0.0.3", &sequence);
+    assert_eq!(
+        gate.kinds("10.0.0.3").last(),
+        Some(&EventKind::Replayed),
+        "spent here already"
+    );
+}
+
+#[test]
+fn a_grant_of_another_node_keeps_its_origin_and_ends_by_a_cluster_revoke() {
+    let mut gate = Gate::new(SSH);
+    let key = gate.key("ssh");
+    let shared = GrantRecord {
+        src: ip("10.0.0.2"),
+        prefix: None,
+        policy: key,
+        left: GrantLeft::For(Duration::from_secs(60)),
+        ports: PortMask::ALL,
+        stage: 0,
+        origin: Origin(2),
+    };
+    let now = Timestamp::from_millis(gate.now);
+    gate.engine.adopt(shared, now, &mut gate.events).unwrap();
+    assert_eq!(gate.kinds("10.0.0.2"), [EventKind::Granted]);
+    assert_eq!(gate.events[0].grant.origin, Origin(2));
+    assert_eq!(gate.syn("10.0.0.2", 22), ACCEPT);
+    assert_eq!(gate.engine.grants(now)[0].origin, Origin(2));
+    gate.events.clear();
+    let revoked = gate.engine.revoke(
+        ip("10.0.0.2"),
+        Some(key),
+        RevokeReason::Cluster,
+        &mut gate.events,
+    );
+    assert_eq!(revoked, 1);
+    assert_eq!(
+        gate.kinds("10.0.0.2"),
+        [EventKind::Revoked(RevokeReason::Cluster)]
+    );
+    assert_eq!(gate.syn("10.0.0.2", 22), NO_GRANT);
+    // A knock here makes the grant this node's own.
+    gate.knock("10.0.0.2", &[1111, 2222]);
+    assert_eq!(gate.engine.grants(now)[0].origin, Origin::LOCAL);
 }
 
 #[test]

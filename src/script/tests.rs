@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use super::*;
 use crate::config::{self, Config};
 use crate::engine::{
-    Decision, Engine, Event, EventKind, GrantLeft, Reason, Restore, Syn, Timestamp, WallClock,
+    Decision, Engine, Event, EventKind, GrantLeft, GrantRecord, Reason, Syn, Timestamp, WallClock,
 };
 
 const KNOCK: Decision = Decision::reject(Reason::Knock);
@@ -298,13 +298,14 @@ fn network_grants_are_bounded_and_restored() {
     restored
         .engine
         .restore(
-            Restore {
+            GrantRecord {
                 src: "10.0.1.0".parse().unwrap(),
                 prefix: Some(24),
                 policy: key,
                 left: GrantLeft::For(Duration::from_secs(60)),
                 ports: crate::engine::PortMask::ALL,
                 stage: 0,
+                origin: crate::engine::Origin::LOCAL,
             },
             Timestamp::from_millis(restored.now),
             &mut Vec::new(),

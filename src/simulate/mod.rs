@@ -288,6 +288,10 @@ impl Simulation<'_> {
                     track.ended = Some(Why::Evicted);
                     "evicted from a full table".to_owned()
                 }
+                // A simulation has no cluster to claim the window from.
+                EventKind::Claim { window } => {
+                    format!("window {window} completed; its grant waits for the cluster's claim, not simulated")
+                }
             };
             if self.options.timeline {
                 self.report.timeline.push(Change {

@@ -1,0 +1,237 @@
+//! The cluster: grants of `scope = "cluster"` policies and their spent
+//! rotating windows, shared by every node through etcd.
+//!
+//! It listens to the engine's grant events like every other
+//! [`GrantListener`] and queues what to publish; its own thread runs the
+//! etcd client on an async runtime that stays inside this module. The
+//! verdict path never waits on etcd: a grant is made locally first, then
+//! written; a cluster rotating window's grant follows its claim. The
+//! thread also watches the prefix and applies the grants and revocations
+//! of the other nodes to the engine, with their events reported like any
+//! other.
+
+mod metrics;
+mod record;
+mod sync;
+
+use std::net::IpAddr;
+use std::sync::{Arc, PoisonError, RwLock};
+use std::thread;
+
+use tokio::sync::mpsc;
+
+use crate::config::{ClusterConfig, Knock, Policy, Scope};
+use crate::daemon::events::GrantListener;
+use crate::daemon::Clock;
+use crate::engine::{
+    Engine, Event, EventKind, Origin, RevokeReason, WallClock, GRANT_UNTIL_CLOSED,
+};
+pub use metrics::ClusterMetrics;
+use record::Subject;
+
+/// Reports the events of grants applied from the cluster, as the workers'
+/// are reported.
+pub type Report = Box<dyn FnMut(&Engine, &mut Vec<Event>) + Send>;
+
+/// The names of the nodes grants come from, numbered as the engine's
+/// [`Origin`]s: this node is [`Origin::LOCAL`], the others get the next
+/// number when first heard of.
+pub struct Nodes {
+    names: RwLock<Vec<Arc<str>>>,
+}
+
+impl Nodes {
+    pub fn new(local: &str) -> Nodes {
+        Nodes {
+            names: RwLock::new(vec![local.into()]),
+        }
+    }
+
+    /// The origin of grants made on `name`.
+    pub fn origin(&self, name: &str) -> Origin {
+        let known = |names: &[Arc<str>]| names.iter().position(|n| &**n == name);
+        if let Some(i) = known(&self.names.read().unwrap_or_else(PoisonError::into_inner)) {
+            return Origin(i as u16);
+        }
+        let mut names = self.names.write().unwrap_or_else(PoisonError::into_inner);
+        let i = match known(&names) {
+            Some(i) => i,
+            // A fleet of 65535 names is past any real one: the last
+            // number stands for the rest.
+            None if names.len() > usize::from(u16::MAX) => usize::from(u16::MAX),
+            None => {
+                names.push(name.into());
+                names.len() - 1
+            }
+        };
+        Origin(i as u16)
+    }
+
+    pub fn name(&self, origin: Origin) -> Arc<str> {
+        let names = self.names.read().unwrap_or_else(PoisonError::into_inner);
+        let i = usize::from(origin.0).min(names.len() - 1);
+        Arc::clone(&names[i])
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("cannot start the cluster's thread")]
+    Thread(#[source] std::io::Error),
+    #[error("cannot set up the cluster's metrics")]
+    Metrics(#[from] prometheus::Error),
+}
+
+/// A grant change or claim made on this node, for the cluster.
+#[derive(Debug)]
+enum Change {
+    Grant {
+        policy: String,
+        subject: Subject,
+        ports: Vec<u16>,
+        /// Unix milliseconds; `None`: until the close knock.
+        until: Option<u64>,
+    },
+    Revoke {
+        policy: String,
+        subject: Subject,
+        reason: RevokeReason,
+        until: Option<u64>,
+    },
+    Claim {
+        policy: String,
+        src: IpAddr,
+        window: u64,
+    },
+}
+
+/// The workers' side of the cluster: queues changes for its thread.
+pub struct Cluster {
+    queue: mpsc::Sender<Change>,
+    metrics: Arc<ClusterMetrics>,
+}
+
+/// The cluster's thread, before it starts.
+pub struct ClusterThread {
+    changes: mpsc::Receiver<Change>,
+    config: ClusterConfig,
+    engine: Arc<Engine>,
+    clock: Clock,
+    nodes: Arc<Nodes>,
+    metrics: Arc<ClusterMetrics>,
+}
+
+impl Cluster {
+    /// The listener, and the thread to start once the listener is in the
+    /// report the thread itself reports through: the grants it makes for
+    /// claimed windows are published like any other.
+    pub fn new(
+        config: &ClusterConfig,
+        engine: Arc<Engine>,
+        clock: Clock,
+        nodes: Arc<Nodes>,
+        metrics: Arc<ClusterMetrics>,
+    ) -> (Arc<Cluster>, ClusterThread) {
+        let (queue, changes) = mpsc::channel(config.backlog);
+        let cluster = Arc::new(Cluster {
+            queue,
+            metrics: Arc::clone(&metrics),
+        });
+        let thread = ClusterThread {
+            changes,
+            config: config.clone(),
+            engine,
+            clock,
+            nodes,
+            metrics,
+        };
+        (cluster, thread)
+    }
+}
+
+impl ClusterThread {
+    /// Starts the thread, which connects and resynchronises in the
+    /// background: the gate decides on its own until then.
+    pub fn start(self, report: Report) -> Result<(), ClusterError> {
+        let ClusterThread {
+            changes,
+            config,
+            engine,
+            clock,
+            nodes,
+            metrics,
+        } = self;
+        let sync = sync::Sync::new(config, engine, clock, nodes, metrics, report);
+        thread::Builder::new()
+            .name("knockq-cluster".into())
+            .spawn(move || sync.run(changes))
+            .map_err(ClusterError::Thread)?;
+        Ok(())
+    }
+}
+
+impl GrantListener for Cluster {
+    fn grant_event(&self, policy: &Policy, event: &Event, wall: WallClock) {
+        if policy.scope != Scope::Cluster {
+            return;
+        }
+        let subject = Subject {
+            src: event.src,
+            prefix: event.grant.prefix,
+        };
+        let until = match event.grant.until {
+            GRANT_UNTIL_CLOSED => None,
+            until => Some(wall.unix_millis(until)),
+        };
+        let change = match event.kind {
+            // Grants made here; a restored one is in etcd already, or
+            // ended or was revoked there while this node was away.
+            EventKind::Granted | EventKind::Refreshed if event.grant.origin.is_local() => {
+                Change::Grant {
+                    policy: policy.name.clone(),
+                    subject,
+                    ports: event.grant.ports.ports(&policy.open_ports).collect(),
+                    until,
+                }
+            }
+            // A close knock or an operator here ends the grant everywhere,
+            // wherever it was made; timeouts end it everywhere by themselves.
+            EventKind::Revoked(reason @ (RevokeReason::CloseKnock | RevokeReason::Admin)) => {
+                Change::Revoke {
+                    policy: policy.name.clone(),
+                    subject,
+                    reason,
+                    until,
+                }
+            }
+            EventKind::Claim { window } if matches!(policy.knock, Knock::Rotating(_)) => {
+                Change::Claim {
+                    policy: policy.name.clone(),
+                    src: event.src,
+                    window,
+                }
+            }
+            _ => return,
+        };
+        if self.queue.try_send(change).is_err() {
+            self.metrics.publish_failures.inc();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nodes_are_numbered_as_first_heard_of() {
+        let nodes = Nodes::new("bastion-1");
+        assert_eq!(nodes.origin("bastion-1"), Origin::LOCAL);
+        let second = nodes.origin("bastion-2");
+        assert_eq!(second, Origin(1));
+        assert_eq!(nodes.origin("bastion-3"), Origin(2));
+        assert_eq!(nodes.origin("bastion-2"), second);
+        assert_eq!(&*nodes.name(second), "bastion-2");
+        assert_eq!(&*nodes.name(Origin::LOCAL), "bastion-1");
+    }
+}

@@ -1,0 +1,586 @@
+//! The cluster's thread. A session connects, publishes what waited while
+//! etcd was away, reads the grants at one revision and applies them, then
+//! watches from the next revision, so no change falls in between. Any
+//! error ends the session; the next starts over the same way, which also
+//! covers a compacted revision. Between sessions the gate decides alone:
+//! grant changes wait in a bounded backlog, and cluster rotating knocks
+//! fail closed unless their policy says `offline = "local"`.
+
+use std::collections::{HashSet, VecDeque};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use etcd_client::{
+    Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity,
+    KeyValue, PutOptions, TlsOptions, Txn, TxnOp, WatchOptions,
+};
+use tokio::sync::mpsc;
+use tracing::{error, info, warn};
+
+use super::record::{Keys, Shared, Subject};
+use super::{Change, ClusterMetrics, Nodes, Report};
+use crate::config::{ClusterConfig, Knock, Offline, Scope};
+use crate::daemon::Clock;
+use crate::engine::{
+    Engine, Event, EventKind, GrantLeft, GrantRecord, GrantScope, Origin, PortMask, RevokeReason,
+    GRANT_UNTIL_CLOSED,
+};
+
+/// Wait between sessions.
+const RETRY: Duration = Duration::from_secs(1);
+/// Longest an etcd request may take before the session is given up.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a tombstone stays, in seconds: as long as the grant had left,
+/// within these bounds, so a node away for that long still learns of it.
+const TOMBSTONE_TTL: std::ops::RangeInclusive<i64> = 60..=86_400;
+
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error(transparent)]
+    Etcd(#[from] etcd_client::Error),
+    #[error("the watch ended: {0}")]
+    WatchEnded(String),
+}
+
+pub(super) struct Sync {
+    config: ClusterConfig,
+    engine: Arc<Engine>,
+    clock: Clock,
+    nodes: Arc<Nodes>,
+    metrics: Arc<ClusterMetrics>,
+    report: Report,
+    keys: Keys,
+    /// Grant changes made while etcd was away, oldest first.
+    backlog: VecDeque<Change>,
+    events: Vec<Event>,
+}
+
+impl Sync {
+    pub(super) fn new(
+        config: ClusterConfig,
+        engine: Arc<Engine>,
+        clock: Clock,
+        nodes: Arc<Nodes>,
+        metrics: Arc<ClusterMetrics>,
+        report: Report,
+    ) -> Sync {
+        Sync {
+            keys: Keys::new(&config.prefix),
+            config,
+            engine,
+            clock,
+            nodes,
+            metrics,
+            report,
+            backlog: VecDeque::new(),
+            events: Vec::new(),
+        }
+    }
+
+    /// Runs sessions until the workers' side of the queue is gone.
+    pub(super) fn run(mut self, mut changes: mpsc::Receiver<Change>) {
+        for endpoint in &self.config.endpoints {
+            if endpoint.starts_with("http://") && !on_loopback(endpoint) {
+                warn!("cluster endpoint {endpoint} is plain http off this host: anyone on the path can read and forge grants; use https:// with client certificates");
+            }
+        }
+        let runtime = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(runtime) => runtime,
+            Err(e) => return error!("the cluster cannot run, this node decides alone: {e}"),
+        };
+        runtime.block_on(async {
+            let mut failures = 0u64;
+            loop {
+                match self.session(&mut changes).await {
+                    Ok(()) => return,
+                    Err(e) => {
+                        let was_connected = self.metrics.connected.get() == 1;
+                        self.metrics.connected.set(0);
+                        // The first failure of an outage, and then now and then.
+                        if was_connected || failures.is_power_of_two() {
+                            warn!(
+                                backlog = self.backlog.len(),
+                                "cluster: etcd unreachable ({e}); deciding locally, grant changes queued"
+                            );
+                        }
+                        failures += 1;
+                        if was_connected {
+                            failures = 1;
+                        }
+                    }
+                }
+                let Some(()) = self.offline_until(tokio::time::sleep(RETRY), &mut changes).await
+                else {
+                    return;
+                };
+            }
+        });
+    }
+
+    /// One session; `Ok` once the queue has closed.
+    async fn session(&mut self, changes: &mut mpsc::Receiver<Change>) -> Result<(), SessionError> {
+        let connect = Client::connect(self.config.endpoints.clone(), Some(self.options()));
+        let Some(client) = self.offline_until(connect, changes).await else {
+            return Ok(());
+        };
+        let mut client = client?;
+        while let Some(change) = self.backlog.pop_front() {
+            if let Err(e) = self.publish(&mut client, &change).await {
+                self.backlog.push_front(change);
+                return Err(e.into());
+            }
+            self.metrics.backlog.set(self.backlog.len() as i64);
+        }
+        let snapshot = client
+            .get(self.keys.grants(), Some(GetOptions::new().with_prefix()))
+            .await?;
+        let revision = snapshot.header().map_or(0, |h| h.revision());
+        let learned = self.resync(snapshot.kvs());
+        let mut watch = client
+            .watch(
+                self.keys.grants(),
+                Some(
+                    WatchOptions::new()
+                        .with_prefix()
+                        .with_start_revision(revision + 1),
+                ),
+            )
+            .await?;
+        self.metrics.connected.set(1);
+        info!("cluster: in sync with etcd at revision {revision}, {learned} grants of other nodes held");
+        loop {
+            tokio::select! {
+                change = changes.recv() => {
+                    let Some(change) = change else { return Ok(()) };
+                    self.handle(&mut client, change).await?;
+                }
+                message = watch.message() => {
+                    let Some(response) = message? else {
+                        return Err(SessionError::WatchEnded("closed by etcd".into()));
+                    };
+                    if response.canceled() || response.compact_revision() > 0 {
+                        let why = response.cancel_reason().to_owned();
+                        return Err(SessionError::WatchEnded(why));
+                    }
+                    for event in response.events() {
+                        let Some(kv) = event.kv() else { continue };
+                        match event.event_type() {
+                            EventType::Put => {
+                                self.apply(kv, true);
+                            }
+                            // A lease ran out, or someone removed the key.
+                            EventType::Delete => self.revoke_key(kv),
+                        }
+                    }
+                    (self.report)(&self.engine, &mut self.events);
+                }
+            }
+        }
+    }
+
+    fn options(&self) -> ConnectOptions {
+        let mut options = ConnectOptions::new()
+            .with_connect_timeout(REQUEST_TIMEOUT)
+            .with_timeout(REQUEST_TIMEOUT)
+            .with_keep_alive(Duration::from_secs(1), REQUEST_TIMEOUT)
+            .with_keep_alive_while_idle(true);
+        if let Some(ca) = &self.config.ca {
+            let mut tls = TlsOptions::new().ca_certificate(Certificate::from_pem(ca));
+            if let Some((cert, key)) = &self.config.identity {
+                tls = tls.identity(Identity::from_pem(cert, key));
+            }
+            options = options.with_tls(tls);
+        }
+        options
+    }
+
+    /// Awaits `work` while taking changes as if etcd were away; `None`
+    /// once the queue has closed.
+    async fn offline_until<T>(
+        &mut self,
+        work: impl Future<Output = T>,
+        changes: &mut mpsc::Receiver<Change>,
+    ) -> Option<T> {
+        tokio::pin!(work);
+        loop {
+            tokio::select! {
+                out = &mut work => return Some(out),
+                change = changes.recv() => self.offline(change?),
+            }
+        }
+    }
+
+    /// A change while etcd is away: grant changes wait, claims cannot be made.
+    fn offline(&mut self, change: Change) {
+        match change {
+            Change::Claim { policy, src, .. } => {
+                let local = self
+                    .policy(&policy)
+                    .is_some_and(|(_, offline)| offline == Offline::Local);
+                match local {
+                    true => {
+                        self.count("claim_offline", None);
+                        self.grant_claimed(&policy, src);
+                    }
+                    false => {
+                        self.count("claim_refused", None);
+                        warn!(event = %"claim_refused", %src, %policy, "rotating knock refused: etcd cannot be reached to claim its window");
+                    }
+                }
+            }
+            change => {
+                if self.backlog.len() >= self.config.backlog {
+                    self.backlog.pop_front();
+                    self.metrics.publish_failures.inc();
+                }
+                self.backlog.push_back(change);
+                self.metrics.backlog.set(self.backlog.len() as i64);
+            }
+        }
+    }
+
+    async fn handle(&mut self, client: &mut Client, change: Change) -> Result<(), SessionError> {
+        let result = match &change {
+            Change::Claim {
+                policy,
+                src,
+                window,
+            } => self.claim(client, policy, *src, *window).await,
+            change => self.publish(client, change).await,
+        };
+        if result.is_err() {
+            self.offline(change);
+        }
+        Ok(result?)
+    }
+
+    /// Writes a grant, or its tombstone.
+    async fn publish(
+        &self,
+        client: &mut Client,
+        change: &Change,
+    ) -> Result<(), etcd_client::Error> {
+        let now = unix_millis();
+        let node = self.config.node.clone();
+        let (key, value, ttl, kind) = match change {
+            Change::Grant {
+                policy,
+                subject,
+                ports,
+                until,
+            } => {
+                let ttl = match until {
+                    // Ended while it waited.
+                    Some(until) if *until <= now => return Ok(()),
+                    Some(until) => Some(seconds(until - now)),
+                    None => None,
+                };
+                let value = Shared::Granted {
+                    node,
+                    ports: ports.clone(),
+                    until: *until,
+                    at: now,
+                };
+                (self.keys.grant(policy, *subject), value, ttl, "grant")
+            }
+            Change::Revoke {
+                policy,
+                subject,
+                reason,
+                until,
+            } => {
+                let left = until.map_or(*TOMBSTONE_TTL.end(), |until| {
+                    seconds(until.saturating_sub(now))
+                });
+                let value = Shared::Revoked {
+                    node,
+                    reason: reason.as_str().to_owned(),
+                    at: now,
+                };
+                let ttl = left.clamp(*TOMBSTONE_TTL.start(), *TOMBSTONE_TTL.end());
+                (
+                    self.keys.grant(policy, *subject),
+                    value,
+                    Some(ttl),
+                    "revoke",
+                )
+            }
+            Change::Claim { .. } => unreachable!("claims are not published"),
+        };
+        let options = match ttl {
+            Some(ttl) => {
+                Some(PutOptions::new().with_lease(client.lease_grant(ttl, None).await?.id()))
+            }
+            None => None,
+        };
+        let value = serde_json::to_vec(&value).expect("a record serialises");
+        client.put(key, value, options).await?;
+        self.count(kind, None);
+        Ok(())
+    }
+
+    /// Claims `window` of a cluster rotating policy for `src`'s knock:
+    /// the first node to claim it grants, every other refuses a replay.
+    async fn claim(
+        &mut self,
+        client: &mut Client,
+        policy: &str,
+        src: std::net::IpAddr,
+        window: u64,
+    ) -> Result<(), etcd_client::Error> {
+        let Some((period, _)) = self.policy(policy) else {
+            return Ok(());
+        };
+        // A window is accepted while it or the next is current.
+        let ttl = seconds(3 * period.as_millis() as u64);
+        let lease = client.lease_grant(ttl, None).await?.id();
+        let key = self.keys.window(policy, window);
+        let txn = Txn::new()
+            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(
+                key,
+                self.config.node.clone(),
+                Some(PutOptions::new().with_lease(lease)),
+            )]);
+        if client.txn(txn).await?.succeeded() {
+            self.count("claim", None);
+            self.grant_claimed(policy, src);
+        } else {
+            self.count("replay", None);
+            self.replayed(policy, src);
+        }
+        Ok(())
+    }
+
+    /// A cluster rotating policy's period and offline setting.
+    fn policy(&self, name: &str) -> Option<(Duration, Offline)> {
+        let policies = self.engine.policies();
+        let policy = policies.get(policies.by_name(name)?)?;
+        match &policy.knock {
+            Knock::Rotating(rotating) => Some((rotating.period, policy.offline)),
+            _ => None,
+        }
+    }
+
+    fn grant_claimed(&mut self, policy: &str, src: std::net::IpAddr) {
+        let Some(key) = self.engine.policies().by_name(policy) else {
+            return;
+        };
+        if let Err(e) = self
+            .engine
+            .grant(src, key, None, self.clock.now(), &mut self.events)
+        {
+            warn!(%src, %policy, "claimed window not granted: {e}");
+        }
+        (self.report)(&self.engine, &mut self.events);
+    }
+
+    fn replayed(&mut self, policy: &str, src: std::net::IpAddr) {
+        let Some(key) = self.engine.policies().by_name(policy) else {
+            return;
+        };
+        self.events.push(Event {
+            src,
+            policy: key,
+            kind: EventKind::Replayed,
+            grant: GrantScope {
+                prefix: None,
+                ports: PortMask::ALL,
+                until: GRANT_UNTIL_CLOSED,
+                origin: Origin::LOCAL,
+            },
+        });
+        (self.report)(&self.engine, &mut self.events);
+    }
+
+    /// Applies the grants read at one revision, and revokes the grants of
+    /// other nodes it no longer holds; returns how many of theirs are held.
+    fn resync(&mut self, kvs: &[KeyValue]) -> usize {
+        let mut held = HashSet::new();
+        for kv in kvs {
+            if let Some(granted) = self.apply(kv, false) {
+                held.insert(granted);
+            }
+        }
+        let policies = self.engine.policies();
+        let now = self.clock.now();
+        for grant in self.engine.grants(now) {
+            let Some(key) = policies.by_name(&grant.policy) else {
+                continue;
+            };
+            let subject = Subject {
+                src: grant.src,
+                prefix: grant.prefix,
+            };
+            let cluster = policies.get(key).is_some_and(|p| p.scope == Scope::Cluster);
+            if cluster && !grant.origin.is_local() && !held.contains(&(key, subject)) {
+                self.engine.revoke(
+                    grant.src,
+                    Some(key),
+                    RevokeReason::Cluster,
+                    &mut self.events,
+                );
+            }
+        }
+        (self.report)(&self.engine, &mut self.events);
+        held.len()
+    }
+
+    /// Applies one grant key's value written by another node; returns the
+    /// grant it holds, if it holds one. `live`: it was just written, so its
+    /// propagation is measured.
+    fn apply(&mut self, kv: &KeyValue, live: bool) -> Option<(crate::engine::PolicyKey, Subject)> {
+        let (name, subject) = self.keys.parse_grant(kv.key())?;
+        let shared: Shared = match serde_json::from_slice(kv.value()) {
+            Ok(shared) => shared,
+            Err(e) => {
+                warn!(key = %String::from_utf8_lossy(kv.key()), "cluster: unreadable grant ignored: {e}");
+                return None;
+            }
+        };
+        // This node's own writes: it applied them when it made them.
+        if shared.node() == self.config.node {
+            return None;
+        }
+        let policies = self.engine.policies();
+        let key = policies.by_name(name)?;
+        let policy = policies.get(key).filter(|p| p.scope == Scope::Cluster)?;
+        match shared {
+            Shared::Granted {
+                node,
+                ports,
+                until,
+                at,
+            } => {
+                let now = unix_millis();
+                if live {
+                    self.metrics
+                        .propagation
+                        .observe(now.saturating_sub(at) as f64 / 1000.0);
+                }
+                let left = match until {
+                    None => GrantLeft::UntilClosed,
+                    Some(until) if until > now => {
+                        GrantLeft::For(Duration::from_millis(until - now))
+                    }
+                    Some(_) => return None,
+                };
+                let ports = PortMask::of(&policy.open_ports, &ports).ok()?;
+                let record = GrantRecord {
+                    src: subject.src,
+                    prefix: subject.prefix,
+                    policy: key,
+                    left,
+                    ports,
+                    stage: 0,
+                    origin: self.nodes.origin(&node),
+                };
+                let applied = self
+                    .engine
+                    .adopt(record, self.clock.now(), &mut self.events);
+                if live {
+                    self.count("grant", Some(&node));
+                }
+                applied.is_ok().then_some((key, subject))
+            }
+            Shared::Revoked { node, .. } => {
+                self.engine.revoke(
+                    subject.src,
+                    Some(key),
+                    RevokeReason::Cluster,
+                    &mut self.events,
+                );
+                if live {
+                    self.count("revoke", Some(&node));
+                }
+                None
+            }
+        }
+    }
+
+    fn revoke_key(&mut self, kv: &KeyValue) {
+        let Some((name, subject)) = self.keys.parse_grant(kv.key()) else {
+            return;
+        };
+        let policies = self.engine.policies();
+        if let Some(key) = policies.by_name(name) {
+            self.engine.revoke(
+                subject.src,
+                Some(key),
+                RevokeReason::Cluster,
+                &mut self.events,
+            );
+        }
+    }
+
+    /// Counts a change by kind, made on `node` (this one without).
+    fn count(&self, kind: &str, node: Option<&str>) {
+        let origin = node.unwrap_or(&self.config.node);
+        self.metrics.events.with_label_values(&[kind, origin]).inc();
+    }
+}
+
+fn unix_millis() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Whole seconds covering `millis`, at least one: a lease's TTL.
+fn seconds(millis: u64) -> i64 {
+    i64::try_from(millis.div_ceil(1000).max(1)).unwrap_or(i64::MAX)
+}
+
+/// Whether an endpoint's host is this machine's loopback.
+fn on_loopback(endpoint: &str) -> bool {
+    let host = endpoint
+        .split_once("://")
+        .map_or(endpoint, |(_, rest)| rest)
+        .split('/')
+        .next()
+        .unwrap_or_default();
+    let host = match host.rsplit_once(':') {
+        Some((host, port)) if port.chars().all(|c| c.is_ascii_digit()) => host,
+        _ => host,
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_endpoints_are_told_apart() {
+        for endpoint in [
+            "http://127.0.0.1:2379",
+            "http://[::1]:2379",
+            "http://localhost:2379",
+        ] {
+            assert!(on_loopback(endpoint), "{endpoint}");
+        }
+        for endpoint in [
+            "http://10.0.0.5:2379",
+            "http://[fd00::5]:2379",
+            "http://etcd-1:2379",
+        ] {
+            assert!(!on_loopback(endpoint), "{endpoint}");
+        }
+    }
+
+    #[test]
+    fn leases_last_whole_seconds_covering_the_time() {
+        assert_eq!(seconds(1), 1);
+        assert_eq!(seconds(1000), 1);
+        assert_eq!(seconds(1001), 2);
+        assert_eq!(seconds(0), 1);
+    }
+}
