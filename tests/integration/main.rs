@@ -3,6 +3,7 @@
 
 mod cli;
 mod client;
+mod cluster;
 mod deploy;
 mod gate;
 mod observe;

@@ -220,6 +220,14 @@ impl Net {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// The machine shared with other tests, for a test that builds
+    /// namespaces of its own.
+    pub fn machine_shared() -> RwLockReadGuard<'static, ()> {
+        MACHINE
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     fn create(machine: MachineShare) -> Net {
         let id = format!(
             "kq{}-{}",
@@ -316,13 +324,8 @@ impl Net {
         let addresses = ports
             .iter()
             .flat_map(|port| [format!("{GATE4}:{port}"), format!("{GATE6}:{port}")]);
-        let child = Command::new("ip")
-            .args(["netns", "exec", &self.gate, "python3", "-c", LISTENER])
-            .args(addresses)
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        self.children.push(child);
+        let addresses: Vec<String> = addresses.collect();
+        self.children.push(listen_in(&self.gate, &addresses));
         wait_for("listeners", || {
             let out = self.in_gate("ss -ltnH");
             let listening = String::from_utf8_lossy(&out.stdout);
@@ -412,36 +415,14 @@ impl Net {
             "knockq-{}.log",
             NEXT.fetch_add(1, Ordering::Relaxed)
         ));
-        let child = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &self.gate,
-                env!("CARGO_BIN_EXE_knockq"),
-                "run",
-                "--config",
-            ])
-            .arg(config)
-            .arg("--control-socket")
-            .arg(self.control_socket())
-            .arg("--state-dir")
-            .arg(self.state_dir())
-            .args(args)
-            .env("KNOCKQ_LOG", level)
-            .stderr(fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        let daemon = Daemon { child, log };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while self.bound_queues() == 0 {
-            assert!(
-                Instant::now() < deadline,
-                "knockq did not bind its queue:\n{}",
-                daemon.log()
-            );
-            sleep(Duration::from_millis(20));
-        }
-        daemon
+        let mut all = vec![
+            "--control-socket".to_owned(),
+            self.control_socket().display().to_string(),
+            "--state-dir".to_owned(),
+            self.state_dir().display().to_string(),
+        ];
+        all.extend(args.iter().map(|a| a.to_string()));
+        Daemon::start(&self.gate, config, &all, level, &log)
     }
 
     /// An HTTP GET to 127.0.0.1:`port` inside the gate namespace: the
@@ -521,6 +502,37 @@ pub struct Daemon {
 }
 
 impl Daemon {
+    /// Starts `knockq run --config CONFIG ARGS` in namespace `ns`, logging
+    /// at `level` to `log`, and waits until it has bound its queue.
+    pub fn start(ns: &str, config: &Path, args: &[String], level: &str, log: &Path) -> Daemon {
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns, env!("CARGO_BIN_EXE_knockq"), "run", "--config"])
+            .arg(config)
+            .args(args)
+            .env("KNOCKQ_LOG", level)
+            .stderr(fs::File::create(log).unwrap())
+            .spawn()
+            .unwrap();
+        let daemon = Daemon {
+            child,
+            log: log.to_owned(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let bound = || {
+            let out = in_namespace(ns, "cat /proc/net/netfilter/nfnetlink_queue");
+            !out.stdout.is_empty()
+        };
+        while !bound() {
+            assert!(
+                Instant::now() < deadline,
+                "knockq did not bind its queue:\n{}",
+                daemon.log()
+            );
+            sleep(Duration::from_millis(20));
+        }
+        daemon
+    }
+
     pub fn log(&self) -> String {
         fs::read_to_string(&self.log).unwrap()
     }
@@ -594,7 +606,18 @@ impl Drop for Daemon {
     }
 }
 
-fn in_namespace(ns: &str, script: &str) -> Output {
+/// A service in namespace `ns` on every `ADDRESS:PORT` of `addresses`,
+/// accepting and closing connections.
+pub fn listen_in(ns: &str, addresses: &[String]) -> Child {
+    Command::new("ip")
+        .args(["netns", "exec", ns, "python3", "-c", LISTENER])
+        .args(addresses)
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+pub fn in_namespace(ns: &str, script: &str) -> Output {
     run(Command::new("ip").args(["netns", "exec", ns, "sh", "-c", script]))
 }
 
