@@ -379,7 +379,16 @@ fn rules(config: &Path, backend: RulesBackend, apply: bool, remove: bool) -> any
 fn init_logging(format: LogFormat) {
     use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("KNOCKQ_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    // A bare level is knockq's own: the libraries under it (the etcd
+    // client's HTTP/2 frames, the scrape server) stay at warnings. A full
+    // directive such as "debug" with targets is taken as written.
+    let directive = std::env::var("KNOCKQ_LOG").unwrap_or_else(|_| "info".to_owned());
+    let directive = match directive.contains(['=', ',']) {
+        true => directive,
+        false => format!("warn,knockq={directive}"),
+    };
+    let filter =
+        EnvFilter::try_new(&directive).unwrap_or_else(|_| EnvFilter::new("warn,knockq=info"));
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)

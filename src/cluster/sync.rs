@@ -31,6 +31,9 @@ use crate::engine::{
 const RETRY: Duration = Duration::from_secs(1);
 /// Longest an etcd request may take before the session is given up.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often an idle connection is checked: a member that vanished
+/// without closing it is noticed within this and the request timeout.
+const KEEP_ALIVE: Duration = Duration::from_secs(6);
 /// How long a tombstone stays, in seconds: as long as the grant had left,
 /// within these bounds, so a node away for that long still learns of it.
 const TOMBSTONE_TTL: std::ops::RangeInclusive<i64> = 60..=86_400;
@@ -54,6 +57,10 @@ pub(super) struct Sync {
     /// Grant changes made while etcd was away, oldest first.
     backlog: VecDeque<Change>,
     events: Vec<Event>,
+    /// The endpoint the next session talks to. One at a time: the
+    /// client's balancing over several fails requests while one is down,
+    /// so a session that fails moves on to the next member.
+    endpoint: usize,
 }
 
 impl Sync {
@@ -75,6 +82,7 @@ impl Sync {
             report,
             backlog: VecDeque::new(),
             events: Vec::new(),
+            endpoint: 0,
         }
     }
 
@@ -93,37 +101,46 @@ impl Sync {
             Err(e) => return error!("the cluster cannot run, this node decides alone: {e}"),
         };
         runtime.block_on(async {
-            let mut failures = 0u64;
+            // Sessions failed in a row: after a round of every endpoint,
+            // the next round waits a little.
+            let mut failures = 0usize;
             loop {
-                match self.session(&mut changes).await {
+                let endpoint = self.config.endpoints[self.endpoint].clone();
+                match self.session(&endpoint, &mut changes).await {
                     Ok(()) => return,
                     Err(e) => {
-                        let was_connected = self.metrics.connected.get() == 1;
+                        if self.metrics.connected.get() == 1 {
+                            failures = 0;
+                        }
                         self.metrics.connected.set(0);
                         // The first failure of an outage, and then now and then.
-                        if was_connected || failures.is_power_of_two() {
+                        if (failures + 1).is_power_of_two() {
                             warn!(
                                 backlog = self.backlog.len(),
-                                "cluster: etcd unreachable ({e}); deciding locally, grant changes queued"
+                                "cluster: etcd unreachable at {endpoint} ({e}); deciding locally, grant changes queued"
                             );
                         }
                         failures += 1;
-                        if was_connected {
-                            failures = 1;
-                        }
+                        self.endpoint = (self.endpoint + 1) % self.config.endpoints.len();
                     }
                 }
-                let Some(()) = self.offline_until(tokio::time::sleep(RETRY), &mut changes).await
-                else {
-                    return;
-                };
+                if failures % self.config.endpoints.len() == 0 {
+                    let wait = tokio::time::sleep(RETRY);
+                    let Some(()) = self.offline_until(wait, &mut changes).await else {
+                        return;
+                    };
+                }
             }
         });
     }
 
     /// One session; `Ok` once the queue has closed.
-    async fn session(&mut self, changes: &mut mpsc::Receiver<Change>) -> Result<(), SessionError> {
-        let connect = Client::connect(self.config.endpoints.clone(), Some(self.options()));
+    async fn session(
+        &mut self,
+        endpoint: &str,
+        changes: &mut mpsc::Receiver<Change>,
+    ) -> Result<(), SessionError> {
+        let connect = Client::connect([endpoint], Some(self.options()));
         let Some(client) = self.offline_until(connect, changes).await else {
             return Ok(());
         };
@@ -151,7 +168,7 @@ impl Sync {
             )
             .await?;
         self.metrics.connected.set(1);
-        info!("cluster: in sync with etcd at revision {revision}, {learned} grants of other nodes held");
+        info!("cluster: in sync with etcd at {endpoint}, revision {revision}, {learned} grants of other nodes held");
         loop {
             tokio::select! {
                 change = changes.recv() => {
@@ -186,7 +203,8 @@ impl Sync {
         let mut options = ConnectOptions::new()
             .with_connect_timeout(REQUEST_TIMEOUT)
             .with_timeout(REQUEST_TIMEOUT)
-            .with_keep_alive(Duration::from_secs(1), REQUEST_TIMEOUT)
+            // etcd refuses pings more often than every 5 s by default.
+            .with_keep_alive(KEEP_ALIVE, REQUEST_TIMEOUT)
             .with_keep_alive_while_idle(true);
         if let Some(ca) = &self.config.ca {
             let mut tls = TlsOptions::new().ca_certificate(Certificate::from_pem(ca));

@@ -42,7 +42,11 @@ struct Fleet {
 
 impl Fleet {
     fn new(members: usize, transport: Transport, policies: &str) -> Fleet {
-        let id = format!("kf{}-{}", std::process::id(), NEXT_FLEET.fetch_add(1, Ordering::Relaxed));
+        let id = format!(
+            "kf{}-{}",
+            std::process::id(),
+            NEXT_FLEET.fetch_add(1, Ordering::Relaxed)
+        );
         let mut fleet = Fleet {
             dir: TempDir::new().unwrap(),
             namespaces: Vec::new(),
@@ -148,7 +152,11 @@ impl Fleet {
         }
         for gate in 1..=GATES.len() {
             let ca = if gate == 3 { "rogue-ca" } else { "ca" };
-            sign(&format!("gate-{gate}"), ca, "extendedKeyUsage=clientAuth\\n");
+            sign(
+                &format!("gate-{gate}"),
+                ca,
+                "extendedKeyUsage=clientAuth\\n",
+            );
         }
         sh_ok(&script);
     }
@@ -213,14 +221,20 @@ impl Fleet {
         let endpoints = self.endpoints().join(",");
         in_namespace(
             &self.ns("etcd1"),
-            &format!("ETCDCTL_API=3 etcdctl --endpoints {endpoints} {tls} --command-timeout=2s {args}"),
+            &format!(
+                "ETCDCTL_API=3 etcdctl --endpoints {endpoints} {tls} --command-timeout=2s {args}"
+            ),
         )
     }
 
     fn wait_for_etcd(&self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         while !self.etcdctl("endpoint health").status.success() {
-            assert!(Instant::now() < deadline, "etcd did not become healthy: {}", self.member_logs());
+            assert!(
+                Instant::now() < deadline,
+                "etcd did not become healthy: {}",
+                self.member_logs()
+            );
             sleep(Duration::from_millis(100));
         }
     }
@@ -248,7 +262,11 @@ impl Fleet {
                 "ca_file = \"ca.pem\"\ncert_file = \"gate-{n}.pem\"\nkey_file = \"gate-{n}.key\"\n"
             ),
         };
-        let endpoints: Vec<String> = self.endpoints().iter().map(|e| format!("\"{e}\"")).collect();
+        let endpoints: Vec<String> = self
+            .endpoints()
+            .iter()
+            .map(|e| format!("\"{e}\""))
+            .collect();
         let config = format!(
             "[queue]\nnum = {gate}\n[cluster]\nendpoints = [{}]\nnode = \"gate-{n}\"\n{tls}\n{policies}",
             endpoints.join(", ")
@@ -260,7 +278,10 @@ impl Fleet {
         succeeded(
             in_namespace(
                 &ns,
-                &format!("{bin} rules --config {} --backend iptables | iptables-restore", path.display()),
+                &format!(
+                    "{bin} rules --config {} --backend iptables | iptables-restore",
+                    path.display()
+                ),
             ),
             "loading the rules",
         );
@@ -295,7 +316,11 @@ impl Fleet {
     fn knock(&self, src: &str, gate: usize, ports: &[u16]) {
         for &port in ports {
             let reply = self.connect(src, gate, port);
-            assert!(reply.is_rejected(), "knock on {port} of gate {}: {reply:?}", gate + 1);
+            assert!(
+                reply.is_rejected(),
+                "knock on {port} of gate {}: {reply:?}",
+                gate + 1
+            );
         }
     }
 
@@ -368,13 +393,27 @@ impl Drop for Fleet {
             let _ = child.wait();
         }
         for ns in &self.namespaces {
-            sh(&format!("ip netns pids {ns} | xargs -r kill -9; ip netns del {ns}"));
+            sh(&format!(
+                "ip netns pids {ns} | xargs -r kill -9; ip netns del {ns}"
+            ));
         }
     }
 }
 
 fn can_run_fleet(test: &str) -> bool {
-    can_run(test, true, &["ip", "nc", "iptables-restore", "python3", "etcd", "etcdctl", "openssl"])
+    can_run(
+        test,
+        true,
+        &[
+            "ip",
+            "nc",
+            "iptables-restore",
+            "python3",
+            "etcd",
+            "etcdctl",
+            "openssl",
+        ],
+    )
 }
 
 const SSH: &str = "[[policy]]
@@ -392,7 +431,9 @@ fn log_times(log: &str, parts: &[&str]) -> Vec<(String, f64)> {
         .filter(|line| parts.iter().all(|p| line.contains(p)))
         .filter_map(|line| {
             let (time, rest) = line.split_once(' ')?;
-            let src = rest.split_whitespace().find_map(|w| w.strip_prefix("src="))?;
+            let src = rest
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("src="))?;
             Some((src.to_owned(), seconds_of_day(time)?))
         })
         .collect()
@@ -422,25 +463,50 @@ fn a_knock_on_one_gate_opens_every_gate_and_a_close_on_another_closes_them() {
     }
     let [me, other, ..] = SOURCES;
     fleet.knock(me, 0, &[1111, 2222]);
-    assert_eq!(fleet.connect(me, 0, 22), Reply::Open, "the knocked gate at once");
+    assert_eq!(
+        fleet.connect(me, 0, 22),
+        Reply::Open,
+        "the knocked gate at once"
+    );
     fleet.eventually(me, 1, true, 5);
     fleet.eventually(me, 2, true, 5);
-    assert!(fleet.connect(other, 1, 22).is_rejected(), "for that source only");
+    assert!(
+        fleet.connect(other, 1, 22).is_rejected(),
+        "for that source only"
+    );
     let status = fleet.control(1, "status");
-    assert!(status.contains(me) && status.contains("from gate-1"), "{status}");
-    assert!(fleet.gate(1).log().contains(&format!("event=grant src={me} policy=ssh ports=22 origin=gate-1")));
+    assert!(
+        status.contains(me) && status.contains("from gate-1"),
+        "{status}"
+    );
+    assert!(fleet.gate(1).log().contains(&format!(
+        "event=grant src={me} policy=ssh ports=22 origin=gate-1"
+    )));
     let metrics = fleet.metrics(1);
-    assert_eq!(sample(&metrics, "knockq_cluster_connected"), Some(1.0), "{metrics}");
     assert_eq!(
-        sample(&metrics, r#"knockq_cluster_events_total{kind="grant",origin="gate-1"}"#),
+        sample(&metrics, "knockq_cluster_connected"),
+        Some(1.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            r#"knockq_cluster_events_total{kind="grant",origin="gate-1"}"#
+        ),
         Some(1.0)
     );
 
     fleet.knock(me, 2, &[3333]);
-    assert!(fleet.connect(me, 2, 22).is_rejected(), "closed where it was closed");
+    assert!(
+        fleet.connect(me, 2, 22).is_rejected(),
+        "closed where it was closed"
+    );
     fleet.eventually(me, 0, false, 5);
     fleet.eventually(me, 1, false, 5);
-    assert!(fleet.gate(0).log().contains(&format!("event=revoke src={me} policy=ssh reason=cluster")));
+    assert!(fleet
+        .gate(0)
+        .log()
+        .contains(&format!("event=revoke src={me} policy=ssh reason=cluster")));
 
     // Propagation: 100 grants made on gate 1, as gate 1 and gate 2 log them.
     for i in 0..100 {
@@ -448,7 +514,10 @@ fn a_knock_on_one_gate_opens_every_gate_and_a_close_on_another_closes_them() {
     }
     let deadline = Instant::now() + Duration::from_secs(20);
     let applied = loop {
-        let applied = log_times(&fleet.gate(1).log(), &["event=grant src=10.20.0.", "origin=gate-1"]);
+        let applied = log_times(
+            &fleet.gate(1).log(),
+            &["event=grant src=10.20.0.", "origin=gate-1"],
+        );
         if applied.len() == 100 || Instant::now() > deadline {
             break applied;
         }
@@ -504,9 +573,16 @@ fn the_fleet_rides_out_a_leader_kill_and_a_full_etcd_outage() {
         if arrived {
             break killed.elapsed();
         }
-        assert!(killed.elapsed() < Duration::from_secs(30), "no grant crossed after the leader died:\n{}", fleet.gate(1).log());
+        assert!(
+            killed.elapsed() < Duration::from_secs(30),
+            "no grant crossed after the leader died:\n{}",
+            fleet.gate(0).log()
+        );
     };
-    eprintln!("etcd leader killed: grants crossed again after {:.2} s", disruption.as_secs_f64());
+    eprintln!(
+        "etcd leader killed: grants crossed again after {:.2} s",
+        disruption.as_secs_f64()
+    );
 
     // With every member down, gates decide alone and queue their grants.
     for member in 0..3 {
@@ -514,7 +590,11 @@ fn the_fleet_rides_out_a_leader_kill_and_a_full_etcd_outage() {
     }
     let me = SOURCES[2];
     fleet.knock(me, 0, &[1111, 2222]);
-    assert_eq!(fleet.connect(me, 0, 22), Reply::Open, "a local knock with etcd down");
+    assert_eq!(
+        fleet.connect(me, 0, 22),
+        Reply::Open,
+        "a local knock with etcd down"
+    );
     assert!(fleet.connect(me, 1, 22).is_rejected());
     wait_for("gate 1 to see etcd gone", || {
         let metrics = fleet.metrics(0);
@@ -527,7 +607,10 @@ fn the_fleet_rides_out_a_leader_kill_and_a_full_etcd_outage() {
     }
     fleet.eventually(me, 1, true, 30);
     fleet.eventually(me, 2, true, 10);
-    assert_eq!(sample(&fleet.metrics(0), "knockq_cluster_backlog"), Some(0.0));
+    assert_eq!(
+        sample(&fleet.metrics(0), "knockq_cluster_backlog"),
+        Some(0.0)
+    );
 }
 
 #[test]
@@ -551,7 +634,10 @@ fn a_rotating_window_spent_on_one_gate_is_refused_on_another() {
     let knockq::config::Knock::Rotating(rotating) = &config.policies[0].knock else {
         panic!("a rotating policy");
     };
-    let unix = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+    let unix = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
     let sequence = rotating.sequence("ops", unix / 30);
     let [first, replayer, ..] = SOURCES;
     fleet.knock(first, 0, &sequence);
@@ -559,11 +645,19 @@ fn a_rotating_window_spent_on_one_gate_is_refused_on_another() {
     fleet.eventually(first, 0, true, 5);
     fleet.eventually(first, 1, true, 5);
     fleet.knock(replayer, 1, &sequence);
-    fleet.gate(1).wait_for_log(&format!("event=replay src={replayer} policy=ops"));
-    assert!(fleet.connect(replayer, 1, 22).is_rejected(), "a replay on another gate");
+    fleet
+        .gate(1)
+        .wait_for_log(&format!("event=replay src={replayer} policy=ops"));
+    assert!(
+        fleet.connect(replayer, 1, 22).is_rejected(),
+        "a replay on another gate"
+    );
     let metrics = fleet.metrics(1);
     assert_eq!(
-        sample(&metrics, r#"knockq_cluster_events_total{kind="replay",origin="gate-2"}"#),
+        sample(
+            &metrics,
+            r#"knockq_cluster_events_total{kind="replay",origin="gate-2"}"#
+        ),
         Some(1.0),
         "{metrics}"
     );
@@ -584,7 +678,10 @@ fn etcd_over_tls_takes_only_certificates_its_ca_signed() {
     // decides alone.
     fleet.gate(2).wait_for_log("cluster: etcd unreachable");
     assert!(!fleet.gate(2).log().contains("cluster: in sync"));
-    assert_eq!(sample(&fleet.metrics(2), "knockq_cluster_connected"), Some(0.0));
+    assert_eq!(
+        sample(&fleet.metrics(2), "knockq_cluster_connected"),
+        Some(0.0)
+    );
     assert!(fleet.connect(me, 2, 22).is_rejected());
     // Nor does it take a client without a certificate.
     let out = in_namespace(
@@ -595,5 +692,8 @@ fn etcd_over_tls_takes_only_certificates_its_ca_signed() {
             fleet.path("ca.pem").display()
         ),
     );
-    assert!(!out.status.success(), "etcd served a client without a certificate");
+    assert!(
+        !out.status.success(),
+        "etcd served a client without a certificate"
+    );
 }

@@ -506,7 +506,14 @@ impl Daemon {
     /// at `level` to `log`, and waits until it has bound its queue.
     pub fn start(ns: &str, config: &Path, args: &[String], level: &str, log: &Path) -> Daemon {
         let child = Command::new("ip")
-            .args(["netns", "exec", ns, env!("CARGO_BIN_EXE_knockq"), "run", "--config"])
+            .args([
+                "netns",
+                "exec",
+                ns,
+                env!("CARGO_BIN_EXE_knockq"),
+                "run",
+                "--config",
+            ])
             .arg(config)
             .args(args)
             .env("KNOCKQ_LOG", level)
