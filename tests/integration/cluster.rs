@@ -621,30 +621,39 @@ fn a_rotating_window_spent_on_one_gate_is_refused_on_another() {
     let dir = TempDir::new().unwrap();
     let key = dir.path().join("ops.key");
     knockq::rotating::keygen(&key).unwrap();
-    let policy = format!(
-        "[[policy]]\nname = \"ops\"\nopen_ports = [22]\nclose_port = 4444\nscope = \"cluster\"\n\
-         [policy.rotating]\nsecret_file = \"{}\"\nperiod = \"30s\"\nports = \"20000-59999\"\n",
-        key.display()
-    );
-    let fleet = Fleet::new(3, Transport::Plain, &policy);
+    // "ops" fails closed while etcd is away, "ops-local" grants on the
+    // node's own record of spent windows.
+    let rotating = |name: &str, close: u16, ports: &str, offline: &str| {
+        format!(
+            "[[policy]]\nname = \"{name}\"\nopen_ports = [22]\nclose_port = {close}\nscope = \"cluster\"\n{offline}\
+             [policy.rotating]\nsecret_file = \"{}\"\nperiod = \"30s\"\nports = \"{ports}\"\n",
+            key.display()
+        )
+    };
+    let policies = rotating("ops", 4444, "20000-39999", "")
+        + &rotating("ops-local", 4445, "40000-59999", "offline = \"local\"\n");
+    let mut fleet = Fleet::new(3, Transport::Plain, &policies);
     for gate in 0..3 {
         fleet.wait_until_in_sync(gate);
     }
     let config = knockq::config::load(&fleet.config_path(0)).unwrap();
-    let knockq::config::Knock::Rotating(rotating) = &config.policies[0].knock else {
-        panic!("a rotating policy");
+    let sequence = |policy: usize| {
+        let knockq::config::Knock::Rotating(rotating) = &config.policies[policy].knock else {
+            panic!("a rotating policy");
+        };
+        let unix = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        rotating.sequence(&config.policies[policy].name, unix / 30)
     };
-    let unix = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    let sequence = rotating.sequence("ops", unix / 30);
-    let [first, replayer, ..] = SOURCES;
-    fleet.knock(first, 0, &sequence);
+    let [first, replayer, offline, offline_local] = SOURCES;
+    let ops = sequence(0);
+    fleet.knock(first, 0, &ops);
     // The grant follows the window's claim, one etcd round trip later.
     fleet.eventually(first, 0, true, 5);
     fleet.eventually(first, 1, true, 5);
-    fleet.knock(replayer, 1, &sequence);
+    fleet.knock(replayer, 1, &ops);
     fleet
         .gate(1)
         .wait_for_log(&format!("event=replay src={replayer} policy=ops"));
@@ -661,6 +670,27 @@ fn a_rotating_window_spent_on_one_gate_is_refused_on_another() {
         Some(1.0),
         "{metrics}"
     );
+
+    // With etcd away, no window can be claimed: gate 3, which has not seen
+    // this window spent, refuses "ops" and grants "ops-local" alone.
+    for member in 0..3 {
+        fleet.stop_member(member);
+    }
+    wait_for("gate 3 to see etcd gone", || {
+        sample(&fleet.metrics(2), "knockq_cluster_connected") == Some(0.0)
+    });
+    fleet.knock(offline, 2, &ops);
+    fleet
+        .gate(2)
+        .wait_for_log(&format!("event=claim_refused src={offline} policy=ops"));
+    assert!(fleet.connect(offline, 2, 22).is_rejected(), "fails closed");
+    fleet.knock(offline_local, 2, &sequence(1));
+    fleet.eventually(offline_local, 2, true, 5);
+    let metrics = fleet.metrics(2);
+    for kind in ["claim_refused", "claim_offline"] {
+        let series = format!(r#"knockq_cluster_events_total{{kind="{kind}",origin="gate-3"}}"#);
+        assert_eq!(sample(&metrics, &series), Some(1.0), "{kind}: {metrics}");
+    }
 }
 
 #[test]
