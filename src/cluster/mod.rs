@@ -111,14 +111,10 @@ pub struct Cluster {
     metrics: Arc<ClusterMetrics>,
 }
 
-/// The cluster's thread, before it starts.
+/// The cluster's thread, before it starts: what it syncs, given the report.
 pub struct ClusterThread {
     changes: mpsc::Receiver<Change>,
-    config: ClusterConfig,
-    engine: Arc<Engine>,
-    clock: Clock,
-    nodes: Arc<Nodes>,
-    metrics: Arc<ClusterMetrics>,
+    sync: Box<dyn FnOnce(Report) -> sync::Sync + Send>,
 }
 
 impl Cluster {
@@ -137,13 +133,11 @@ impl Cluster {
             queue,
             metrics: Arc::clone(&metrics),
         });
+        let config = config.clone();
+        let sync = move |report| sync::Sync::new(config, engine, clock, nodes, metrics, report);
         let thread = ClusterThread {
             changes,
-            config: config.clone(),
-            engine,
-            clock,
-            nodes,
-            metrics,
+            sync: Box::new(sync),
         };
         (cluster, thread)
     }
@@ -153,15 +147,8 @@ impl ClusterThread {
     /// Starts the thread, which connects and resynchronises in the
     /// background: the gate decides on its own until then.
     pub fn start(self, report: Report) -> Result<(), ClusterError> {
-        let ClusterThread {
-            changes,
-            config,
-            engine,
-            clock,
-            nodes,
-            metrics,
-        } = self;
-        let sync = sync::Sync::new(config, engine, clock, nodes, metrics, report);
+        let ClusterThread { changes, sync } = self;
+        let sync = sync(report);
         thread::Builder::new()
             .name("knockq-cluster".into())
             .spawn(move || sync.run(changes))

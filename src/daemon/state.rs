@@ -322,6 +322,57 @@ mod tests {
     }
 
     #[test]
+    fn a_grant_of_another_node_comes_back_with_its_origin() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let store = StateStore::new(dir.path());
+        let before = engine(SSH);
+        let nodes = Nodes::new("bastion-1");
+        let shared = GrantRecord {
+            src: "10.0.0.2".parse().unwrap(),
+            prefix: None,
+            policy: before.policies().key(0),
+            left: GrantLeft::For(Duration::from_secs(600)),
+            ports: PortMask::ALL,
+            stage: 0,
+            origin: nodes.origin("bastion-2"),
+        };
+        before
+            .adopt(shared, Timestamp::from_millis(1), &mut Vec::new())
+            .unwrap();
+        knock(&before, "10.0.0.3");
+        store
+            .save(&before, &nodes, Timestamp::from_millis(1))
+            .unwrap();
+        let text = fs::read_to_string(store.path()).unwrap();
+        assert_eq!(
+            text.matches("\"origin\": \"bastion-2\"").count(),
+            1,
+            "{text}"
+        );
+
+        let after = engine(SSH);
+        let restarted = Nodes::new("bastion-1");
+        store
+            .restore(
+                &after,
+                &restarted,
+                Timestamp::from_millis(0),
+                &mut Vec::new(),
+            )
+            .unwrap();
+        let grants = after.grants(Timestamp::from_millis(0));
+        let origin = |src: &str| {
+            grants
+                .iter()
+                .find(|g| g.src.to_string() == src)
+                .unwrap()
+                .origin
+        };
+        assert_eq!(&*restarted.name(origin("10.0.0.2")), "bastion-2");
+        assert_eq!(origin("10.0.0.3"), Origin::LOCAL);
+    }
+
+    #[test]
     fn grants_survive_a_save_and_a_restore() {
         let dir = tempfile::TempDir::new().unwrap();
         let store = StateStore::new(dir.path());
