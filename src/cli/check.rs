@@ -3,7 +3,7 @@
 use std::fmt::Write;
 use std::path::Path;
 
-use crate::config::{Config, Knock};
+use crate::config::{Config, Knock, Offline, Scope};
 
 pub fn summary(path: &Path, config: &Config) -> String {
     let mut out = String::new();
@@ -17,6 +17,20 @@ pub fn summary(path: &Path, config: &Config) -> String {
         config.verdict.reject_with.as_str(),
         config.limits.max_sources,
     );
+    if let Some(cluster) = &config.cluster {
+        let tls = match (&cluster.ca, &cluster.identity) {
+            (Some(_), Some(_)) => "TLS with a client certificate",
+            (Some(_), None) => "TLS",
+            _ => "plain http",
+        };
+        let _ = writeln!(
+            out,
+            "cluster: node {} at {} ({tls}), keys under {}",
+            cluster.node,
+            cluster.endpoints.join(", "),
+            cluster.prefix,
+        );
+    }
     for policy in &config.policies {
         let ports = |ports: &[u16]| {
             ports
@@ -54,6 +68,12 @@ pub fn summary(path: &Path, config: &Config) -> String {
                 humantime::format_duration(script.budget),
                 script.memory_limit >> 20
             );
+        }
+        if policy.scope == Scope::Cluster {
+            out.push_str("; shared with the cluster");
+            if policy.offline == Offline::Local && matches!(policy.knock, Knock::Rotating(_)) {
+                out.push_str(", local windows while etcd is away");
+            }
         }
         for (hook, argv) in [
             ("on grant", &policy.hooks.on_grant),

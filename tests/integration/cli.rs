@@ -1,6 +1,8 @@
 //! The command line without root: refused configurations, generated rules,
 //! and the systemd unit.
 
+use std::fs;
+
 use crate::util::*;
 
 /// Each refused configuration, and the one line knockq prints for it.
@@ -78,6 +80,41 @@ fn check_summarises_the_policies() {
          at most 1000000 tracked sources\n\
          policy ssh: knock 1111 2222 (at most 10s between knocks, other ports reset) to open 22 8080 \
          for 8h; knock 3333 to close\n"
+    );
+}
+
+#[test]
+fn check_summarises_a_cluster_and_refuses_cluster_scope_without_one() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let policy = "[[policy]]\nname = \"ssh\"\nsequence = [7301, 4127]\nopen_ports = [22]\nscope = \"cluster\"\n";
+    let path = dir.path().join("fleet.toml");
+    fs::write(
+        &path,
+        format!(
+            "[cluster]\nendpoints = [\"http://127.0.0.1:2379\"]\nnode = \"bastion-1\"\n{policy}"
+        ),
+    )
+    .unwrap();
+    let out = succeeded(
+        run(knockq().arg("check").arg("--config").arg(&path)),
+        "check",
+    );
+    let summary = text(&out.stdout);
+    assert!(
+        summary.contains(
+            "cluster: node bastion-1 at http://127.0.0.1:2379 (plain http), keys under /knockq\n"
+        ) && summary.contains("to open 22 until closed; shared with the cluster\n"),
+        "{summary}"
+    );
+    fs::write(&path, policy).unwrap();
+    let out = run(knockq().arg("check").arg("--config").arg(&path));
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(
+        text(&out.stderr),
+        format!(
+            "knockq: {}:5: policy[0].scope: scope \"cluster\" needs a [cluster] section naming the etcd endpoints\n",
+            path.display()
+        )
     );
 }
 
