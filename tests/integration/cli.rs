@@ -209,6 +209,10 @@ fn grafana_dashboard_charts_the_metrics() {
         "knockq_queue_dropped_total",
         "knockq_script_errors_total",
         "knockq_hook_runs_total",
+        "knockq_cluster_events_total",
+        "knockq_cluster_connected",
+        "knockq_cluster_backlog",
+        "knockq_cluster_propagation_seconds_bucket",
     ] {
         assert!(
             exprs.iter().any(|e| e.contains(family)),
