@@ -178,7 +178,7 @@ fn carry_out(
                 .as_deref()
                 .map(|name| policy_key(engine, name))
                 .transpose()?;
-            match engine.revoke(source, key, RevokeReason::Admin, events) {
+            match engine.revoke(source, key, RevokeReason::Admin, |_| true, events) {
                 0 => Err(format!(
                     "{source} holds no grant{}",
                     match &policy {

@@ -60,6 +60,9 @@ pub enum Shared {
     Revoked {
         node: String,
         reason: String,
+        /// The end of the grant it ended, as that node had it: a grant made
+        /// since ends later, and stays.
+        until: Option<u64>,
         at: u64,
     },
 }

@@ -23,14 +23,18 @@ use super::{Change, ClusterMetrics, Nodes, Report};
 use crate::config::{ClusterConfig, Knock, Offline, Scope};
 use crate::daemon::Clock;
 use crate::engine::{
-    Engine, Event, EventKind, GrantLeft, GrantRecord, GrantScope, Origin, PortMask, RevokeReason,
-    GRANT_UNTIL_CLOSED,
+    Engine, Event, EventKind, GrantLeft, GrantRecord, GrantScope, Origin, PolicyKey, PortMask,
+    RevokeReason, GRANT_UNTIL_CLOSED,
 };
 
 /// Wait between sessions.
 const RETRY: Duration = Duration::from_secs(1);
 /// Longest an etcd request may take before the session is given up.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// A revocation from another node ends a grant here that ends within this
+/// many milliseconds of the one it names: the same grant, its end carried
+/// over in whole milliseconds; a grant made since ends later.
+const SAME_GRANT_WITHIN: u64 = 1000;
 /// How often an idle connection is checked: a member that vanished
 /// without closing it is noticed within this and the request timeout.
 const KEEP_ALIVE: Duration = Duration::from_secs(6);
@@ -317,6 +321,7 @@ impl Sync {
                 let value = Shared::Revoked {
                     node,
                     reason: reason.as_str().to_owned(),
+                    until: *until,
                     at: now,
                 };
                 let ttl = left.clamp(*TOMBSTONE_TTL.start(), *TOMBSTONE_TTL.end());
@@ -436,12 +441,7 @@ impl Sync {
             };
             let cluster = policies.get(key).is_some_and(|p| p.scope == Scope::Cluster);
             if cluster && !grant.origin.is_local() && !held.contains(&(key, subject)) {
-                self.engine.revoke(
-                    grant.src,
-                    Some(key),
-                    RevokeReason::Cluster,
-                    &mut self.events,
-                );
+                self.revoke(key, subject, |scope| !scope.origin.is_local());
             }
         }
         (self.report)(&self.engine, &mut self.events);
@@ -451,7 +451,7 @@ impl Sync {
     /// Applies one grant key's value written by another node; returns the
     /// grant it holds, if it holds one. `live`: it was just written, so its
     /// propagation is measured.
-    fn apply(&mut self, kv: &KeyValue, live: bool) -> Option<(crate::engine::PolicyKey, Subject)> {
+    fn apply(&mut self, kv: &KeyValue, live: bool) -> Option<(PolicyKey, Subject)> {
         let (name, subject) = self.keys.parse_grant(kv.key())?;
         let shared: Shared = match serde_json::from_slice(kv.value()) {
             Ok(shared) => shared,
@@ -505,13 +505,14 @@ impl Sync {
                 }
                 applied.is_ok().then_some((key, subject))
             }
-            Shared::Revoked { node, .. } => {
-                self.engine.revoke(
-                    subject.src,
-                    Some(key),
-                    RevokeReason::Cluster,
-                    &mut self.events,
-                );
+            Shared::Revoked { node, until, .. } => {
+                // The grant it ended, not one made since.
+                let wall = self.engine.wall_clock();
+                self.revoke(key, subject, |scope| {
+                    let end =
+                        (scope.until != GRANT_UNTIL_CLOSED).then(|| wall.unix_millis(scope.until));
+                    same_grant(end, until)
+                });
                 if live {
                     self.count("revoke", Some(&node));
                 }
@@ -524,21 +525,37 @@ impl Sync {
         let Some((name, subject)) = self.keys.parse_grant(kv.key()) else {
             return;
         };
-        let policies = self.engine.policies();
-        if let Some(key) = policies.by_name(name) {
-            self.engine.revoke(
-                subject.src,
-                Some(key),
-                RevokeReason::Cluster,
-                &mut self.events,
-            );
+        if let Some(key) = self.engine.policies().by_name(name) {
+            self.revoke(key, subject, |_| true);
         }
+    }
+
+    /// Revokes `subject`'s grant under `key` if `which` picks it.
+    fn revoke(&mut self, key: PolicyKey, subject: Subject, which: impl Fn(&GrantScope) -> bool) {
+        let which = |scope: &GrantScope| scope.prefix == subject.prefix && which(scope);
+        self.engine.revoke(
+            subject.src,
+            Some(key),
+            RevokeReason::Cluster,
+            which,
+            &mut self.events,
+        );
     }
 
     /// Counts a change by kind, made on `node` (this one without).
     fn count(&self, kind: &str, node: Option<&str>) {
         let origin = node.unwrap_or(&self.config.node);
         self.metrics.events.with_label_values(&[kind, origin]).inc();
+    }
+}
+
+/// Whether a grant here that ends at `end` (Unix milliseconds; `None`: at
+/// the close knock) is the one a revocation naming `revoked` ended.
+fn same_grant(end: Option<u64>, revoked: Option<u64>) -> bool {
+    match (end, revoked) {
+        (None, None) => true,
+        (Some(end), Some(revoked)) => end.abs_diff(revoked) <= SAME_GRANT_WITHIN,
+        _ => false,
     }
 }
 
@@ -592,6 +609,22 @@ mod tests {
         ] {
             assert!(!on_loopback(endpoint), "{endpoint}");
         }
+    }
+
+    #[test]
+    fn a_revocation_ends_the_grant_it_names_and_spares_a_newer_one() {
+        let hour = 3_600_000;
+        assert!(
+            same_grant(Some(10 * hour), Some(10 * hour + 3)),
+            "carried over in whole ms"
+        );
+        assert!(same_grant(None, None));
+        assert!(
+            !same_grant(Some(11 * hour), Some(10 * hour)),
+            "knocked again since"
+        );
+        assert!(!same_grant(Some(10 * hour), None));
+        assert!(!same_grant(None, Some(10 * hour)));
     }
 
     #[test]

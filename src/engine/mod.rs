@@ -585,7 +585,7 @@ impl Engine {
         });
         if output.action == ScriptAction::Revoke {
             self.prefixes
-                .revoke(src, Some(key), RevokeReason::CloseKnock, events);
+                .revoke(src, Some(key), RevokeReason::CloseKnock, |_| true, events);
         }
         true
     }
@@ -698,16 +698,18 @@ impl Engine {
     }
 
     /// Ends the grants of `src`, under one policy or all, and the network
-    /// grants that hold it, for `reason` (an operator's, or another
-    /// node's); returns how many there were.
+    /// grants that hold it, that `which` picks (a revocation from another
+    /// node names the grant it ended, and spares a newer one), for
+    /// `reason`; returns how many there were.
     pub fn revoke(
         &self,
         src: IpAddr,
         policy: Option<PolicyKey>,
         reason: RevokeReason,
+        which: impl Fn(&GrantScope) -> bool,
         events: &mut impl EventSink,
     ) -> usize {
-        let networks = self.prefixes.revoke(src, policy, reason, events);
+        let networks = self.prefixes.revoke(src, policy, reason, &which, events);
         let addresses = self
             .sources
             .update(src, false, events, |source, events| {
@@ -715,6 +717,7 @@ impl Engine {
                 for slot in source
                     .slots_mut()
                     .filter(|slot| policy.is_none_or(|p| p == slot.policy))
+                    .filter(|slot| which(&slot.scope()))
                 {
                     let key = slot.policy;
                     let mut emit = |kind, grant| {

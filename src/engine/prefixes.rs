@@ -102,13 +102,14 @@ impl PrefixGrants {
         true
     }
 
-    /// Ends the grants that hold `src`, of `policy` or of any; returns how
-    /// many.
+    /// Ends the grants that hold `src`, of `policy` or of any, that
+    /// `which` picks; returns how many.
     pub fn revoke(
         &self,
         src: IpAddr,
         policy: Option<PolicyKey>,
         reason: RevokeReason,
+        which: impl Fn(&GrantScope) -> bool,
         events: &mut impl EventSink,
     ) -> usize {
         if !self.any() {
@@ -117,9 +118,12 @@ impl PrefixGrants {
         let mut list = self.list.write().unwrap_or_else(PoisonError::into_inner);
         let before = list.len();
         list.retain(|grant| {
-            let ends = grant.net.contains(&src) && policy.is_none_or(|p| p == grant.policy);
+            let event = grant.event(EventKind::Revoked(reason));
+            let ends = grant.net.contains(&src)
+                && policy.is_none_or(|p| p == grant.policy)
+                && which(&event.grant);
             if ends {
-                events.event(grant.event(EventKind::Revoked(reason)));
+                events.event(event);
             }
             !ends
         });

@@ -158,7 +158,7 @@ impl PolicyState {
     }
 
     /// The grant events are about.
-    fn scope(&self) -> GrantScope {
+    pub fn scope(&self) -> GrantScope {
         GrantScope {
             prefix: None,
             ports: self.ports,

@@ -468,12 +468,12 @@ fn an_operator_can_grant_without_knocking_and_revoke() {
     );
     assert_eq!(
         gate.engine
-            .revoke(src, None, RevokeReason::Admin, &mut gate.events),
+            .revoke(src, None, RevokeReason::Admin, |_| true, &mut gate.events),
         1
     );
     assert_eq!(
         gate.engine
-            .revoke(src, None, RevokeReason::Admin, &mut gate.events),
+            .revoke(src, None, RevokeReason::Admin, |_| true, &mut gate.events),
         0
     );
     assert_eq!(gate.syn("10.0.0.7", 22), NO_GRANT);
@@ -499,6 +499,7 @@ fn revoking_one_policy_keeps_the_others() {
             ip("10.0.0.2"),
             Some(gate.key("web")),
             RevokeReason::Admin,
+            |_| true,
             &mut gate.events
         ),
         1
@@ -825,10 +826,20 @@ fn a_grant_of_another_node_keeps_its_origin_and_ends_by_a_cluster_revoke() {
     assert_eq!(gate.syn("10.0.0.2", 22), ACCEPT);
     assert_eq!(gate.engine.grants(now)[0].origin, Origin(2));
     gate.events.clear();
+    let other_grant = |scope: &GrantScope| scope.until == Timestamp::from_millis(1);
+    let spared = gate.engine.revoke(
+        ip("10.0.0.2"),
+        Some(key),
+        RevokeReason::Cluster,
+        other_grant,
+        &mut gate.events,
+    );
+    assert_eq!(spared, 0, "not the grant named");
     let revoked = gate.engine.revoke(
         ip("10.0.0.2"),
         Some(key),
         RevokeReason::Cluster,
+        |_| true,
         &mut gate.events,
     );
     assert_eq!(revoked, 1);
