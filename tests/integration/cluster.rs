@@ -89,7 +89,11 @@ impl Fleet {
             fleet.etcd.push(Some(child));
         }
         fleet.wait_for_etcd();
-        for gate in 0..GATES.len() {
+        for (gate, address) in GATES.iter().enumerate() {
+            let ns = fleet.ns(&format!("gate{}", gate + 1));
+            fleet
+                .listeners
+                .push(listen_in(&ns, &[format!("{address}:22")]));
             let daemon = fleet.start_gate(gate, policies);
             fleet.gates.push(Some(daemon));
         }
@@ -285,8 +289,6 @@ impl Fleet {
             ),
             "loading the rules",
         );
-        self.listeners
-            .push(listen_in(&ns, &[format!("{}:22", GATES[gate])]));
         let args = [
             "--control-socket".to_owned(),
             self.control_socket(gate).display().to_string(),
@@ -556,7 +558,7 @@ fn the_fleet_rides_out_a_leader_kill_and_a_full_etcd_outage() {
     let killed = Instant::now();
     // Grants by hand on gate 1 until one reaches gate 2.
     let mut i = 0;
-    let disruption = loop {
+    let (crossed, disruption) = loop {
         i += 1;
         let src = format!("10.30.0.{i}");
         fleet.control(0, &format!("grant {src} --policy ssh"));
@@ -571,7 +573,7 @@ fn the_fleet_rides_out_a_leader_kill_and_a_full_etcd_outage() {
             sleep(Duration::from_millis(20));
         };
         if arrived {
-            break killed.elapsed();
+            break (src, killed.elapsed());
         }
         assert!(
             killed.elapsed() < Duration::from_secs(30),
@@ -601,11 +603,24 @@ fn the_fleet_rides_out_a_leader_kill_and_a_full_etcd_outage() {
         sample(&metrics, "knockq_cluster_connected") == Some(0.0)
             && sample(&metrics, "knockq_cluster_backlog") == Some(1.0)
     });
+    // A restart meanwhile keeps what gate 2 learned: the state file is the
+    // local truth, origins included.
+    fleet.gates[1].take().unwrap().stop(libc::SIGTERM);
+    let restarted = fleet.start_gate(1, SSH);
+    fleet.gates[1] = Some(restarted);
+    let status = fleet.control(1, "status");
+    let line = status.lines().find(|l| l.contains(&crossed));
+    assert!(line.is_some_and(|l| l.contains("from gate-1")), "{status}");
     for member in 0..3 {
         let child = fleet.start_member(member);
         fleet.etcd[member] = Some(child);
     }
     fleet.eventually(me, 1, true, 30);
+    let status = fleet.control(1, "status");
+    assert!(
+        status.contains(&crossed),
+        "still in etcd, kept on resync: {status}"
+    );
     fleet.eventually(me, 2, true, 10);
     assert_eq!(
         sample(&fleet.metrics(0), "knockq_cluster_backlog"),
