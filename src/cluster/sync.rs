@@ -209,7 +209,10 @@ impl Sync {
             .with_timeout(REQUEST_TIMEOUT)
             // etcd refuses pings more often than every 5 s by default.
             .with_keep_alive(KEEP_ALIVE, REQUEST_TIMEOUT)
-            .with_keep_alive_while_idle(true);
+            .with_keep_alive_while_idle(true)
+            // A member cut off from the others ends the watch instead of
+            // keeping it open with nothing coming: the session moves on.
+            .with_require_leader(true);
         if let Some(ca) = &self.config.ca {
             let mut tls = TlsOptions::new().ca_certificate(Certificate::from_pem(ca));
             if let Some((cert, key)) = &self.config.identity {

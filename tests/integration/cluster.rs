@@ -629,6 +629,70 @@ fn the_fleet_rides_out_a_leader_kill_and_a_full_etcd_outage() {
 }
 
 #[test]
+fn a_member_cut_off_from_the_others_is_left_for_one_that_is_not() {
+    if !can_run_fleet("a_member_cut_off_from_the_others_is_left_for_one_that_is_not") {
+        return;
+    }
+    let fleet = Fleet::new(3, Transport::Plain, SSH);
+    for gate in 0..3 {
+        fleet.wait_until_in_sync(gate);
+    }
+    // Every gate starts with the first member: cut it off from its peers.
+    // Still up and reachable, it has no leader, so the gates' watches on it
+    // end and they move on.
+    succeeded(
+        in_namespace(
+            &fleet.ns("etcd1"),
+            "for chain in INPUT OUTPUT; do for port in --dport --sport; do \
+               iptables -A $chain -p tcp $port 2380 -j DROP || exit 1; done; done",
+        ),
+        "partitioning etcd1",
+    );
+    let cut = Instant::now();
+    wait_for("etcd1 to lose the others", || {
+        let put = in_namespace(
+            &fleet.ns("etcd1"),
+            &format!(
+                "ETCDCTL_API=3 etcdctl --endpoints http://{}:2379 --command-timeout=1s put /probe x",
+                MEMBERS[0]
+            ),
+        );
+        !put.status.success()
+    });
+    let mut i = 0;
+    loop {
+        i += 1;
+        let src = format!("10.40.0.{i}");
+        fleet.control(0, &format!("grant {src} --policy ssh"));
+        let tried = Instant::now();
+        while tried.elapsed() < Duration::from_millis(500)
+            && !fleet.control(1, "status").contains(&src)
+        {
+            sleep(Duration::from_millis(20));
+        }
+        if fleet.control(1, "status").contains(&src) {
+            break;
+        }
+        assert!(
+            cut.elapsed() < Duration::from_secs(30),
+            "no grant crossed:\n{}",
+            fleet.gate(1).log()
+        );
+    }
+    eprintln!(
+        "first member cut off: grants crossed again after {:.2} s",
+        cut.elapsed().as_secs_f64()
+    );
+    assert!(
+        fleet
+            .gate(1)
+            .log()
+            .contains("in sync with etcd at http://10.10.0.2"),
+        "moved to another member"
+    );
+}
+
+#[test]
 fn a_rotating_window_spent_on_one_gate_is_refused_on_another() {
     if !can_run_fleet("a_rotating_window_spent_on_one_gate_is_refused_on_another") {
         return;
