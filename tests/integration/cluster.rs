@@ -375,6 +375,29 @@ impl Fleet {
         }
     }
 
+    /// Makes grants by hand on gate 1, one every half second, from
+    /// addresses under `network` (three octets), until one reaches gate 2;
+    /// returns it and the time from `since`.
+    fn first_grant_to_cross(&self, network: &str, since: Instant) -> (String, Duration) {
+        for i in 1.. {
+            let src = format!("{network}.{i}");
+            self.control(0, &format!("grant {src} --policy ssh"));
+            let tried = Instant::now();
+            while tried.elapsed() < Duration::from_millis(500) {
+                if self.control(1, "status").contains(&src) {
+                    return (src, since.elapsed());
+                }
+                sleep(Duration::from_millis(20));
+            }
+            assert!(
+                since.elapsed() < Duration::from_secs(30),
+                "no grant crossed:\n{}",
+                self.gate(0).log()
+            );
+        }
+        unreachable!("the loop returns or fails")
+    }
+
     /// The member that leads, by its index.
     fn leader(&self) -> usize {
         let out = succeeded(self.etcdctl("endpoint status -w json"), "endpoint status");
@@ -557,30 +580,7 @@ fn the_fleet_rides_out_a_leader_kill_and_a_full_etcd_outage() {
     fleet.stop_member(leader);
     let killed = Instant::now();
     // Grants by hand on gate 1 until one reaches gate 2.
-    let mut i = 0;
-    let (crossed, disruption) = loop {
-        i += 1;
-        let src = format!("10.30.0.{i}");
-        fleet.control(0, &format!("grant {src} --policy ssh"));
-        let tried = Instant::now();
-        let arrived = loop {
-            if fleet.control(1, "status").contains(&src) {
-                break true;
-            }
-            if tried.elapsed() > Duration::from_millis(500) {
-                break false;
-            }
-            sleep(Duration::from_millis(20));
-        };
-        if arrived {
-            break (src, killed.elapsed());
-        }
-        assert!(
-            killed.elapsed() < Duration::from_secs(30),
-            "no grant crossed after the leader died:\n{}",
-            fleet.gate(0).log()
-        );
-    };
+    let (crossed, disruption) = fleet.first_grant_to_cross("10.30.0", killed);
     eprintln!(
         "etcd leader killed: grants crossed again after {:.2} s",
         disruption.as_secs_f64()
@@ -659,29 +659,10 @@ fn a_member_cut_off_from_the_others_is_left_for_one_that_is_not() {
         );
         !put.status.success()
     });
-    let mut i = 0;
-    loop {
-        i += 1;
-        let src = format!("10.40.0.{i}");
-        fleet.control(0, &format!("grant {src} --policy ssh"));
-        let tried = Instant::now();
-        while tried.elapsed() < Duration::from_millis(500)
-            && !fleet.control(1, "status").contains(&src)
-        {
-            sleep(Duration::from_millis(20));
-        }
-        if fleet.control(1, "status").contains(&src) {
-            break;
-        }
-        assert!(
-            cut.elapsed() < Duration::from_secs(30),
-            "no grant crossed:\n{}",
-            fleet.gate(1).log()
-        );
-    }
+    let (_, crossed_after) = fleet.first_grant_to_cross("10.40.0", cut);
     eprintln!(
         "first member cut off: grants crossed again after {:.2} s",
-        cut.elapsed().as_secs_f64()
+        crossed_after.as_secs_f64()
     );
     assert!(
         fleet
