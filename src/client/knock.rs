@@ -2,8 +2,11 @@
 //! waiting for the gate's answer so the SYNs cannot overtake one another.
 
 use std::io;
-use std::net::{IpAddr, SocketAddr, TcpStream, ToSocketAddrs};
-use std::time::Duration;
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
+
+use socket2::{Domain, Protocol, Socket, Type};
 
 use super::ClientError;
 
@@ -19,6 +22,8 @@ pub enum Answer {
     Silence,
     /// The connection was accepted: the port is open, not a knock port.
     Open,
+    /// The attempt ended, not accepted, and the kernel kept no reason.
+    Ended,
 }
 
 impl Answer {
@@ -28,6 +33,7 @@ impl Answer {
             Answer::Prohibited => "prohibited",
             Answer::Silence => "no answer",
             Answer::Open => "open",
+            Answer::Ended => "ended without a reason",
         }
     }
 }
@@ -66,13 +72,59 @@ pub fn send(
             std::thread::sleep(options.delay);
         }
         let target = SocketAddr::new(addr, port);
-        let answer = match TcpStream::connect_timeout(&target, options.timeout) {
-            Ok(_) => Answer::Open,
-            Err(e) => answer_to(e).map_err(|source| ClientError::Knock { target, source })?,
-        };
+        let answer = attempt(target, options.timeout)
+            .map_err(|source| ClientError::Knock { target, source })?;
         on_answer(port, answer);
     }
     Ok(())
+}
+
+/// One connection attempt to `target` and the gate's answer to it.
+///
+/// Written on socket2 rather than `TcpStream::connect_timeout`, because std
+/// reports an attempt that the kernel ended without keeping an error code
+/// (seen under load after an ICMP reject) as an error of its own, which
+/// cannot be told apart from a knock that never left.
+fn attempt(target: SocketAddr, timeout: Duration) -> io::Result<Answer> {
+    let socket = Socket::new(Domain::for_address(target), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_nonblocking(true)?;
+    match socket.connect(&target.into()) {
+        Ok(()) => return Ok(Answer::Open),
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return answer_to(e),
+    }
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ok(Answer::Silence);
+        }
+        let mut pollfd = libc::pollfd {
+            fd: socket.as_raw_fd(),
+            events: libc::POLLOUT,
+            revents: 0,
+        };
+        let millis = i32::try_from(left.as_micros().div_ceil(1000)).unwrap_or(i32::MAX);
+        // SAFETY: one valid pollfd, owned by this frame.
+        match unsafe { libc::poll(&mut pollfd, 1, millis) } {
+            -1 => {
+                let error = io::Error::last_os_error();
+                if error.kind() != io::ErrorKind::Interrupted {
+                    return Err(error);
+                }
+            }
+            0 => {}
+            _ => {
+                return match socket.take_error()? {
+                    Some(error) => answer_to(error),
+                    None if pollfd.revents & (libc::POLLHUP | libc::POLLERR) != 0 => {
+                        Ok(Answer::Ended)
+                    }
+                    None => Ok(Answer::Open),
+                };
+            }
+        }
+    }
 }
 
 /// A failed connection attempt as the gate's answer, or as the error that
