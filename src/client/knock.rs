@@ -86,7 +86,11 @@ pub fn send(
 /// (seen under load after an ICMP reject) as an error of its own, which
 /// cannot be told apart from a knock that never left.
 fn attempt(target: SocketAddr, timeout: Duration) -> io::Result<Answer> {
-    let socket = Socket::new(Domain::for_address(target), Type::STREAM, Some(Protocol::TCP))?;
+    let socket = Socket::new(
+        Domain::for_address(target),
+        Type::STREAM,
+        Some(Protocol::TCP),
+    )?;
     socket.set_nonblocking(true)?;
     match socket.connect(&target.into()) {
         Ok(()) => return Ok(Answer::Open),
