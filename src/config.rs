@@ -33,6 +33,15 @@ pub struct Config {
 }
 
 impl Config {
+    /// How long a source stays in the kernel's knocking set after a knock
+    /// ([rules] offload): the longest step window in whole seconds, and one
+    /// more, so every source with progress in the engine is in it (the
+    /// kernel adds it a moment before the engine decides the knock).
+    pub fn knocking_window(&self) -> Duration {
+        let longest = self.policies.iter().map(|p| p.step_timeout).max();
+        Duration::from_secs(longest.unwrap_or_default().as_secs_f64().ceil() as u64 + 1)
+    }
+
     /// The first setting a running daemon cannot take on without a restart,
     /// if `new` changes one.
     pub fn needs_restart_for(&self, new: &Config) -> Option<&'static str> {
@@ -52,6 +61,10 @@ impl Config {
             ("[state]", self.state != new.state),
             ("[hooks]", self.hooks != new.hooks),
             ("[cluster]", self.cluster != new.cluster),
+            (
+                "the longest step_timeout, beyond the kernel's knocking set timeout ([rules] offload)",
+                self.rules.offload && new.knocking_window() > self.knocking_window(),
+            ),
         ]
         .into_iter()
         .find_map(|(section, changed)| changed.then_some(section))
@@ -126,6 +139,10 @@ pub struct RulesConfig {
     /// Sources accepted ahead of the queue rule: management networks that
     /// must never be locked out.
     pub always_allow: Vec<IpNet>,
+    /// Decide in the kernel what needs no engine: sources neither knocking
+    /// nor granted are rejected there, granted (source, port) pairs are
+    /// accepted there from sets knockq keeps (src/firewall/sets.rs).
+    pub offload: bool,
 }
 
 /// The Prometheus scrape endpoint.

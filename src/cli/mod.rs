@@ -187,6 +187,9 @@ enum RulesBackend {
     Iptables,
     /// IPv6 rules for ip6tables-restore (printed only).
     Ip6tables,
+    /// With [rules] offload, the sets the iptables rules use, for ipset
+    /// restore (printed only: --backend iptables loads them).
+    Ipset,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -331,13 +334,15 @@ fn rules(config: &Path, backend: RulesBackend, apply: bool, remove: bool) -> any
     let chosen = || match backend {
         RulesBackend::Auto => Firewall::detect(),
         RulesBackend::Nft => Firewall::Nft,
-        RulesBackend::Iptables | RulesBackend::Ip6tables => Firewall::Iptables,
+        RulesBackend::Iptables | RulesBackend::Ip6tables | RulesBackend::Ipset => {
+            Firewall::Iptables
+        }
     };
-    if backend == RulesBackend::Ip6tables && (apply || remove) {
+    if matches!(backend, RulesBackend::Ip6tables | RulesBackend::Ipset) && (apply || remove) {
         Cli::command()
             .error(
                 clap::error::ErrorKind::ArgumentConflict,
-                "--backend ip6tables only prints: --backend iptables loads and removes the IPv6 rules too",
+                "--backend ip6tables and ipset only print: --backend iptables loads and removes the IPv6 rules and the ipsets too",
             )
             .exit();
     }
@@ -365,10 +370,16 @@ fn rules(config: &Path, backend: RulesBackend, apply: bool, remove: bool) -> any
         return Ok(());
     }
     let printed: &[Backend] = match backend {
-        RulesBackend::Auto => chosen().backends(),
+        RulesBackend::Auto => match (chosen(), rules.offload()) {
+            (Firewall::Iptables, Some(_)) => {
+                &[Backend::Ipset, Backend::Iptables, Backend::Ip6tables]
+            }
+            (firewall, _) => firewall.backends(),
+        },
         RulesBackend::Nft => &[Backend::Nft],
         RulesBackend::Iptables => &[Backend::Iptables],
         RulesBackend::Ip6tables => &[Backend::Ip6tables],
+        RulesBackend::Ipset => &[Backend::Ipset],
     };
     for &backend in printed {
         print!("{}", rules.render(backend));

@@ -10,7 +10,8 @@ use std::io::ErrorKind::NotFound;
 use std::io::Write;
 use std::process::{Command, Output, Stdio};
 
-use super::{Backend, Jump, Ruleset, CHAIN, NFT_TABLE};
+use super::sets::{KernelCounts, KernelSet};
+use super::{Backend, Jump, Ruleset, CHAIN, NFT_TABLE, SYN_CHAIN};
 
 /// A firewall knockq can load its rules into, both address families.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,7 +73,7 @@ fn iptables_tools(backend: Backend) -> (&'static str, &'static str) {
     match backend {
         Backend::Iptables => ("iptables-restore", "iptables"),
         Backend::Ip6tables => ("ip6tables-restore", "ip6tables"),
-        Backend::Nft => unreachable!("nft is not an iptables family"),
+        Backend::Nft | Backend::Ipset => unreachable!("not an iptables family"),
     }
 }
 
@@ -80,10 +81,16 @@ fn iptables_tools(backend: Backend) -> (&'static str, &'static str) {
 /// one transaction; for iptables both families are checked by the kernel
 /// first, then each replaces chain KNOCKQ in one commit, and the jump from
 /// INPUT is added only where it is missing. The host's own rules are kept.
+/// With offload, the ipsets the iptables rules use are created first, where
+/// missing, and their knock ports replaced; without it, those of an earlier
+/// offload are removed after.
 pub fn apply(rules: &Ruleset, firewall: Firewall) -> Result<(), LoadError> {
     match firewall {
         Firewall::Nft => expect_success("nft", &["-f", "-"], &rules.render(Backend::Nft)),
         Firewall::Iptables => {
+            if let Some(offload) = rules.offload() {
+                update_sets(Firewall::Iptables, &offload.ipset_create())?;
+            }
             let texts: Vec<_> = Backend::IPTABLES
                 .iter()
                 .map(|&backend| {
@@ -108,9 +115,64 @@ pub fn apply(rules: &Ruleset, firewall: Firewall) -> Result<(), LoadError> {
                     return Err(LoadError::RolledBack(Box::new(err)));
                 }
             }
+            if rules.offload().is_none() {
+                for backend in Backend::IPTABLES {
+                    remove_syn_chain(backend)?;
+                }
+                destroy_ipsets()?;
+            }
             Ok(())
         }
     }
+}
+
+/// Changes the kernel sets with `text`: `nft -f` input (one transaction),
+/// or `ipset -exist restore` input.
+pub fn update_sets(firewall: Firewall, text: &str) -> Result<(), LoadError> {
+    match firewall {
+        Firewall::Nft => expect_success("nft", &["-f", "-"], text),
+        Firewall::Iptables => expect_success("ipset", &["-exist", "restore"], text),
+    }
+}
+
+/// The firewall whose offload sets are in the kernel now, if any.
+pub fn offload_sets() -> Option<Firewall> {
+    let granted = KernelSet::Granted(super::Family::V4);
+    let present = |tool, args: &[&str]| run(tool, args, None).is_ok_and(|o| o.status.success());
+    if present("nft", &["list", "set", "inet", NFT_TABLE, granted.nft()]) {
+        return Some(Firewall::Nft);
+    }
+    if present("ipset", &["list", "-n", granted.ipset()]) {
+        return Some(Firewall::Iptables);
+    }
+    None
+}
+
+/// The packets the kernel decided itself, from the offload rules' counters.
+pub fn kernel_counts(firewall: Firewall) -> Result<KernelCounts, LoadError> {
+    let mut counts = KernelCounts::default();
+    let listed = |tool, args: &[&str]| {
+        let out = run(tool, args, None)?;
+        match out.status.success() {
+            true => Ok(String::from_utf8_lossy(&out.stdout).into_owned()),
+            false => Err(refused(tool, &out)),
+        }
+    };
+    match firewall {
+        Firewall::Nft => {
+            let json = listed("nft", &["-j", "list", "chain", "inet", NFT_TABLE, "syn"])?;
+            counts.add_nft_json(&json).map_err(|e| LoadError::Refused {
+                tool: "nft",
+                message: format!("unreadable listing: {e}"),
+            })?;
+        }
+        Firewall::Iptables => {
+            for tool in ["iptables-save", "ip6tables-save"] {
+                counts.add_iptables_save(&listed(tool, &["-c", "-t", "filter"])?);
+            }
+        }
+    }
+    Ok(counts)
 }
 
 /// Removes exactly what [`apply`] added, wherever it is; nothing else.
@@ -142,9 +204,44 @@ pub fn remove(firewall: Firewall) -> Result<bool, LoadError> {
             for backend in Backend::IPTABLES {
                 removed |= remove_iptables(backend)?;
             }
-            Ok(removed)
+            Ok(destroy_ipsets()? || removed)
         }
     }
+}
+
+/// Removes the offload chain, once nothing jumps to it.
+fn remove_syn_chain(backend: Backend) -> Result<bool, LoadError> {
+    let (loader, checker) = iptables_tools(backend);
+    if !run(checker, &["-w", "-S", SYN_CHAIN], None)?
+        .status
+        .success()
+    {
+        return Ok(false);
+    }
+    let text = format!("*filter\n-F {SYN_CHAIN}\n-X {SYN_CHAIN}\nCOMMIT\n");
+    expect_success(loader, &["--noflush"], &text)?;
+    Ok(true)
+}
+
+/// Destroys knockq's ipsets, once no rule uses them.
+fn destroy_ipsets() -> Result<bool, LoadError> {
+    let Some(listed) = installed(run("ipset", &["list", "-n"], None))? else {
+        return Ok(false);
+    };
+    let names = String::from_utf8_lossy(&listed.stdout);
+    let ours: Vec<&str> = names
+        .lines()
+        .filter(|name| KernelSet::ALL.iter().any(|set| set.ipset() == *name))
+        .collect();
+    if ours.is_empty() {
+        return Ok(false);
+    }
+    let text: String = ours
+        .iter()
+        .map(|name| format!("destroy {name}\n"))
+        .collect();
+    update_sets(Firewall::Iptables, &text)?;
+    Ok(true)
 }
 
 /// Every jump from INPUT to KNOCKQ, then the chain, in one commit.
@@ -172,6 +269,7 @@ fn remove_iptables(backend: Backend) -> Result<bool, LoadError> {
     }
     text += "COMMIT\n";
     expect_success(loader, &["--noflush"], &text)?;
+    remove_syn_chain(backend)?;
     Ok(true)
 }
 

@@ -7,10 +7,12 @@
 //! placed before the queue rule; nothing marked ever reaches the queue again.
 
 pub mod load;
+pub mod sets;
 
 use ipnet::IpNet;
 
 use crate::config::{Config, QueueConfig, RejectWith};
+use sets::{KernelSet, Offload, KERNEL_ACCEPT, KERNEL_REJECT, KNOCKING_FULL};
 use std::fmt::Write;
 
 /// Mark on a packet the daemon rejects; the packet re-enters the hook.
@@ -20,6 +22,8 @@ pub const ACCEPT_MARK: u32 = 0x6b71_0002;
 
 /// The iptables chain holding knockq's rules.
 pub const CHAIN: &str = "KNOCKQ";
+/// With offload, the iptables chain deciding NEW SYNs.
+pub const SYN_CHAIN: &str = "KNOCKQ-SYN";
 /// The nftables table holding knockq's rules (family inet).
 pub const NFT_TABLE: &str = "knockq";
 
@@ -31,6 +35,8 @@ pub enum Backend {
     Ip6tables,
     /// IPv4 and IPv6 rules for nft -f, in table inet knockq.
     Nft,
+    /// With offload, the sets the iptables rules use, for ipset restore.
+    Ipset,
 }
 
 impl Backend {
@@ -42,6 +48,7 @@ impl Backend {
             Backend::Iptables => "iptables",
             Backend::Ip6tables => "ip6tables",
             Backend::Nft => "nft",
+            Backend::Ipset => "ipset",
         }
     }
 }
@@ -51,6 +58,7 @@ pub struct Ruleset {
     queue: QueueConfig,
     reject_with: RejectWith,
     always_allow: Vec<IpNet>,
+    offload: Option<Offload>,
 }
 
 /// Whether iptables text carries the jump from INPUT to [`CHAIN`]: loaded
@@ -61,8 +69,8 @@ enum Jump {
     Present,
 }
 
-#[derive(Clone, Copy)]
-enum Family {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
     V4,
     V6,
 }
@@ -73,7 +81,13 @@ impl Ruleset {
             queue: config.queue.clone(),
             reject_with: config.verdict.reject_with,
             always_allow: config.rules.always_allow.clone(),
+            offload: Offload::from_config(config),
         }
+    }
+
+    /// The kernel sets, with `[rules] offload`.
+    pub fn offload(&self) -> Option<&Offload> {
+        self.offload.as_ref()
     }
 
     pub fn render(&self, backend: Backend) -> String {
@@ -87,6 +101,13 @@ impl Ruleset {
             Backend::Iptables => self.iptables(Family::V4, jump),
             Backend::Ip6tables => self.iptables(Family::V6, jump),
             Backend::Nft => self.nft(),
+            Backend::Ipset => match &self.offload {
+                Some(offload) => format!(
+                    "# knockq's sets for ipset -exist restore, used by its iptables rules.\n{}",
+                    offload.ipset_create()
+                ),
+                None => "# knockq uses no ipsets without [rules] offload.\n".to_owned(),
+            },
         }
     }
 
@@ -95,8 +116,15 @@ impl Ruleset {
             true => "fail open: SYNs pass while knockq is down or its queue is full",
             false => "fail closed: SYNs are dropped while knockq is down",
         };
+        let offload = match self.offload {
+            Some(_) => {
+                "# offload: the kernel accepts granted (source, port) pairs and rejects\n\
+                 # sources neither knocking nor granted; knocks and knocking sources are queued.\n"
+            }
+            None => "",
+        };
         format!(
-            "# knockq rules for {loader}: {}, rejected SYNs get {}.\n# {failure}.\n",
+            "# knockq rules for {loader}: {}, rejected SYNs get {}.\n# {failure}.\n{offload}",
             self.queue,
             self.reject_with.as_str()
         )
@@ -120,6 +148,9 @@ impl Ruleset {
             "# A complete minimal filter table; with --noflush the jump to KNOCKQ is\n\
              # appended to an existing INPUT chain instead.\n",
         );
+        if self.offload.is_some() {
+            out.push_str("# Needs knockq's ipsets: `knockq rules --apply` creates them.\n");
+        }
         let reject = format!("-m mark --mark {REJECT_MARK:#x}");
         let mut queue = match self.queue.count {
             1 => format!("--queue-num {}", self.queue.num),
@@ -128,9 +159,12 @@ impl Ruleset {
         if self.queue.fail_open {
             queue.push_str(" --queue-bypass");
         }
-        // With --noflush, declaring the chain empties it: its rules are
+        // With --noflush, declaring a chain empties it: its rules are
         // replaced in the same commit.
         let _ = writeln!(out, "*filter\n:{CHAIN} - [0:0]");
+        if self.offload.is_some() {
+            let _ = writeln!(out, ":{SYN_CHAIN} - [0:0]");
+        }
         if jump == Jump::Add {
             let _ = writeln!(out, "-A INPUT -j {CHAIN}");
         }
@@ -142,17 +176,58 @@ impl Ruleset {
         for net in self.allowed(family) {
             let _ = writeln!(out, "-A {CHAIN} -s {net} -j ACCEPT");
         }
-        if let Some((proto, with)) = iptables_reject(self.reject_with, family) {
+        let rejection = iptables_reject(self.reject_with, family);
+        if let Some((proto, with)) = rejection {
             let _ = writeln!(
                 out,
                 "-A {CHAIN}{proto} {reject} -j REJECT --reject-with {with}"
             );
         }
         let _ = writeln!(out, "-A {CHAIN} {reject} -j DROP");
+        let new_syn = format!("-A {CHAIN} -p tcp --syn -m conntrack --ctstate NEW");
+        let Some(offload) = &self.offload else {
+            let _ = writeln!(out, "{new_syn} -j NFQUEUE {queue}\nCOMMIT");
+            return out;
+        };
+        let set = |set: KernelSet| set.ipset();
+        let ports = format!("-m set --match-set {} dst", set(KernelSet::KnockPorts));
+        let knocking = set(KernelSet::Knocking(family));
+        let syn = format!("-A {SYN_CHAIN}");
+        let comment = |text: &str| format!("-m comment --comment {text}");
+        let _ = writeln!(out, "{new_syn} -j {SYN_CHAIN}");
+        // The knocking set is refreshed by a rule of its own, so a full set
+        // never costs a knock; the next rule counts what it could not add.
         let _ = writeln!(
             out,
-            "-A {CHAIN} -p tcp --syn -m conntrack --ctstate NEW -j NFQUEUE {queue}\nCOMMIT"
+            "{syn} {ports} -j SET --add-set {knocking} src --exist --timeout {}",
+            offload.knocking_window.as_secs()
         );
+        let _ = writeln!(
+            out,
+            "{syn} {ports} -m set ! --match-set {knocking} src {}",
+            comment(KNOCKING_FULL)
+        );
+        let _ = writeln!(out, "{syn} {ports} -j NFQUEUE {queue}");
+        let _ = writeln!(
+            out,
+            "{syn} -m set --match-set {knocking} src -j NFQUEUE {queue}"
+        );
+        for granted in [KernelSet::Granted(family), KernelSet::GrantedNets(family)] {
+            let _ = writeln!(
+                out,
+                "{syn} -m set --match-set {} src,dst {} -j ACCEPT",
+                set(granted),
+                comment(KERNEL_ACCEPT)
+            );
+        }
+        if let Some((proto, with)) = rejection {
+            let _ = writeln!(
+                out,
+                "{syn}{proto} {} -j REJECT --reject-with {with}",
+                comment(KERNEL_REJECT)
+            );
+        }
+        let _ = writeln!(out, "{syn} {} -j DROP\nCOMMIT", comment(KERNEL_REJECT));
         out
     }
 
@@ -167,13 +242,15 @@ impl Ruleset {
         if self.queue.fail_open {
             queue.push_str(" bypass");
         }
+        let sets = self.offload.as_ref().map(Offload::nft_sets);
         let _ = writeln!(
             out,
             "table inet {NFT_TABLE}\ndelete table inet {NFT_TABLE}\ntable inet {NFT_TABLE} {{\n\
-             \tchain input {{\n\
+             {}\tchain input {{\n\
              \t\ttype filter hook input priority filter; policy accept;\n\
              \t\tiif \"lo\" accept\n\
-             \t\tct state established,related accept"
+             \t\tct state established,related accept",
+            sets.unwrap_or_default()
         );
         for (family, match_) in [(Family::V4, "ip"), (Family::V6, "ip6")] {
             for net in self.allowed(family) {
@@ -184,10 +261,46 @@ impl Ruleset {
             let _ = writeln!(out, "\t\t{mark} {rule}");
         }
         let _ = writeln!(out, "\t\t{mark} counter drop");
+        let new_syn = "tcp flags & (fin | syn | rst | ack) == syn ct state new";
+        if self.offload.is_none() {
+            let _ = writeln!(out, "\t\t{new_syn} counter queue num {queue}\n\t}}\n}}");
+            return out;
+        }
+        let _ = writeln!(out, "\t\t{new_syn} jump syn\n\t}}\n\tchain syn {{");
+        let ports = format!("tcp dport @{}", KernelSet::KnockPorts.nft());
+        // As with iptables: the update is a rule of its own, and the next
+        // counts the knocks a full knocking set could not record.
+        for (family, nfproto, saddr) in [(Family::V4, "ipv4", "ip"), (Family::V6, "ipv6", "ip6")] {
+            let knocking = KernelSet::Knocking(family).nft();
+            let _ = writeln!(
+                out,
+                "\t\tmeta nfproto {nfproto} {ports} update @{knocking} {{ {saddr} saddr }}\n\
+                 \t\tmeta nfproto {nfproto} {ports} {saddr} saddr != @{knocking} counter comment \"{KNOCKING_FULL}\""
+            );
+        }
+        let _ = writeln!(out, "\t\t{ports} counter queue num {queue}");
+        for (family, saddr) in [(Family::V4, "ip"), (Family::V6, "ip6")] {
+            let knocking = KernelSet::Knocking(family).nft();
+            let _ = writeln!(
+                out,
+                "\t\t{saddr} saddr @{knocking} counter queue num {queue}"
+            );
+        }
+        for (family, saddr) in [(Family::V4, "ip"), (Family::V6, "ip6")] {
+            for granted in [KernelSet::Granted(family), KernelSet::GrantedNets(family)] {
+                let _ = writeln!(
+                    out,
+                    "\t\t{saddr} saddr . tcp dport @{} counter accept comment \"{KERNEL_ACCEPT}\"",
+                    granted.nft()
+                );
+            }
+        }
+        for rule in nft_rejects(self.reject_with) {
+            let _ = writeln!(out, "\t\t{rule} comment \"{KERNEL_REJECT}\"");
+        }
         let _ = writeln!(
             out,
-            "\t\ttcp flags & (fin | syn | rst | ack) == syn ct state new counter queue num {queue}\n\
-             \t}}\n}}"
+            "\t\tcounter drop comment \"{KERNEL_REJECT}\"\n\t}}\n}}"
         );
         out
     }
