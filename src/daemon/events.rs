@@ -41,9 +41,16 @@ pub struct EventReport {
 }
 
 /// What hears of every grant change, claim and replay, on the thread the
-/// event happened on: it must queue its work and return, never block.
+/// event happened on: it must queue its work and return, never block,
+/// unless it must act before the verdict.
 pub trait GrantListener: Send + Sync {
     fn grant_event(&self, policy: &Policy, event: &Event, wall: WallClock);
+
+    /// Whether a grant change must reach this listener before the verdict
+    /// of the knock that caused it is sent (the kernel sets of offload).
+    fn before_verdict(&self) -> bool {
+        false
+    }
 }
 
 impl EventReport {
@@ -67,35 +74,25 @@ impl EventReport {
     }
 
     /// Counts and logs `events`, and empties the buffer for reuse.
+    /// Whether grant changes are to be published before the verdict of the
+    /// packet that caused them: some listener must hear them first.
+    pub fn publishes_before_verdict(&self) -> bool {
+        self.listeners.iter().any(|l| l.before_verdict())
+    }
+
     pub fn publish(&mut self, engine: &Engine, events: &mut Vec<Event>, now: Instant) {
         if events.is_empty() {
             return self.summarise(now);
         }
         self.metrics.events(events);
-        let grant_change = |e: &Event| {
-            matches!(
-                e.kind,
-                EventKind::Granted
-                    | EventKind::Refreshed
-                    | EventKind::Restored
-                    | EventKind::Revoked(_)
-            )
-        };
-        if events.iter().any(grant_change) {
+        if events.iter().any(|e| e.kind.changes_grant()) {
             self.grants_changed.store(true, Ordering::Relaxed);
         }
         let policies = engine.policies();
         let wall = engine.wall_clock();
         for event in events.drain(..) {
-            let heard = matches!(
-                event.kind,
-                EventKind::Granted
-                    | EventKind::Refreshed
-                    | EventKind::Restored
-                    | EventKind::Revoked(_)
-                    | EventKind::Claim { .. }
-                    | EventKind::Replayed
-            );
+            let heard = event.kind.changes_grant()
+                || matches!(event.kind, EventKind::Claim { .. } | EventKind::Replayed);
             if let (true, Some(policy)) = (heard, policies.get(event.policy)) {
                 for listener in &self.listeners {
                     listener.grant_event(policy, &event, wall);

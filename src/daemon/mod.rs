@@ -5,6 +5,7 @@
 mod control;
 pub(crate) mod events;
 pub mod metrics;
+mod offload;
 mod queue;
 mod receive;
 mod scrape;
@@ -31,6 +32,7 @@ use crate::hooks::Hooks;
 use control::ControlSocket;
 use events::EventReport;
 use metrics::Metrics;
+use offload::{KernelMetrics, KernelSets, OffloadError};
 use scrape::ScrapeServer;
 use state::StateStore;
 
@@ -103,6 +105,8 @@ pub enum DaemonError {
     Threads(#[source] io::Error),
     #[error(transparent)]
     Cluster(#[from] ClusterError),
+    #[error(transparent)]
+    Offload(#[from] OffloadError),
 }
 
 /// Runs the gate with `config` until SIGINT or SIGTERM. On SIGHUP, `reload`
@@ -122,6 +126,13 @@ pub fn run(
         config.cluster.as_ref().map_or("", |c| c.node.as_str()),
     ));
     let mut listeners: Vec<Arc<dyn events::GrantListener>> = vec![hooks];
+    let kernel_sets = KernelSets::find(&config, Arc::clone(&engine), clock)?;
+    if let Some(sets) = &kernel_sets {
+        metrics
+            .registry()
+            .register(Box::new(KernelMetrics::new(Arc::clone(sets))?))?;
+        listeners.push(Arc::clone(sets) as Arc<dyn events::GrantListener>);
+    }
     let cluster = match &config.cluster {
         Some(cluster_config) => {
             let cluster_metrics =
@@ -181,6 +192,10 @@ pub fn run(
         Err(e) => warn!("saved grants not restored: {e}"),
     }
     main_report.publish(&engine, &mut restored, Instant::now());
+    // The kernel accepts exactly the grants restored, before any packet.
+    if let Some(sets) = &kernel_sets {
+        sets.reconcile(&config)?;
+    }
     if let Some(thread) = cluster {
         let mut cluster_report = report();
         thread.start(Box::new(move |engine, events| {
@@ -258,7 +273,13 @@ pub fn run(
         match stop_rx.recv_timeout(TICK) {
             Ok(Stop::Signal(SIGHUP)) => {
                 let _ = sd_notify::notify(&[NotifyState::Reloading]);
-                apply_reload(&mut config, reload(), &engine, &metrics);
+                apply_reload(
+                    &mut config,
+                    reload(),
+                    &engine,
+                    &metrics,
+                    kernel_sets.as_deref(),
+                );
                 let _ = sd_notify::notify(&[NotifyState::Ready]);
                 continue;
             }
@@ -305,6 +326,7 @@ fn apply_reload(
     reloaded: Result<Config, ConfigError>,
     engine: &Engine,
     metrics: &Metrics,
+    kernel_sets: Option<&KernelSets>,
 ) {
     let new = match reloaded {
         Ok(new) => new,
@@ -317,6 +339,11 @@ fn apply_reload(
     }
     let result = engine.reload(&new.policies);
     metrics.reloaded(&engine.policies(), &result);
+    // Grants of removed or changed policies leave the kernel; new knock
+    // ports reach it.
+    if let Some(Err(e)) = kernel_sets.map(|sets| sets.reconcile(&new)) {
+        error!("kernel sets not updated after the reload: {e}");
+    }
     info!(
         event = %"reload",
         kept = %result.kept.join(","),

@@ -136,9 +136,10 @@ impl Worker {
     }
 
     /// Decides one packet and adds its verdict to the batch. The state change
-    /// lands before the next packet is decided.
+    /// lands before the next packet is decided; a grant change reaches the
+    /// listeners that need it before the verdict (rare: one per grant).
     fn take(
-        &self,
+        &mut self,
         packet: Parsed,
         now: Timestamp,
         verdicts: &mut VerdictBatch,
@@ -146,9 +147,15 @@ impl Worker {
         events: &mut Vec<Event>,
         scripts: &mut ScriptVms,
     ) {
+        let before = events.len();
         let decision = decide(packet.syn, |syn| {
             self.engine.decide(syn, now, events, scripts)
         });
+        if events[before..].iter().any(|e| e.kind.changes_grant())
+            && self.report.publishes_before_verdict()
+        {
+            self.report.publish(&self.engine, events, Instant::now());
+        }
         let syn = packet.syn.flatten();
         if let Err(e) = verdicts.push(packet.id, decision.verdict()) {
             warn!(queue = self.num, "sending verdicts failed: {e}");

@@ -243,6 +243,16 @@ pub enum EventKind {
     Evicted,
 }
 
+impl EventKind {
+    /// Whether the event opens, restarts or ends a grant.
+    pub fn changes_grant(self) -> bool {
+        matches!(
+            self,
+            EventKind::Granted | EventKind::Refreshed | EventKind::Restored | EventKind::Revoked(_)
+        )
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RevokeReason {
     CloseKnock,
@@ -735,6 +745,45 @@ impl Engine {
             })
             .unwrap_or(0);
         networks + addresses
+    }
+
+    /// When the last of the grants that open `port` to `src` ends, at
+    /// `now`: the address's own grants, or with `prefix` the network grants
+    /// of exactly that network. `None` if no grant opens it.
+    pub fn open_until(
+        &self,
+        src: IpAddr,
+        prefix: Option<u8>,
+        port: u16,
+        now: Timestamp,
+    ) -> Option<Timestamp> {
+        let policies = self.policies.load();
+        let opens = |key: PolicyKey, ports: PortMask| {
+            policies
+                .get(key)
+                .is_some_and(|policy| ports.opens(&policy.open_ports, port))
+        };
+        match prefix {
+            Some(prefix) => {
+                let net = IpNet::new(src, prefix).ok()?.trunc();
+                let grants = self.prefixes.list(now).into_iter();
+                grants
+                    .filter(|grant| grant.net == net && opens(grant.policy, grant.ports))
+                    .map(|grant| grant.until)
+                    .max()
+            }
+            None => self
+                .sources
+                .update(src, false, &mut Vec::new(), |source, _| {
+                    source
+                        .slots()
+                        .filter(|slot| slot.is_granted() && opens(slot.policy, slot.scope().ports))
+                        .map(|slot| slot.scope().until)
+                        .filter(|&until| until > now)
+                        .max()
+                })
+                .flatten(),
+        }
     }
 
     /// The rotating windows some source completed and that are still

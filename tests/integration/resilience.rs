@@ -35,7 +35,7 @@ fn sighup_with_an_invalid_config_keeps_the_old_one() {
 
     std::fs::write(
         &config,
-        EXAMPLE_CONFIG.replace("[1111, 2222]", "[1111, 70000]"),
+        with_offload(&EXAMPLE_CONFIG.replace("[1111, 2222]", "[1111, 70000]")),
     )
     .unwrap();
     gate.signal(libc::SIGHUP);
@@ -44,7 +44,11 @@ fn sighup_with_an_invalid_config_keeps_the_old_one() {
         .log()
         .contains("policy[0].sequence[1]: port 70000 is outside 1..65535"));
 
-    std::fs::write(&config, EXAMPLE_CONFIG.replace("num = 0 ", "num = 5 ")).unwrap();
+    std::fs::write(
+        &config,
+        with_offload(&EXAMPLE_CONFIG.replace("num = 0 ", "num = 5 ")),
+    )
+    .unwrap();
     gate.signal(libc::SIGHUP);
     gate.wait_for_log("[queue] changed, and that needs a restart");
 
@@ -78,7 +82,7 @@ fn sighup_with_a_changed_config_swaps_policies_and_keeps_unchanged_grants() {
         "name = \"old\"\nsequence = [7000, 8000]\nopen_ports = [8443]",
         "name = \"web\"\nsequence = [5000, 6000]\nopen_ports = [443]",
     );
-    std::fs::write(&config, changed).unwrap();
+    std::fs::write(&config, with_offload(&changed)).unwrap();
     gate.signal(libc::SIGHUP);
     gate.wait_for_log("event=reload kept=ssh fresh=web dropped=old");
 

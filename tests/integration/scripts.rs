@@ -173,16 +173,18 @@ fn a_hostile_script_holds_up_only_its_own_packet() {
         "return function(k)\n  if k.port == 1111 then\n    while true do end\n  end\n  return 0\nend\n",
     )
     .unwrap();
+    // 4444 is a knock port the script answers at once: a SYN to it shows
+    // which queue a source's SYNs go to, with or without offload.
     let config = "[queue]\ncount = 2\n\n[[policy]]\nname = \"hostile\"\nopen_ports = [22]\n\
-                  [policy.script]\nfile = \"hostile.lua\"\nknock_ports = [1111]\nbudget = \"100ms\"\n";
+                  [policy.script]\nfile = \"hostile.lua\"\nknock_ports = [1111, 4444]\nbudget = \"100ms\"\n";
     // More client addresses, so that some land on the other queue.
     let extra: Vec<String> = (10..26).map(|i| format!("10.9.0.{i}")).collect();
     for address in &extra {
         net.in_client(&format!("ip addr add {address}/24 dev veth1"));
     }
     let path = net.config(config);
-    let gate = net.start_daemon_logging(&path, &[], "debug");
     net.load_rules(&path, "iptables");
+    let gate = net.start_daemon_logging(&path, &[], "debug");
     wait_for("both queues", || net.bound_queues() == 2);
     let hostile = CLIENTS4[0];
     let queue_of = |gate: &Daemon, src: &str| -> Option<String> {

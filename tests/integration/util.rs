@@ -100,6 +100,27 @@ pub fn can_run(test: &str, needs_root: bool, tools: &[&str]) -> bool {
 /// inside QEMU.
 pub const IN_VM: &str = "KNOCKQ_TEST_IN_VM";
 
+/// Set by `offload::gate_tests_with_offload` (and in the VM) for the tests
+/// it runs again with `[rules] offload = true`.
+pub const OFFLOAD: &str = "KNOCKQ_TEST_OFFLOAD";
+
+/// Whether these tests run with the kernel fast path on: every
+/// configuration written through [`Net::config`] gets `[rules] offload`.
+pub fn offload_on() -> bool {
+    std::env::var_os(OFFLOAD).is_some()
+}
+
+/// `text` with `[rules] offload = true`, when the tests run with offload.
+pub fn with_offload(text: &str) -> String {
+    if !offload_on() || text.contains("offload =") {
+        return text.to_owned();
+    }
+    match text.contains("[rules]\n") {
+        true => text.replacen("[rules]\n", "[rules]\noffload = true\n", 1),
+        false => format!("[rules]\noffload = true\n{text}"),
+    }
+}
+
 /// Whether these tests run in the emulated Debian-kernel VM.
 pub fn in_emulated_vm() -> bool {
     std::env::var_os(IN_VM).is_some()
@@ -267,13 +288,14 @@ impl Net {
         in_namespace(&self.client, script)
     }
 
-    /// Writes a configuration file into the test's directory.
+    /// Writes a configuration file into the test's directory (with
+    /// offload when the tests run with it).
     pub fn config(&self, text: &str) -> PathBuf {
         let path = self.dir.path().join(format!(
             "knockq-{}.toml",
             NEXT.fetch_add(1, Ordering::Relaxed)
         ));
-        fs::write(&path, text).unwrap();
+        fs::write(&path, with_offload(text)).unwrap();
         path
     }
 
@@ -294,11 +316,17 @@ impl Net {
     }
 
     /// Loads the rules `knockq rules` prints into the gate namespace; for
-    /// `auto`, `knockq rules --apply` loads what fits the kernel.
+    /// `auto`, `knockq rules --apply` loads what fits the kernel. With
+    /// offload, the rules need their sets: `--apply` loads both, and both
+    /// families for iptables.
     pub fn load_rules(&self, config: &Path, backend: &str) {
         let bin = env!("CARGO_BIN_EXE_knockq");
         let config = config.display();
         let command = match backend {
+            "iptables" | "ip6tables" | "nft" if offload_on() => {
+                let backend = backend.replace("ip6tables", "iptables");
+                format!("{bin} rules --apply --config {config} --backend {backend}")
+            }
             "iptables" => {
                 format!("{bin} rules --config {config} --backend iptables | iptables-restore")
             }
