@@ -7,6 +7,7 @@ mod cluster;
 mod deploy;
 mod gate;
 mod observe;
+mod offload;
 mod resilience;
 mod rules;
 mod scripts;

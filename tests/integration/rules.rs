@@ -15,9 +15,9 @@ fn rules(net: &Net, config: &std::path::Path, args: &str) -> std::process::Outpu
     knockq_in_gate(net, &format!("rules --config {} {args}", config.display()))
 }
 
-/// The gate's whole iptables and ip6tables filter tables.
+/// The gate's whole iptables and ip6tables filter tables, and its ipsets.
 fn iptables_state(net: &Net) -> String {
-    text(&net.in_gate("iptables -S; ip6tables -S").stdout)
+    text(&net.in_gate("iptables -S; ip6tables -S; ipset list -n").stdout)
 }
 
 #[test]
@@ -51,10 +51,11 @@ fn apply_and_remove_keep_the_hosts_own_iptables_rules() {
             ],
             "{tool}: the host's rule first, then one jump however often applied"
         );
-        let chain = text(&net.in_gate(&format!("{tool} -S KNOCKQ")).stdout);
+        // With offload, the queue rules are in the chain that decides SYNs.
+        let chains = text(&net.in_gate(&format!("{tool} -S")).stdout);
         assert!(
-            chain.contains("-j NFQUEUE --queue-num 0"),
-            "{tool}: {chain}"
+            chains.contains("-A KNOCKQ") && chains.contains("-j NFQUEUE --queue-num 0"),
+            "{tool}: {chains}"
         );
     }
     // The loaded rules are the printed ones: the same rules in chain KNOCKQ.
@@ -69,8 +70,16 @@ fn apply_and_remove_keep_the_hosts_own_iptables_rules() {
     let printed_file = net.dir.path().join("printed.iptables");
     std::fs::write(&printed_file, printed).unwrap();
     let reloaded = Net::new();
+    // With offload, the printed rules use the ipsets printed beside them.
+    let ipsets = text(&rules(&net, &config, "--backend ipset").stdout);
+    let ipsets_file = net.dir.path().join("printed.ipset");
+    std::fs::write(&ipsets_file, ipsets).unwrap();
     succeeded(
-        reloaded.in_gate(&format!("iptables-restore < {}", printed_file.display())),
+        reloaded.in_gate(&format!(
+            "ipset -exist restore < {} && iptables-restore < {}",
+            ipsets_file.display(),
+            printed_file.display()
+        )),
         "the printed rules",
     );
     let expected = text(&reloaded.in_gate("iptables-save -t filter").stdout);
@@ -133,9 +142,14 @@ fn auto_picks_nft_exactly_where_the_kernel_can_queue_from_it() {
     if in_emulated_vm() {
         assert!(nft, "Debian's kernel queues from nft");
     }
-    let expected = match nft {
-        true => printed("--backend nft"),
-        false => printed("--backend iptables") + &printed("--backend ip6tables"),
+    let expected = match (nft, offload_on()) {
+        (true, _) => printed("--backend nft"),
+        (false, false) => printed("--backend iptables") + &printed("--backend ip6tables"),
+        (false, true) => {
+            printed("--backend ipset")
+                + &printed("--backend iptables")
+                + &printed("--backend ip6tables")
+        }
     };
     assert_eq!(auto, expected);
 
@@ -168,7 +182,27 @@ fn run_says_which_rules_are_loaded() {
     }
     let net = Net::new();
     let config = net.config(EXAMPLE_CONFIG);
-    {
+    if offload_on() {
+        // Offload without its sets: nothing could keep them, so no start.
+        let out = knockq_in_gate(
+            &net,
+            &format!(
+                "run --config {} --control-socket {} --state-dir {}",
+                config.display(),
+                net.control_socket().display(),
+                net.state_dir().display()
+            ),
+        );
+        assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+        assert!(
+            text(&out.stderr).contains(
+                "[rules] offload is on but the kernel holds none of knockq's sets: \
+                 load the rules with `knockq rules --apply`"
+            ),
+            "{}",
+            text(&out.stderr)
+        );
+    } else {
         let gate = net.start_daemon(&config);
         gate.wait_for_log("no knockq rules are loaded");
     }

@@ -8,17 +8,26 @@ use std::process::{Command, Stdio};
 
 use crate::util::*;
 
-/// The tests run inside the VM: every gate and rules test, and the
-/// packaged unit under systemd, which loads nft rules there.
+/// The tests run inside the VM: every gate and rules test, the cases only
+/// offload has (with nft sets there), and the packaged unit under systemd,
+/// which loads nft rules there.
 const FILTERS: &[&str] = &[
     "gate::",
     "rules::",
+    "offload::",
     "deploy::packaged_unit_runs_under_systemd",
 ];
 
+/// The tests run a second time inside the VM, with `[rules] offload`.
+const WITH_OFFLOAD: &[&str] = &["gate::", "rules::"];
+
 /// Emulated without KVM, a client command takes hundreds of milliseconds:
 /// this test's one-second windows cannot hold there. It runs on the host.
-const SKIPPED: &[&str] = &["gate::step_window_and_grant_timeout"];
+/// The VM runs the gate tests with offload itself.
+const SKIPPED: &[&str] = &[
+    "gate::step_window_and_grant_timeout",
+    "offload::every_gate_test_again_with_offload",
+];
 
 /// The VM's own scratch directory; its /run is a tmpfs already.
 const SCRATCH: &str = "/run/knockq-tests";
@@ -26,6 +35,8 @@ const SCRATCH: &str = "/run/knockq-tests";
 /// Tests that must have run, and passed, in the VM.
 const MUST_PASS: &[&str] = &[
     "gate::walkthrough_with_nc_nft_both_families",
+    "offload::a_close_knock_then_at_once_a_syn_to_an_open_port_with_the_knocking_set_full",
+    "offload::a_restart_puts_exactly_the_restored_grants_in_the_kernel",
     "gate::walkthrough_with_nc_iptables",
     "rules::auto_picks_nft_exactly_where_the_kernel_can_queue_from_it",
     "rules::apply_and_remove_keep_the_hosts_own_nft_tables",
@@ -72,9 +83,11 @@ fn gate_tests_on_debians_stock_kernel() {
     // a gate test), and the xt_recent comparison once failed that way.
     let script = format!(
         "mkdir -p {SCRATCH} && mount -t tmpfs tmpfs {SCRATCH} && cd {SCRATCH} && \
-         TMPDIR={SCRATCH} {IN_VM}=1 CI={ci} {exe} --test-threads 1 {filters}{skips}",
+         TMPDIR={SCRATCH} {IN_VM}=1 CI={ci} {exe} --test-threads 1 {filters}{skips} && \
+         TMPDIR={SCRATCH} {IN_VM}=1 {OFFLOAD}=1 CI={ci} {exe} --test-threads 1 {offload}{skips}",
         exe = exe.display(),
         filters = FILTERS.join(" "),
+        offload = WITH_OFFLOAD.join(" "),
     );
     let mut vng = Command::new("timeout");
     vng.arg("900s")
@@ -119,4 +132,12 @@ fn gate_tests_on_debians_stock_kernel() {
         );
     }
     assert!(!report.contains("NOT RUN"), "{report}");
+    // The nft walkthrough ran twice: without offload and with it.
+    assert_eq!(
+        report
+            .matches("test gate::walkthrough_with_nc_nft_both_families ... ok")
+            .count(),
+        2,
+        "{report}"
+    );
 }
