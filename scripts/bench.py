@@ -12,8 +12,16 @@ namespaces joined by a veth pair, against the same SYN flood from trafgen
   knockq-2q  knockq with [queue] count = 2 and --queue-balance 0:1;
   knockq-script  knockq with the same knock as a script policy
              (examples/policies/seed.toml): every flooded SYN enters the script;
+  knockq-offload  knockq with [rules] offload = true: the kernel rejects
+             sources neither knocking nor granted and accepts granted
+             (source, port) pairs from sets knockq keeps; its granted client
+             is granted through the control socket, so it is not knocking;
   baseline   with KNOCKQ_BENCH_BASELINE=PATH, another knockq build (an
              earlier commit, say) with the same configuration as knockq.
+
+Two floods, each with its own table: random sources to the first knock port
+(1111), and random sources to an open port (22), which is what scans and SYN
+floods send; KNOCKQ_BENCH_FLOODS=knock or =open runs one of them.
 
 For each gate it measures the SYNs decided per second and the kernel's queue
 drops during the flood (and how many of them because the gate's socket
@@ -51,6 +59,28 @@ FLOOD_SECONDS = int(os.environ.get("KNOCKQ_BENCH_SECONDS", "10"))
 # unlucky samples.
 PROBES = 1000
 TICKS = os.sysconf("SC_CLK_TCK")
+
+# The time from the last knock to its answer, which waits for the kernel
+# set update with offload: knock 1111, time 2222, close with 3333.
+GRANT_PROBE = r"""
+import socket, sys, time
+src, dst, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
+def knock(port):
+    s = socket.socket()
+    s.bind((src, 0))
+    s.settimeout(3)
+    start = time.perf_counter()
+    try:
+        s.connect((dst, port))
+    except OSError:
+        pass
+    s.close()
+    return time.perf_counter() - start
+for _ in range(count):
+    knock(1111)
+    print(f"{knock(2222):.9f}", flush=True)
+    knock(3333)
+"""
 
 LATENCY_PROBE = r"""
 import socket, sys, time
@@ -148,14 +178,22 @@ class Gate:
         if kind == "knockq-script":
             source = SCRIPT_CONFIG
             (workdir / "seed.lua").write_text((SCRIPT_CONFIG.parent / "seed.lua").read_text())
-        config.write_text(source.read_text().replace("count = 1", f"count = {queues}"))
-        rules = sh(f"{KNOCKQ} rules --config {config} --backend iptables").stdout
-        path = workdir / "rules.iptables"
-        path.write_text(rules)
-        net.run(net.gate, f"iptables-restore {path}")
+        text = source.read_text().replace("count = 1", f"count = {queues}")
+        if kind == "knockq-offload":
+            text = text.replace("[rules]\n", "[rules]\noffload = true\n")
+        config.write_text(text)
+        self.control = workdir / "control.sock"
+        if kind == "knockq-offload":
+            # The sets come with the rules: --apply loads both.
+            net.run(net.gate, f"{KNOCKQ} rules --apply --config {config} --backend iptables")
+        else:
+            rules = sh(f"{KNOCKQ} rules --config {config} --backend iptables").stdout
+            path = workdir / "rules.iptables"
+            path.write_text(rules)
+            net.run(net.gate, f"iptables-restore {path}")
         if kind.startswith("knockq") or kind == "baseline":
             binary = BASELINE if kind == "baseline" else KNOCKQ
-            argv = [binary, "run", "--config", config, "--control-socket", workdir / "control.sock",
+            argv = [binary, "run", "--config", config, "--control-socket", self.control,
                     "--state-dir", workdir / "state"]
             self.process = net.spawn(net.gate, argv, stderr=subprocess.DEVNULL,
                                      env={**os.environ, "KNOCKQ_LOG": "warn"})
@@ -174,17 +212,28 @@ class Gate:
         fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
         return int(fields[11]) / TICKS, int(fields[12]) / TICKS
 
+    def grant(self, src):
+        """The granted client: knocked in, or with offload granted by hand,
+        so that it is not in the knocking set and the kernel decides it."""
+        if self.kind == "knockq-offload":
+            self.net.run(self.net.gate, f"{KNOCKQ} grant {src} --policy ssh --control-socket {self.control}")
+        elif self.kind != "floor":
+            knock(self.net, src)
+
     def decided(self):
-        """SYNs the gate has answered: the reject rule's counter (every flood
-        SYN is rejected) for the queue gates; the recipe's dispatch rule for
-        the kernel."""
+        """SYNs the gate has answered: the reject rules' counters (every flood
+        SYN is rejected: after the queue, and with offload in the kernel)
+        for the queue gates; the recipe's dispatch rule for the kernel."""
         table = self.net.run(self.net.gate, "iptables -nvxL").stdout
+        decided = None
         for line in table.splitlines():
             if self.kind == "kernel" and "KNOCK_DISPATCH" in line and line.split()[2] == "KNOCK_DISPATCH":
                 return int(line.split()[0])
-            if self.kind != "kernel" and "REJECT" in line and "mark match" in line:
-                return int(line.split()[0])
-        raise RuntimeError(f"no counter in\n{table}")
+            if self.kind != "kernel" and "REJECT" in line and ("mark match" in line or "knockq-kernel-reject" in line):
+                decided = (decided or 0) + int(line.split()[0])
+        if decided is None:
+            raise RuntimeError(f"no counter in\n{table}")
+        return decided
 
     def close(self):
         if self.process:
@@ -205,23 +254,26 @@ def percentile(values, p):
     return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
 
 
-def measure(kind, round_number):
+def measure(kind, flood_port, round_number):
     workdir = Path(tempfile.mkdtemp(prefix="knockq-bench-"))
-    net = Net(f"kqb{round_number}{kind[:2]}")
+    net = Net(f"kqb{round_number}{kind[:2]}{kind[-2:]}")
     gate = None
     try:
         gate = Gate(kind, net, workdir)
+        grant_knock = None
+        if kind in ("knockq", "knockq-offload") and flood_port == 1111:
+            out = net.run(net.client, f"python3 -c '{GRANT_PROBE}' {FLOODER} {GATE} 200").stdout
+            grant_knock = [float(line) for line in out.split()]
         # The floor rejects everything: its latency is the time to the reject.
-        if kind != "floor":
-            knock(net, CLIENT)
+        gate.grant(CLIENT)
         light, outcomes = latencies(net, PROBES, 0.002)
         if kind != "floor" and outcomes.count("open") != len(outcomes):
             raise RuntimeError(f"{kind}: granted source refused: {set(outcomes)}")
         config = workdir / "flood.cfg"
         config.write_text(
             "{\n  eth(da=%s, sa=%s),\n  ipv4(saddr=drnd(), daddr=%s, ttl=64),\n"
-            "  tcp(sp=drnd(), dp=1111, seq=drnd(), syn, window=64240),\n}\n"
-            % (net.mac(net.gate, "veth0"), net.mac(net.client, "veth1"), GATE))
+            "  tcp(sp=drnd(), dp=%d, seq=drnd(), syn, window=64240),\n}\n"
+            % (net.mac(net.gate, "veth0"), net.mac(net.client, "veth1"), GATE, flood_port))
         decided_before, drops_before, cpu_before = gate.decided(), net.queue_drops(), gate.cpu_seconds()
         rate = ["--rate", f"{RATE}pps"] if RATE else []
         flood = net.spawn(net.client, ["trafgen", "--cpus", "1", "-q", "-o", "veth1", "-i", config, *rate],
@@ -252,6 +304,8 @@ def measure(kind, round_number):
             "flood_p50_us": None if rejects_all else percentile(loaded, 50) * 1e6,
             "flood_p99_us": None if rejects_all else percentile(loaded, 99) * 1e6,
             "flood_unanswered": None if rejects_all else answers.count("TimeoutError") / len(answers),
+            "grant_knock_p50_us": None if grant_knock is None else percentile(grant_knock, 50) * 1e6,
+            "grant_knock_p99_us": None if grant_knock is None else percentile(grant_knock, 99) * 1e6,
         }
     finally:
         if gate:
@@ -268,29 +322,50 @@ def cell(value, digits=1):
     return "-" if value is None else f"{value:,.{digits}f}"
 
 
+# The gates measured under each flood: under the flood to an open port the
+# others behave as knockq does.
+FLOODS = {
+    "knock": (1111, ["knockq", "floor", "kernel", "knockq-2q", "knockq-script", "knockq-offload"]),
+    "open": (22, ["knockq", "kernel", "knockq-offload"]),
+}
+
+
+def ratio(a, b, key):
+    if a is None or b is None or a.get(key) is None or not b.get(key):
+        return "-"
+    return f"{a[key] / b[key]:.2f}"
+
+
 def main():
     if os.geteuid() != 0:
         sys.exit("make bench needs root: it creates network namespaces")
     for binary in (KNOCKQ, FLOOR):
         if not binary.exists():
             sys.exit(f"{binary} is missing: run `make bench`, which builds it")
-    gates = ["knockq", "floor", "kernel", "knockq-2q", "knockq-script"] + (["baseline"] if BASELINE else [])
-    if os.environ.get("KNOCKQ_BENCH_GATES"):
-        gates = os.environ["KNOCKQ_BENCH_GATES"].split(",")
+    floods = os.environ.get("KNOCKQ_BENCH_FLOODS", "knock,open").split(",")
+    cpu = Path("/proc/cpuinfo").read_text().split("model name")[1].split("\n")[0].strip(" :\t")
+    print(f"Machine: {os.cpu_count()} CPUs, {cpu}; kernel {os.uname().release}")
+    for flood in floods:
+        port, gates = FLOODS[flood]
+        gates = gates + (["baseline"] if BASELINE else [])
+        if os.environ.get("KNOCKQ_BENCH_GATES"):
+            gates = [g for g in os.environ["KNOCKQ_BENCH_GATES"].split(",") if g in gates]
+        report(flood, port, gates)
+
+
+def report(flood, port, gates):
     results = {gate: [] for gate in gates}
     for round_number in range(ROUNDS):
         order = gates[round_number % len(gates):] + gates[:round_number % len(gates)]
         for gate in order:
-            print(f"round {round_number + 1}/{ROUNDS}: {gate}", file=sys.stderr, flush=True)
-            results[gate].append(measure(gate, round_number))
+            print(f"{flood} flood, round {round_number + 1}/{ROUNDS}: {gate}", file=sys.stderr, flush=True)
+            results[gate].append(measure(gate, port, round_number))
     keys = ["decided_pps", "drop_share", "buffer_drop_share", "cpu_us_per_packet", "kernel_us_per_packet",
             "light_p50_us", "light_p99_us",
-            "flood_p50_us", "flood_p99_us", "flood_unanswered"]
+            "flood_p50_us", "flood_p99_us", "flood_unanswered", "grant_knock_p50_us", "grant_knock_p99_us"]
     table = {gate: {key: median(results[gate], key) for key in keys} for gate in gates}
-    cpu = Path("/proc/cpuinfo").read_text().split("model name")[1].split("\n")[0].strip(" :\t")
-    print(f"Machine: {os.cpu_count()} CPUs, {cpu}; kernel {os.uname().release}")
     speed = f"at {RATE} SYNs/s" if RATE else "as fast as it goes"
-    print(f"Flood: trafgen on one core, {speed}, random sources to port 1111, {FLOOD_SECONDS} s; "
+    print(f"\nFlood: trafgen on one core, {speed}, random sources to port {port}, {FLOOD_SECONDS} s; "
           f"{PROBES} connects per latency measurement; medians of {ROUNDS} rounds.\n")
     print("| gate | SYNs decided/s | kernel queue drops (of which socket buffer) | CPU µs per SYN "
           "(of which kernel) | answer p50 light (µs) "
@@ -303,31 +378,39 @@ def main():
               f"| {cell(t['cpu_us_per_packet'], 2)} ({cell(t['kernel_us_per_packet'], 2)}) "
               f"| {cell(t['light_p50_us'])} | {cell(t['light_p99_us'])} "
               f"| {cell(t['flood_p50_us'])} | {cell(t['flood_p99_us'])} | {cell(None if t['flood_unanswered'] is None else t['flood_unanswered'] * 100)} % |")
-    k = table.get("knockq")
+    k, f, n = table.get("knockq"), table.get("floor"), table.get("kernel")
+    o = table.get("knockq-offload")
     print()
-    if k and "floor" in table:
-        f = table["floor"]
-        print(f"knockq / floor: CPU per SYN {k['cpu_us_per_packet'] / f['cpu_us_per_packet']:.2f}, "
-              f"SYNs decided per second {k['decided_pps'] / f['decided_pps']:.2f}")
+    if k and f:
+        print(f"knockq / floor: CPU per SYN {ratio(k, f, 'cpu_us_per_packet')}, "
+              f"SYNs decided per second {ratio(k, f, 'decided_pps')}")
     if k and "knockq-2q" in table:
         two = table["knockq-2q"]
         print(f"knockq with two queues / one queue: SYNs decided per second "
-              f"{two['decided_pps'] / k['decided_pps']:.2f}, CPU per SYN {two['cpu_us_per_packet'] / k['cpu_us_per_packet']:.2f}")
-    if k and "kernel" in table:
-        n = table["kernel"]
-        print(f"knockq / kernel: answer p99 at light load {k['light_p99_us'] / n['light_p99_us']:.2f} "
-              f"({k['light_p99_us'] - n['light_p99_us']:+.1f} µs), "
-              f"SYNs decided per second {k['decided_pps'] / n['decided_pps']:.2f}")
+              f"{ratio(two, k, 'decided_pps')}, CPU per SYN {ratio(two, k, 'cpu_us_per_packet')}")
+    if k and n:
+        print(f"knockq / kernel: answer p99 at light load {ratio(k, n, 'light_p99_us')}, "
+              f"p99 under flood {ratio(k, n, 'flood_p99_us')}, "
+              f"SYNs decided per second {ratio(k, n, 'decided_pps')}")
+    if o and n:
+        print(f"knockq-offload / kernel: SYNs decided per second {ratio(o, n, 'decided_pps')}, "
+              f"granted p99 under flood {ratio(o, n, 'flood_p99_us')}, at light load {ratio(o, n, 'light_p99_us')}")
+    if o and k:
+        print(f"knockq-offload / knockq: daemon CPU per SYN {ratio(o, k, 'cpu_us_per_packet')}, "
+              f"SYNs decided per second {ratio(o, k, 'decided_pps')}")
+        if k.get("grant_knock_p50_us") is not None:
+            print(f"answer to the granting knock, p50 (p99): knockq {cell(k['grant_knock_p50_us'])} "
+                  f"({cell(k['grant_knock_p99_us'])}) µs, knockq-offload {cell(o['grant_knock_p50_us'])} "
+                  f"({cell(o['grant_knock_p99_us'])}) µs: the kernel set update costs "
+                  f"{cell(o['grant_knock_p50_us'] - k['grant_knock_p50_us'])} µs at the median")
     if k and "knockq-script" in table:
         sc = table["knockq-script"]
         print(f"script policy / built-in policy: CPU per SYN "
-              f"{sc['cpu_us_per_packet'] / k['cpu_us_per_packet']:.2f}, SYNs decided per second "
-              f"{sc['decided_pps'] / k['decided_pps']:.2f}")
+              f"{ratio(sc, k, 'cpu_us_per_packet')}, SYNs decided per second {ratio(sc, k, 'decided_pps')}")
     if k and BASELINE:
         b = table["baseline"]
         print(f"knockq / baseline ({BASELINE}): CPU per SYN "
-              f"{k['cpu_us_per_packet'] / b['cpu_us_per_packet']:.2f}, SYNs decided per second "
-              f"{k['decided_pps'] / b['decided_pps']:.2f}")
+              f"{ratio(k, b, 'cpu_us_per_packet')}, SYNs decided per second {ratio(k, b, 'decided_pps')}")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,10 @@ fn rules(net: &Net, config: &std::path::Path, args: &str) -> std::process::Outpu
 
 /// The gate's whole iptables and ip6tables filter tables, and its ipsets.
 fn iptables_state(net: &Net) -> String {
-    text(&net.in_gate("iptables -S; ip6tables -S; ipset list -n").stdout)
+    text(
+        &net.in_gate("iptables -S; ip6tables -S; ipset list -n")
+            .stdout,
+    )
 }
 
 #[test]
