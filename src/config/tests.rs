@@ -235,6 +235,34 @@ fn restart_only_settings_are_named() {
     assert_eq!(old.needs_restart_for(&moved), Some("[control]"));
 }
 
+#[test]
+fn with_offload_a_longer_step_window_than_the_knocking_set_needs_a_restart() {
+    let parse_offload = |text: &str| {
+        parse(
+            &format!("[rules]\noffload = true\n{text}"),
+            Path::new("k.toml"),
+        )
+        .unwrap()
+    };
+    let old = parse_offload(&SSH.replace("[[policy]]", "[[policy]]\nstep_timeout = \"2500ms\""));
+    assert_eq!(old.knocking_window(), Duration::from_secs(4));
+    let shorter = parse_offload(
+        SSH.replace("[[policy]]", "[[policy]]\nstep_timeout = \"1s\"")
+            .as_str(),
+    );
+    assert_eq!(old.needs_restart_for(&shorter), None);
+    let within = parse_offload(&SSH.replace("[[policy]]", "[[policy]]\nstep_timeout = \"3s\""));
+    assert_eq!(
+        old.needs_restart_for(&within),
+        None,
+        "3 s rounds to the same set"
+    );
+    let longer = parse_offload(&SSH.replace("[[policy]]", "[[policy]]\nstep_timeout = \"4s\""));
+    assert!(old
+        .needs_restart_for(&longer)
+        .is_some_and(|why| why.contains("knocking set")));
+}
+
 /// A directory with a private secret file `ops.key` and a configuration
 /// beside it that names the file relatively.
 struct RotatingFixture {

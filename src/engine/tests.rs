@@ -974,3 +974,37 @@ fn expiring_the_table_in_parts_settles_every_source_once() {
     let expired = gate.events.iter().filter(|e| e.kind == EventKind::Expired);
     assert_eq!(expired.count(), 200);
 }
+
+#[test]
+fn open_until_is_the_latest_end_of_the_grants_that_open_the_port() {
+    let text = format!(
+        "{SSH}grant_timeout = \"1h\"\n[[policy]]\nname = \"ops\"\nsequence = [5000, 6000]\nopen_ports = [22]\ngrant_timeout = \"2h\"\n"
+    );
+    let mut gate = Gate::new(&text);
+    let src = "10.0.0.2";
+    let until = |gate: &Gate, port| {
+        let now = Timestamp::from_millis(gate.now);
+        gate.engine.open_until(ip(src), None, port, now)
+    };
+    assert_eq!(until(&gate, 22), None, "no grant");
+    gate.knock(src, &[1111, 2222]);
+    let hour = Duration::from_secs(3600);
+    let first = Timestamp::from_millis(0).saturating_add(hour);
+    assert_eq!(until(&gate, 22), Some(first));
+    gate.advance(1000);
+    gate.knock(src, &[5000, 6000]);
+    let second = Timestamp::from_millis(1000).saturating_add(2 * hour);
+    assert_eq!(until(&gate, 22), Some(second), "the later of the two");
+    assert_eq!(until(&gate, 8080), Some(first), "ops does not open 8080");
+    gate.syn(src, 3333);
+    assert_eq!(until(&gate, 8080), None, "closed");
+    assert_eq!(until(&gate, 22), Some(second), "still opened by ops");
+    gate.now = second.as_millis();
+    assert_eq!(until(&gate, 22), None, "ended, even before it is expired");
+    assert_eq!(
+        gate.engine
+            .open_until(ip("10.0.0.0"), Some(24), 22, Timestamp::from_millis(0)),
+        None,
+        "no network grant"
+    );
+}

@@ -449,4 +449,37 @@ mod tests {
             assert!(mark_rule < queue_rule, "{text}");
         }
     }
+
+    #[test]
+    fn offload_queues_knocks_and_knocking_sources_before_the_kernel_decides() {
+        let rules = ruleset("[rules]\noffload = true");
+        for backend in [Backend::Iptables, Backend::Ip6tables, Backend::Nft] {
+            let text = rules.render(backend);
+            let position = |needle: &str| {
+                text.lines()
+                    .position(|l| l.contains(needle))
+                    .unwrap_or_else(|| panic!("no {needle} in {text}"))
+            };
+            let nft = backend == Backend::Nft;
+            let pick =
+                |nft_rule, iptables_rule| position(if nft { nft_rule } else { iptables_rule });
+            let order = [
+                position("0x6b710001"),
+                pick(
+                    "knock_ports update @knocking",
+                    "-j SET --add-set knockq-knocking",
+                ),
+                position("knockq-knocking-full"),
+                pick("dport @knock_ports counter queue", "ports dst -j NFQUEUE"),
+                pick("saddr @knocking", "-m set --match-set knockq-knocking"),
+                position("knockq-kernel-accept"),
+                position("knockq-kernel-reject"),
+            ];
+            assert!(order.windows(2).all(|w| w[0] < w[1]), "{order:?} in {text}");
+        }
+        assert!(rules
+            .render(Backend::Ipset)
+            .contains("create knockq-granted4 hash:ip,port"));
+        assert!(!ruleset("").render(Backend::Nft).contains("set "));
+    }
 }

@@ -251,13 +251,14 @@ fn a_port_two_grants_open_stays_open_until_both_end() {
         return;
     }
     let mut net = Net::new();
-    net.listen(&[22]);
+    net.listen(&[22, 8080]);
     let ops = "[[policy]]\nname = \"ops\"\nsequence = [5000, 6000]\nopen_ports = [22]\nclose_port = 7000\nstep_timeout = \"1s\"\n";
     let _gate = start(&net, &config("", ops));
     let src = CLIENTS4[2];
     net.knock(src, &[1111, 2222, 5000, 6000, 3333]);
     sleep(KNOCKING_GONE);
     kernel_answers(&net, src, 22, true);
+    kernel_answers(&net, src, 8080, false);
     net.knock(src, &[7000]);
     sleep(KNOCKING_GONE);
     kernel_answers(&net, src, 22, false);
