@@ -4,6 +4,7 @@ use std::fmt::Write;
 use std::path::Path;
 
 use crate::config::{Config, Knock, Offline, Scope};
+use crate::firewall::sets::Offload;
 
 pub fn summary(path: &Path, config: &Config) -> String {
     let mut out = String::new();
@@ -17,6 +18,15 @@ pub fn summary(path: &Path, config: &Config) -> String {
         config.verdict.reject_with.as_str(),
         config.limits.max_sources,
     );
+    if let Some(offload) = Offload::from_config(config) {
+        let _ = writeln!(
+            out,
+            "offload: the kernel queues knock ports {} and sources that knocked within {}, \
+             accepts granted pairs, rejects the rest",
+            offload.knock_ports_list(),
+            humantime::format_duration(offload.knocking_window),
+        );
+    }
     if let Some(cluster) = &config.cluster {
         let tls = match (&cluster.ca, &cluster.identity) {
             (Some(_), Some(_)) => "TLS with a client certificate",

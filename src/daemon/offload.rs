@@ -25,7 +25,9 @@ use tracing::{debug, error, info};
 use super::events::GrantListener;
 use super::Clock;
 use crate::config::{Config, Policy};
-use crate::engine::{Engine, Event, EventKind, RevokeReason, Timestamp, WallClock};
+use crate::engine::{
+    Engine, Event, EventKind, GrantLeft, RevokeReason, Timestamp, WallClock, GRANT_UNTIL_CLOSED,
+};
 use crate::firewall::load::{self, Firewall, LoadError};
 use crate::firewall::sets::{self, GrantedPair, Offload, SetChange};
 
@@ -44,8 +46,10 @@ pub struct KernelSets {
     firewall: Firewall,
     engine: Arc<Engine>,
     clock: Clock,
-    /// Held while a subject's pairs are worked out and written, so updates
-    /// reach the kernel in the order the engine made them.
+    /// Held while a subject's pairs are worked out and written, across the
+    /// run of `nft` or `ipset`: two workers changing one pair must reach the
+    /// kernel in the order they read the engine. Taken only on grant
+    /// changes, never by a packet that changes no grant.
     order: Mutex<()>,
     updates: IntCounterVec,
 }
@@ -100,8 +104,8 @@ impl KernelSets {
                 continue;
             };
             let left = match left {
-                crate::engine::GrantLeft::For(left) => Some(left),
-                crate::engine::GrantLeft::UntilClosed => None,
+                GrantLeft::For(left) => Some(left),
+                GrantLeft::UntilClosed => None,
             };
             for port in grant.status.ports.ports(&policy.open_ports) {
                 let entry = longest
@@ -172,7 +176,7 @@ impl KernelSets {
 /// The time left until `until`; `None` for grants until the close knock.
 fn left_at(until: Timestamp, now: Timestamp) -> Option<Duration> {
     match until {
-        crate::engine::GRANT_UNTIL_CLOSED => None,
+        GRANT_UNTIL_CLOSED => None,
         until => Some(until.since(now)),
     }
 }

@@ -121,7 +121,7 @@ impl Offload {
     }
 
     /// The knock ports as nft set elements: `1111, 20000-59999`.
-    pub fn nft_knock_ports(&self) -> String {
+    pub fn knock_ports_list(&self) -> String {
         let ranges = self
             .knock_ports
             .iter()
@@ -137,7 +137,7 @@ impl Offload {
         let mut out = String::new();
         let elements = match self.knock_ports.is_empty() {
             true => String::new(),
-            false => format!(" elements = {{ {} }};", self.nft_knock_ports()),
+            false => format!(" elements = {{ {} }};", self.knock_ports_list()),
         };
         let _ = writeln!(
             out,
@@ -255,7 +255,7 @@ impl Offload {
                     let _ = writeln!(
                         out,
                         "add element inet {NFT_TABLE} {ports} {{ {} }}",
-                        self.nft_knock_ports()
+                        self.knock_ports_list()
                     );
                 }
                 for set in KernelSet::GRANTED {
@@ -497,7 +497,7 @@ mod tests {
     fn knock_ports_hold_sequences_and_close_ports_merged() {
         let offload = offload(SSH);
         assert_eq!(offload.knock_ports, vec![1111..=1112, 2222..=2222]);
-        assert_eq!(offload.nft_knock_ports(), "1111-1112, 2222");
+        assert_eq!(offload.knock_ports_list(), "1111-1112, 2222");
         assert_eq!(offload.knocking_window, Duration::from_secs(4));
         assert_eq!(offload.max_granted, 2000, "every source with both ports");
     }

@@ -185,7 +185,7 @@ fn alert_rules_pass_promtool() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("SUCCESS: 8 rules found"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("SUCCESS: 9 rules found"));
 }
 
 /// The dashboard is valid JSON and charts every family it promises.
@@ -213,6 +213,9 @@ fn grafana_dashboard_charts_the_metrics() {
         "knockq_cluster_connected",
         "knockq_cluster_backlog",
         "knockq_cluster_propagation_seconds_bucket",
+        "knockq_kernel_verdicts_total",
+        "knockq_kernel_knocking_set_full_total",
+        "knockq_kernel_set_updates_total",
     ] {
         assert!(
             exprs.iter().any(|e| e.contains(family)),
