@@ -180,12 +180,14 @@ class Gate:
             (workdir / "seed.lua").write_text((SCRIPT_CONFIG.parent / "seed.lua").read_text())
         text = source.read_text().replace("count = 1", f"count = {queues}")
         if kind == "knockq-offload":
-            text = text.replace("[rules]\n", "[rules]\noffload = true\n")
+            text = "[rules]\noffload = true\n\n" + text
         config.write_text(text)
         self.control = workdir / "control.sock"
         if kind == "knockq-offload":
             # The sets come with the rules: --apply loads both.
             net.run(net.gate, f"{KNOCKQ} rules --apply --config {config} --backend iptables")
+            if "KNOCKQ-SYN" not in net.run(net.gate, "iptables -S").stdout:
+                raise RuntimeError("knockq-offload: the offload rules are not loaded")
         else:
             rules = sh(f"{KNOCKQ} rules --config {config} --backend iptables").stdout
             path = workdir / "rules.iptables"
@@ -262,7 +264,13 @@ def measure(kind, flood_port, round_number):
         gate = Gate(kind, net, workdir)
         grant_knock = None
         if kind in ("knockq", "knockq-offload") and flood_port == 1111:
-            out = net.run(net.client, f"python3 -c '{GRANT_PROBE}' {FLOODER} {GATE} 200").stdout
+            # Every knock is answered with an ICMP error: lift the kernel's
+            # rate limit on them for the probe, so none waits for a timeout.
+            limits = "net.ipv4.icmp_ratelimit net.ipv4.icmp_msgs_per_sec"
+            saved = net.run(net.gate, f"sysctl -n {limits}").stdout.split()
+            net.run(net.gate, "sysctl -qw net.ipv4.icmp_ratelimit=0 net.ipv4.icmp_msgs_per_sec=1000000")
+            out = net.run(net.client, f"python3 -c '{GRANT_PROBE}' {FLOODER} {GATE} 100").stdout
+            net.run(net.gate, f"sysctl -qw net.ipv4.icmp_ratelimit={saved[0]} net.ipv4.icmp_msgs_per_sec={saved[1]}")
             grant_knock = [float(line) for line in out.split()]
         # The floor rejects everything: its latency is the time to the reject.
         gate.grant(CLIENT)

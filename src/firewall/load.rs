@@ -11,7 +11,7 @@ use std::io::Write;
 use std::process::{Command, Output, Stdio};
 
 use super::sets::{KernelCounts, KernelSet};
-use super::{Backend, Jump, Ruleset, CHAIN, NFT_TABLE, SYN_CHAIN};
+use super::{Backend, Jump, Ruleset, CHAIN, KNOCK_CHAIN, NFT_TABLE, SYN_CHAIN};
 
 /// A firewall knockq can load its rules into, both address families.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -159,12 +159,15 @@ pub fn kernel_counts(firewall: Firewall) -> Result<KernelCounts, LoadError> {
         }
     };
     match firewall {
+        // The chains, not the table: its sets may hold a million sources.
         Firewall::Nft => {
-            let json = listed("nft", &["-j", "list", "chain", "inet", NFT_TABLE, "syn"])?;
-            counts.add_nft_json(&json).map_err(|e| LoadError::Refused {
-                tool: "nft",
-                message: format!("unreadable listing: {e}"),
-            })?;
+            for chain in ["syn", "knock"] {
+                let json = listed("nft", &["-j", "list", "chain", "inet", NFT_TABLE, chain])?;
+                counts.add_nft_json(&json).map_err(|e| LoadError::Refused {
+                    tool: "nft",
+                    message: format!("unreadable listing: {e}"),
+                })?;
+            }
         }
         Firewall::Iptables => {
             for tool in ["iptables-save", "ip6tables-save"] {
@@ -209,7 +212,7 @@ pub fn remove(firewall: Firewall) -> Result<bool, LoadError> {
     }
 }
 
-/// Removes the offload chain, once nothing jumps to it.
+/// Removes the offload chains, once nothing jumps to them.
 fn remove_syn_chain(backend: Backend) -> Result<bool, LoadError> {
     let (loader, checker) = iptables_tools(backend);
     if !run(checker, &["-w", "-S", SYN_CHAIN], None)?
@@ -218,7 +221,9 @@ fn remove_syn_chain(backend: Backend) -> Result<bool, LoadError> {
     {
         return Ok(false);
     }
-    let text = format!("*filter\n-F {SYN_CHAIN}\n-X {SYN_CHAIN}\nCOMMIT\n");
+    let text = format!(
+        "*filter\n-F {SYN_CHAIN}\n-F {KNOCK_CHAIN}\n-X {SYN_CHAIN}\n-X {KNOCK_CHAIN}\nCOMMIT\n"
+    );
     expect_success(loader, &["--noflush"], &text)?;
     Ok(true)
 }

@@ -22,8 +22,10 @@ pub const ACCEPT_MARK: u32 = 0x6b71_0002;
 
 /// The iptables chain holding knockq's rules.
 pub const CHAIN: &str = "KNOCKQ";
-/// With offload, the iptables chain deciding NEW SYNs.
+/// With offload, the iptables chains deciding NEW SYNs, and of those the
+/// knocks.
 pub const SYN_CHAIN: &str = "KNOCKQ-SYN";
+pub const KNOCK_CHAIN: &str = "KNOCKQ-KNOCK";
 /// The nftables table holding knockq's rules (family inet).
 pub const NFT_TABLE: &str = "knockq";
 
@@ -163,7 +165,7 @@ impl Ruleset {
         // replaced in the same commit.
         let _ = writeln!(out, "*filter\n:{CHAIN} - [0:0]");
         if self.offload.is_some() {
-            let _ = writeln!(out, ":{SYN_CHAIN} - [0:0]");
+            let _ = writeln!(out, ":{SYN_CHAIN} - [0:0]\n:{KNOCK_CHAIN} - [0:0]");
         }
         if jump == Jump::Add {
             let _ = writeln!(out, "-A INPUT -j {CHAIN}");
@@ -193,21 +195,11 @@ impl Ruleset {
         let ports = format!("-m set --match-set {} dst", set(KernelSet::KnockPorts));
         let knocking = set(KernelSet::Knocking(family));
         let syn = format!("-A {SYN_CHAIN}");
+        let knock = format!("-A {KNOCK_CHAIN}");
         let comment = |text: &str| format!("-m comment --comment {text}");
         let _ = writeln!(out, "{new_syn} -j {SYN_CHAIN}");
-        // The knocking set is refreshed by a rule of its own, so a full set
-        // never costs a knock; the next rule counts what it could not add.
-        let _ = writeln!(
-            out,
-            "{syn} {ports} -j SET --add-set {knocking} src --exist --timeout {}",
-            offload.knocking_window.as_secs()
-        );
-        let _ = writeln!(
-            out,
-            "{syn} {ports} -m set ! --match-set {knocking} src {}",
-            comment(KNOCKING_FULL)
-        );
-        let _ = writeln!(out, "{syn} {ports} -j NFQUEUE {queue}");
+        // One look at the knock ports; knocks go on in a chain of their own.
+        let _ = writeln!(out, "{syn} {ports} -j {KNOCK_CHAIN}");
         let _ = writeln!(
             out,
             "{syn} -m set --match-set {knocking} src -j NFQUEUE {queue}"
@@ -227,7 +219,20 @@ impl Ruleset {
                 comment(KERNEL_REJECT)
             );
         }
-        let _ = writeln!(out, "{syn} {} -j DROP\nCOMMIT", comment(KERNEL_REJECT));
+        let _ = writeln!(out, "{syn} {} -j DROP", comment(KERNEL_REJECT));
+        // The knocking set is refreshed by a rule of its own, so a full set
+        // never costs a knock; the next rule counts what it could not add.
+        let _ = writeln!(
+            out,
+            "{knock} -j SET --add-set {knocking} src --exist --timeout {}",
+            offload.knocking_window.as_secs()
+        );
+        let _ = writeln!(
+            out,
+            "{knock} -m set ! --match-set {knocking} src {}",
+            comment(KNOCKING_FULL)
+        );
+        let _ = writeln!(out, "{knock} -j NFQUEUE {queue}\nCOMMIT");
         out
     }
 
@@ -267,18 +272,12 @@ impl Ruleset {
             return out;
         }
         let _ = writeln!(out, "\t\t{new_syn} jump syn\n\t}}\n\tchain syn {{");
-        let ports = format!("tcp dport @{}", KernelSet::KnockPorts.nft());
-        // As with iptables: the update is a rule of its own, and the next
-        // counts the knocks a full knocking set could not record.
-        for (family, nfproto, saddr) in [(Family::V4, "ipv4", "ip"), (Family::V6, "ipv6", "ip6")] {
-            let knocking = KernelSet::Knocking(family).nft();
-            let _ = writeln!(
-                out,
-                "\t\tmeta nfproto {nfproto} {ports} update @{knocking} {{ {saddr} saddr }}\n\
-                 \t\tmeta nfproto {nfproto} {ports} {saddr} saddr != @{knocking} counter comment \"{KNOCKING_FULL}\""
-            );
-        }
-        let _ = writeln!(out, "\t\t{ports} counter queue num {queue}");
+        // One look at the knock ports; knocks go on in a chain of their own.
+        let _ = writeln!(
+            out,
+            "\t\ttcp dport @{} jump knock",
+            KernelSet::KnockPorts.nft()
+        );
         for (family, saddr) in [(Family::V4, "ip"), (Family::V6, "ip6")] {
             let knocking = KernelSet::Knocking(family).nft();
             let _ = writeln!(
@@ -300,8 +299,19 @@ impl Ruleset {
         }
         let _ = writeln!(
             out,
-            "\t\tcounter drop comment \"{KERNEL_REJECT}\"\n\t}}\n}}"
+            "\t\tcounter drop comment \"{KERNEL_REJECT}\"\n\t}}\n\tchain knock {{"
         );
+        // As with iptables: the update is a rule of its own, and the next
+        // counts the knocks a full knocking set could not record.
+        for (family, nfproto, saddr) in [(Family::V4, "ipv4", "ip"), (Family::V6, "ipv6", "ip6")] {
+            let knocking = KernelSet::Knocking(family).nft();
+            let _ = writeln!(
+                out,
+                "\t\tmeta nfproto {nfproto} update @{knocking} {{ {saddr} saddr }}\n\
+                 \t\tmeta nfproto {nfproto} {saddr} saddr != @{knocking} counter comment \"{KNOCKING_FULL}\""
+            );
+        }
+        let _ = writeln!(out, "\t\tcounter queue num {queue}\n\t}}\n}}");
         out
     }
 }
@@ -465,15 +475,13 @@ mod tests {
                 |nft_rule, iptables_rule| position(if nft { nft_rule } else { iptables_rule });
             let order = [
                 position("0x6b710001"),
-                pick(
-                    "knock_ports update @knocking",
-                    "-j SET --add-set knockq-knocking",
-                ),
-                position("knockq-knocking-full"),
-                pick("dport @knock_ports counter queue", "ports dst -j NFQUEUE"),
+                pick("dport @knock_ports jump knock", "ports dst -j KNOCKQ-KNOCK"),
                 pick("saddr @knocking", "-m set --match-set knockq-knocking"),
                 position("knockq-kernel-accept"),
                 position("knockq-kernel-reject"),
+                pick("update @knocking", "-j SET --add-set knockq-knocking"),
+                position("knockq-knocking-full"),
+                pick("\t\tcounter queue", "-A KNOCKQ-KNOCK -j NFQUEUE"),
             ];
             assert!(order.windows(2).all(|w| w[0] < w[1]), "{order:?} in {text}");
         }

@@ -154,23 +154,27 @@ impl Offload {
                 self.knocking_window.as_secs()
             );
         }
-        for family in [Family::V4, Family::V6] {
-            let _ = writeln!(
-                out,
-                "\tset {} {{ type {} . inet_service; size {}; flags timeout; }}",
-                KernelSet::Granted(family).nft(),
-                nft_address(family),
-                self.max_granted
-            );
-        }
-        for family in [Family::V4, Family::V6] {
-            let _ = writeln!(
-                out,
-                "\tset {} {{ type {} . inet_service; size {}; flags interval,timeout; }}",
-                KernelSet::GrantedNets(family).nft(),
-                nft_address(family),
-                self.max_granted_nets
-            );
+        let granted = [
+            (
+                KernelSet::Granted as fn(Family) -> KernelSet,
+                "timeout",
+                self.max_granted,
+            ),
+            (
+                KernelSet::GrantedNets,
+                "interval,timeout",
+                self.max_granted_nets,
+            ),
+        ];
+        for (set, flags, size) in granted {
+            for family in [Family::V4, Family::V6] {
+                let _ = writeln!(
+                    out,
+                    "\tset {} {{ type {} . inet_service; size {size}; flags {flags}; }}",
+                    set(family).nft(),
+                    nft_address(family),
+                );
+            }
         }
         out
     }
