@@ -160,14 +160,18 @@ impl KernelSets {
                 }
             })
             .collect();
-        let outcome =
-            match load::update_sets(self.firewall, &sets::changes(self.firewall, &changes)) {
-                Ok(()) => "ok",
-                Err(e) => {
-                    error!(%src, policy = %policy.name, "kernel set not updated: {e}");
-                    "failed"
-                }
-            };
+        let replace = || load::update_sets(self.firewall, &sets::changes(self.firewall, &changes));
+        let written = match sets::creations(self.firewall, &changes) {
+            Some(text) => load::update_sets(self.firewall, &text).or_else(|_| replace()),
+            None => replace(),
+        };
+        let outcome = match written {
+            Ok(()) => "ok",
+            Err(e) => {
+                error!(%src, policy = %policy.name, "kernel set not updated: {e}");
+                "failed"
+            }
+        };
         self.updates.with_label_values(&[outcome]).inc();
         debug!(%src, policy = %policy.name, took_us = started.elapsed().as_micros() as u64, "kernel set updated");
     }

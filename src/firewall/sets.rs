@@ -425,6 +425,25 @@ pub fn changes(firewall: Firewall, changes: &[SetChange]) -> String {
     out
 }
 
+/// For nft, when every change puts a pair: the input that only creates the
+/// pairs, failing if any is there already. Deleting an element makes an nft
+/// transaction wait for the kernel's RCU grace period (about 15 ms measured
+/// here, against 1.5 ms without): a new grant, the common case, tries this
+/// first, and only a pair that is there already takes [`changes`].
+pub fn creations(firewall: Firewall, changes: &[SetChange]) -> Option<String> {
+    if firewall != Firewall::Nft {
+        return None;
+    }
+    let mut out = String::new();
+    for change in changes {
+        let SetChange::Put(pair) = change else {
+            return None;
+        };
+        let _ = writeln!(out, "create element {}", pair.nft_element(pair.left));
+    }
+    Some(out)
+}
+
 /// Packets counted by the kernel's own decisions, read from rule counters.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct KernelCounts {
@@ -533,6 +552,28 @@ mod tests {
             "add element inet knockq granted_nets6 { fd00::/56 . 22 timeout 1000ms }\n\
              delete element inet knockq granted_nets6 { fd00::/56 . 22 }\n"
         );
+    }
+
+    #[test]
+    fn new_nft_pairs_are_only_created() {
+        let pair = GrantedPair {
+            src: "10.0.0.2".parse().unwrap(),
+            prefix: None,
+            port: 22,
+            left: None,
+        };
+        assert_eq!(
+            creations(Firewall::Nft, &[SetChange::Put(pair)]).unwrap(),
+            "create element inet knockq granted4 { 10.0.0.2 . 22 }\n"
+        );
+        assert_eq!(
+            creations(
+                Firewall::Nft,
+                &[SetChange::Put(pair), SetChange::Remove(pair)]
+            ),
+            None
+        );
+        assert_eq!(creations(Firewall::Iptables, &[SetChange::Put(pair)]), None);
     }
 
     #[test]
