@@ -73,13 +73,13 @@ impl EventReport {
         }
     }
 
-    /// Counts and logs `events`, and empties the buffer for reuse.
     /// Whether grant changes are to be published before the verdict of the
     /// packet that caused them: some listener must hear them first.
     pub fn publishes_before_verdict(&self) -> bool {
         self.listeners.iter().any(|l| l.before_verdict())
     }
 
+    /// Counts and logs `events`, and empties the buffer for reuse.
     pub fn publish(&mut self, engine: &Engine, events: &mut Vec<Event>, now: Instant) {
         if events.is_empty() {
             return self.summarise(now);
