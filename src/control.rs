@@ -88,10 +88,7 @@ pub struct ProgressEntry {
 impl From<GrantLeft> for GrantEntry {
     fn from(left: GrantLeft) -> Self {
         GrantEntry {
-            seconds_left: match left {
-                GrantLeft::For(d) => Some(d.as_secs_f64()),
-                GrantLeft::UntilClosed => None,
-            },
+            seconds_left: left.duration().map(|d| d.as_secs_f64()),
         }
     }
 }

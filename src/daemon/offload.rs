@@ -25,9 +25,7 @@ use tracing::{debug, error, info};
 use super::events::GrantListener;
 use super::Clock;
 use crate::config::{Config, Policy};
-use crate::engine::{
-    Engine, Event, EventKind, GrantLeft, RevokeReason, Timestamp, WallClock, GRANT_UNTIL_CLOSED,
-};
+use crate::engine::{grant_left, Engine, Event, EventKind, RevokeReason, WallClock};
 use crate::firewall::load::{self, Firewall, LoadError};
 use crate::firewall::sets::{self, GrantedPair, Offload, SetChange};
 
@@ -103,10 +101,7 @@ impl KernelSets {
             let Some(policy) = policies.get(key) else {
                 continue;
             };
-            let left = match left {
-                GrantLeft::For(left) => Some(left),
-                GrantLeft::UntilClosed => None,
-            };
+            let left = left.duration();
             for port in grant.status.ports.ports(&policy.open_ports) {
                 let entry = longest
                     .entry((grant.src, grant.prefix, port))
@@ -155,7 +150,7 @@ impl KernelSets {
                     left,
                 };
                 match until {
-                    Some(until) => SetChange::Put(pair(left_at(until, now))),
+                    Some(until) => SetChange::Put(pair(grant_left(until, now).duration())),
                     None => SetChange::Remove(pair(None)),
                 }
             })
@@ -174,14 +169,6 @@ impl KernelSets {
         };
         self.updates.with_label_values(&[outcome]).inc();
         debug!(%src, policy = %policy.name, took_us = started.elapsed().as_micros() as u64, "kernel set updated");
-    }
-}
-
-/// The time left until `until`; `None` for grants until the close knock.
-fn left_at(until: Timestamp, now: Timestamp) -> Option<Duration> {
-    match until {
-        GRANT_UNTIL_CLOSED => None,
-        until => Some(until.since(now)),
     }
 }
 

@@ -131,10 +131,7 @@ impl StateStore {
                     knock: policy.knock.identity(),
                     open_ports: policy.open_ports.clone(),
                     close_port: policy.close_port,
-                    seconds_left: match left {
-                        GrantLeft::For(d) => Some(d.as_secs_f64()),
-                        GrantLeft::UntilClosed => None,
-                    },
+                    seconds_left: left.duration().map(|d| d.as_secs_f64()),
                 })
             })
             .collect();

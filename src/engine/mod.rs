@@ -31,7 +31,7 @@ use prefixes::{PrefixGrant, PrefixGrants};
 use rotation::SpentWindows;
 pub use script::{NoScripts, ScriptAction, ScriptGrant, ScriptInput, ScriptOutput, ScriptRunner};
 use source::SourceState;
-pub use source::{GrantLeft, PolicyStatus, Progress};
+pub use source::{grant_left, GrantLeft, PolicyStatus, Progress};
 use table::SourceTable;
 pub use table::TablePart;
 

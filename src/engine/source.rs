@@ -50,6 +50,16 @@ pub enum GrantLeft {
     UntilClosed,
 }
 
+impl GrantLeft {
+    /// The time left; `None` for a grant until the close knock.
+    pub fn duration(self) -> Option<Duration> {
+        match self {
+            GrantLeft::For(left) => Some(left),
+            GrantLeft::UntilClosed => None,
+        }
+    }
+}
+
 /// Everything known about one source address.
 #[derive(Debug, Default)]
 pub struct SourceState {

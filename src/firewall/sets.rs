@@ -20,7 +20,8 @@ use std::time::Duration;
 
 use super::load::Firewall;
 use super::{Family, NFT_TABLE};
-use crate::config::{Config, Knock, Policy};
+use crate::config::{Config, Policy};
+use crate::engine::{PortMap, PortRole};
 
 /// One of the kernel sets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -294,30 +295,24 @@ fn nft_address(family: Family) -> &'static str {
     }
 }
 
-/// Every port a SYN to which the engine must see: knock ports of fixed
-/// sequences, close ports, rotating ranges and the ports scripts declare,
-/// sorted, with adjacent ranges merged.
+/// Every port a SYN to which the engine must see, as the engine's own port
+/// map has them: knock and close ports, rotating ranges and the ports
+/// scripts declare, as ranges.
 pub fn knock_ports(policies: &[Policy]) -> Vec<RangeInclusive<u16>> {
+    let map = PortMap::new(policies);
     let mut ranges: Vec<RangeInclusive<u16>> = Vec::new();
-    for policy in policies {
-        ranges.extend(policy.close_port.map(|p| p..=p));
-        match &policy.knock {
-            Knock::Fixed(sequence) => ranges.extend(sequence.iter().map(|&p| p..=p)),
-            Knock::Rotating(rotating) => ranges.push(rotating.ports.clone()),
-            Knock::Script(script) => ranges.extend(script.knock_ports.iter().cloned()),
+    for port in 1..=u16::MAX {
+        if matches!(map.role(port), PortRole::Unrelated | PortRole::Open { .. }) {
+            continue;
         }
-    }
-    ranges.sort_by_key(|r| (*r.start(), *r.end()));
-    let mut merged: Vec<RangeInclusive<u16>> = Vec::with_capacity(ranges.len());
-    for range in ranges {
-        match merged.last_mut() {
-            Some(last) if u32::from(*range.start()) <= u32::from(*last.end()) + 1 => {
-                *last = *last.start()..=(*last.end()).max(*range.end());
+        match ranges.last_mut() {
+            Some(last) if u32::from(*last.end()) + 1 == u32::from(port) => {
+                *last = *last.start()..=port;
             }
-            _ => merged.push(range),
+            _ => ranges.push(port..=port),
         }
     }
-    merged
+    ranges
 }
 
 /// One element of a granted set: a source (or network) and a port it may
@@ -514,6 +509,17 @@ mod tests {
         Offload::from_config(&config).unwrap()
     }
 
+    /// The pair of `src` (a network with `prefix`) and `port`, `left_ms`
+    /// milliseconds left, or until closed.
+    fn pair(src: &str, prefix: Option<u8>, port: u16, left_ms: Option<u64>) -> GrantedPair {
+        GrantedPair {
+            src: src.parse().unwrap(),
+            prefix,
+            port,
+            left: left_ms.map(Duration::from_millis),
+        }
+    }
+
     const SSH: &str = "[[policy]]\nname = \"ssh\"\nsequence = [2222, 1111]\nopen_ports = [22, 8080]\nclose_port = 1112\nstep_timeout = \"2500ms\"\n";
 
     #[test]
@@ -527,12 +533,7 @@ mod tests {
 
     #[test]
     fn an_nft_put_replaces_the_timeout_and_a_remove_never_fails() {
-        let pair = GrantedPair {
-            src: "10.0.0.2".parse().unwrap(),
-            prefix: None,
-            port: 22,
-            left: Some(Duration::from_millis(2500)),
-        };
+        let pair = pair("10.0.0.2", None, 22, Some(2500));
         let text = changes(Firewall::Nft, &[SetChange::Put(pair)]);
         assert_eq!(
             text,
@@ -556,12 +557,7 @@ mod tests {
 
     #[test]
     fn new_nft_pairs_are_only_created() {
-        let pair = GrantedPair {
-            src: "10.0.0.2".parse().unwrap(),
-            prefix: None,
-            port: 22,
-            left: None,
-        };
+        let pair = pair("10.0.0.2", None, 22, None);
         assert_eq!(
             creations(Firewall::Nft, &[SetChange::Put(pair)]).unwrap(),
             "create element inet knockq granted4 { 10.0.0.2 . 22 }\n"
@@ -578,12 +574,7 @@ mod tests {
 
     #[test]
     fn ipset_timeouts_round_down_and_under_a_second_is_a_removal() {
-        let pair = GrantedPair {
-            src: "10.0.0.2".parse().unwrap(),
-            prefix: None,
-            port: 22,
-            left: Some(Duration::from_millis(2500)),
-        };
+        let pair = pair("10.0.0.2", None, 22, Some(2500));
         let until_closed = GrantedPair { left: None, ..pair };
         let ending = GrantedPair {
             left: Some(Duration::from_millis(999)),
@@ -607,12 +598,7 @@ mod tests {
 
     #[test]
     fn reconciling_ipsets_swaps_in_filled_twins() {
-        let pair = GrantedPair {
-            src: "10.0.0.0".parse().unwrap(),
-            prefix: Some(24),
-            port: 8080,
-            left: None,
-        };
+        let pair = pair("10.0.0.0", Some(24), 8080, None);
         let text = offload(SSH).reconcile(Firewall::Iptables, &[pair]);
         assert!(
             text.contains(

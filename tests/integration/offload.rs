@@ -126,7 +126,9 @@ fn a_grant_ends_in_the_kernel_by_its_own_timeout() {
 /// knocking set could not send to the queue, is rejected by the kernel.
 #[test]
 fn a_close_knock_then_at_once_a_syn_to_an_open_port_with_the_knocking_set_full() {
-    if !can_run_end_to_end("a_close_knock_then_at_once_a_syn_with_the_knocking_set_full") {
+    if !can_run_end_to_end(
+        "a_close_knock_then_at_once_a_syn_to_an_open_port_with_the_knocking_set_full",
+    ) {
         return;
     }
     let mut net = Net::new();
