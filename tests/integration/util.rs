@@ -265,6 +265,15 @@ impl Net {
         for ns in [&net.gate, &net.client] {
             sh_ok(&format!("ip netns add {ns} && ip -n {ns} link set lo up"));
         }
+        // The kernel sends one peer a burst of 6 ICMP errors, then one a
+        // second: a test knocking fast would see some rejects only on a
+        // retransmission, or not within its timeout (emulated in the VM,
+        // where every step is slow, it did). The gate's namespace answers
+        // every reject; the kernel's overall limit of 1000 a second stays.
+        sh_ok(&format!(
+            "ip netns exec {} sysctl -qw net.ipv4.icmp_ratelimit=0 net.ipv6.icmp.ratelimit=0",
+            net.gate
+        ));
         let (g, c) = (&net.gate, &net.client);
         let mut setup = format!(
             "ip -n {g} link add veth0 type veth peer name veth1 netns {c} && \
