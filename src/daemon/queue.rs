@@ -4,9 +4,14 @@ use std::collections::HashSet;
 use std::io;
 use std::os::fd::RawFd;
 
+use std::time::{Duration, Instant};
+
 use nfq::Queue;
 
+use super::receive;
+use super::verdicts::{self, VerdictBatch};
 use super::worker::RECEIVE_TIMEOUT;
+use crate::engine::Verdict;
 
 /// Bytes of each packet copied to the daemon: the IP and TCP headers.
 const COPY_RANGE: u16 = 128;
@@ -31,16 +36,11 @@ pub struct BindError {
 pub fn open_queue(num: u16, fail_open: bool) -> Result<(Queue, RawFd), BindError> {
     let setup = || -> io::Result<(Queue, RawFd)> {
         let before = netfilter_sockets()?;
-        let mut queue = Queue::open()?;
+        let queue = Queue::open()?;
         let fd = match netfilter_sockets()?.difference(&before).collect::<Vec<_>>()[..] {
             [&fd] => fd,
             _ => return Err(io::Error::other("cannot find the new netlink socket")),
         };
-        queue.bind(num)?;
-        // bind() resets the copy range to 64 KiB; headers are all we need.
-        queue.set_copy_range(num, COPY_RANGE)?;
-        queue.set_queue_max_len(num, QUEUE_MAX_LEN)?;
-        queue.set_fail_open(num, fail_open)?;
         // FORCE goes past net.core.rmem_max; it needs CAP_NET_ADMIN, which
         // binding needs too, but fall back rather than fail.
         setsockopt(fd, libc::SO_RCVBUFFORCE, RECEIVE_BUFFER_BYTES)
@@ -50,9 +50,111 @@ pub fn open_queue(num: u16, fail_open: bool) -> Result<(Queue, RawFd), BindError
             tv_usec: RECEIVE_TIMEOUT.as_micros() as libc::suseconds_t,
         };
         setsockopt(fd, libc::SO_RCVTIMEO, timeout)?;
+        bind(fd, num, fail_open)?;
         Ok((queue, fd))
     };
     setup().map_err(|source| BindError { queue: num, source })
+}
+
+/// How long binding waits for the kernel's answer.
+const BIND_ANSWER_WITHIN: Duration = Duration::from_secs(5);
+
+/// Binds queue `num` and sets it up in one config message, then waits for
+/// the kernel's answer. Written here rather than with `nfq`'s `bind` and
+/// setters: each of those waits for its answer by reading the socket and
+/// discarding whatever else it reads, and a SYN queued meanwhile would then
+/// stay in the kernel until a later batch verdict covered its id with
+/// another packet's verdict, an accept perhaps. Packets read here, queued
+/// before the answer, are rejected: the gate is not open until bound.
+fn bind(fd: RawFd, num: u16, fail_open: bool) -> io::Result<()> {
+    verdicts::send_to_kernel(fd, &config_message(num, fail_open))?;
+    let mut rejects = VerdictBatch::new(fd, num);
+    let mut datagram = [0u8; 8192];
+    let deadline = Instant::now() + BIND_ANSWER_WITHIN;
+    loop {
+        // SAFETY: `datagram` is live and as long as the length passed.
+        let len = unsafe { libc::recv(fd, datagram.as_mut_ptr().cast(), datagram.len(), 0) };
+        if len < 0 {
+            let e = io::Error::last_os_error();
+            let again = matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+            );
+            if again && Instant::now() < deadline {
+                continue;
+            }
+            return Err(e);
+        }
+        let datagram = &datagram[..len as usize];
+        for packet in receive::packets(datagram) {
+            rejects.push(packet.id, Verdict::Reject)?;
+        }
+        rejects.flush()?;
+        if let Some(error) = receive::answer(datagram, CONFIG_SEQUENCE) {
+            return match error {
+                0 => Ok(()),
+                e => Err(io::Error::from_raw_os_error(e)),
+            };
+        }
+    }
+}
+
+const NFQNL_MSG_CONFIG: u16 = 2;
+const NFQA_CFG_CMD: u16 = 1;
+const NFQA_CFG_PARAMS: u16 = 2;
+const NFQA_CFG_QUEUE_MAXLEN: u16 = 3;
+const NFQA_CFG_MASK: u16 = 4;
+const NFQA_CFG_FLAGS: u16 = 5;
+const NFQNL_CFG_CMD_BIND: u8 = 1;
+const NFQNL_COPY_PACKET: u8 = 2;
+const NFQA_CFG_F_FAIL_OPEN: u32 = 1;
+const NLM_F_REQUEST: u16 = 1;
+const NLM_F_ACK: u16 = 4;
+/// Tells the answer to the config message from errors about verdicts,
+/// which are sent with sequence 0.
+const CONFIG_SEQUENCE: u32 = 1;
+
+/// The config message binding queue `num` with the gate's settings; the
+/// kernel applies its attributes in this order, and answers once.
+fn config_message(num: u16, fail_open: bool) -> Vec<u8> {
+    let mut message = Vec::with_capacity(64);
+    message.extend_from_slice(&[0; 4]); // length, set below
+    message.extend_from_slice(&((3u16 << 8) | NFQNL_MSG_CONFIG).to_ne_bytes());
+    message.extend_from_slice(&(NLM_F_REQUEST | NLM_F_ACK).to_ne_bytes());
+    message.extend_from_slice(&CONFIG_SEQUENCE.to_ne_bytes());
+    message.extend_from_slice(&[0; 4]); // port id, the kernel's
+                                        // nfgenmsg: family unspecified, version 0, the queue in network order.
+    message.extend_from_slice(&[0, 0]);
+    message.extend_from_slice(&num.to_be_bytes());
+    // nfqnl_msg_config_cmd: command, padding, protocol family.
+    attribute(&mut message, NFQA_CFG_CMD, &[NFQNL_CFG_CMD_BIND, 0, 0, 0]);
+    // nfqnl_msg_config_params, packed: the copy range, then the mode.
+    let mut params = u32::from(COPY_RANGE).to_be_bytes().to_vec();
+    params.push(NFQNL_COPY_PACKET);
+    attribute(&mut message, NFQA_CFG_PARAMS, &params);
+    attribute(
+        &mut message,
+        NFQA_CFG_QUEUE_MAXLEN,
+        &QUEUE_MAX_LEN.to_be_bytes(),
+    );
+    let flags = if fail_open { NFQA_CFG_F_FAIL_OPEN } else { 0 };
+    attribute(&mut message, NFQA_CFG_FLAGS, &flags.to_be_bytes());
+    attribute(
+        &mut message,
+        NFQA_CFG_MASK,
+        &NFQA_CFG_F_FAIL_OPEN.to_be_bytes(),
+    );
+    let len = message.len() as u32;
+    message[0..4].copy_from_slice(&len.to_ne_bytes());
+    message
+}
+
+/// Appends a netlink attribute, padded to four bytes.
+fn attribute(message: &mut Vec<u8>, kind: u16, value: &[u8]) {
+    message.extend_from_slice(&((4 + value.len()) as u16).to_ne_bytes());
+    message.extend_from_slice(&kind.to_ne_bytes());
+    message.extend_from_slice(value);
+    message.resize(message.len().next_multiple_of(4), 0);
 }
 
 /// The process's netlink-netfilter sockets. `nfq` 0.2 does not expose the
@@ -108,4 +210,59 @@ fn getsockopt(fd: RawFd, option: libc::c_int) -> Option<libc::c_int> {
         )
     };
     (rc == 0).then_some(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The attributes of a config message: (type, value), in order.
+    fn attributes(message: &[u8]) -> Vec<(u16, Vec<u8>)> {
+        let mut rest = &message[20..];
+        let mut found = Vec::new();
+        while rest.len() >= 4 {
+            let len = usize::from(u16::from_ne_bytes([rest[0], rest[1]]));
+            found.push((
+                u16::from_ne_bytes([rest[2], rest[3]]),
+                rest[4..len].to_vec(),
+            ));
+            rest = &rest[len.next_multiple_of(4).min(rest.len())..];
+        }
+        found
+    }
+
+    #[test]
+    fn one_config_message_binds_and_sets_up_the_queue() {
+        let message = config_message(0x0102, true);
+        let u16_at = |at: usize| u16::from_ne_bytes([message[at], message[at + 1]]);
+        assert_eq!(
+            u32::from_ne_bytes(message[0..4].try_into().unwrap()) as usize,
+            message.len()
+        );
+        assert_eq!(
+            u16_at(4),
+            0x0302,
+            "NFNL_SUBSYS_QUEUE << 8 | NFQNL_MSG_CONFIG"
+        );
+        assert_eq!(u16_at(6), 5, "a request to be answered");
+        assert_eq!(&message[8..12], &CONFIG_SEQUENCE.to_ne_bytes());
+        assert_eq!(
+            &message[16..20],
+            &[0, 0, 1, 2],
+            "the queue in network order"
+        );
+        assert_eq!(
+            attributes(&message),
+            [
+                (NFQA_CFG_CMD, vec![1, 0, 0, 0]),
+                (NFQA_CFG_PARAMS, vec![0, 0, 0, 128, 2]),
+                (NFQA_CFG_QUEUE_MAXLEN, 8192u32.to_be_bytes().to_vec()),
+                (NFQA_CFG_FLAGS, vec![0, 0, 0, 1]),
+                (NFQA_CFG_MASK, vec![0, 0, 0, 1]),
+            ]
+        );
+        let closed = attributes(&config_message(0, false));
+        assert_eq!(closed[3], (NFQA_CFG_FLAGS, vec![0; 4]), "fail closed");
+        assert_eq!(closed[4], (NFQA_CFG_MASK, vec![0, 0, 0, 1]), "and say so");
+    }
 }

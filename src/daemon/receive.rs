@@ -17,6 +17,7 @@ const NFGENMSG: usize = 4;
 const NLATTR_HEADER: usize = 4;
 /// `NFNL_SUBSYS_QUEUE << 8 | NFQNL_MSG_PACKET`.
 const QUEUED_PACKET: u16 = 3 << 8;
+const NLMSG_ERROR: u16 = 2;
 const NFQA_PACKET_HDR: u16 = 1;
 const NFQA_PAYLOAD: u16 = 10;
 /// Attribute types carry two flag bits above the type.
@@ -106,8 +107,27 @@ impl Receiver {
 /// The queued packets in one netlink datagram; other messages (errors
 /// about earlier verdicts, for one) are skipped.
 pub fn packets(datagram: &[u8]) -> impl Iterator<Item = QueuedPacket<'_>> {
+    messages(datagram)
+        .filter(|&(kind, _)| kind == QUEUED_PACKET)
+        .filter_map(|(_, message)| queued_packet(message))
+}
+
+/// The kernel's answer to the request sent with `sequence`, if this datagram
+/// has it: 0 for success, else the errno.
+pub fn answer(datagram: &[u8], sequence: u32) -> Option<i32> {
+    messages(datagram).find_map(|(kind, message)| {
+        // nlmsgerr: the error, then the header of the request answered.
+        let error = i32::from_ne_bytes(message.get(16..20)?.try_into().ok()?);
+        let answered = u32::from_ne_bytes(message.get(28..32)?.try_into().ok()?);
+        (kind == NLMSG_ERROR && answered == sequence).then_some(-error)
+    })
+}
+
+/// The netlink messages in one datagram, with their types; the walk stops
+/// at a length that does not fit.
+fn messages(datagram: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
     let mut rest = datagram;
-    std::iter::from_fn(move || loop {
+    std::iter::from_fn(move || {
         if rest.len() < NLMSG_HEADER {
             return None;
         }
@@ -118,11 +138,7 @@ pub fn packets(datagram: &[u8]) -> impl Iterator<Item = QueuedPacket<'_>> {
         }
         let message = &rest[..len];
         rest = rest.get(align(len)..).unwrap_or(&[]);
-        if kind == QUEUED_PACKET {
-            if let Some(packet) = queued_packet(message) {
-                return Some(packet);
-            }
-        }
+        Some((kind, message))
     })
 }
 
@@ -220,6 +236,34 @@ mod tests {
                 },
             ]
         );
+    }
+
+    /// The kernel's answer to a request with `sequence`: nlmsgerr.
+    fn answer_to(sequence: u32, errno: i32) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        bytes.extend_from_slice(&36u32.to_ne_bytes());
+        bytes.extend_from_slice(&NLMSG_ERROR.to_ne_bytes());
+        bytes.extend_from_slice(&[0; 10]);
+        bytes.extend_from_slice(&(-errno).to_ne_bytes());
+        // The request's header: length, type, flags, sequence, port id.
+        bytes.extend_from_slice(&[0; 8]);
+        bytes.extend_from_slice(&sequence.to_ne_bytes());
+        bytes.extend_from_slice(&[0; 4]);
+        bytes
+    }
+
+    #[test]
+    fn the_answer_to_a_request_is_found_by_its_sequence() {
+        // A packet queued before the answer, then an error about a verdict
+        // (sequence 0), then the answer.
+        let mut datagram = message(QUEUED_PACKET, &[packet_header(3)]);
+        datagram.extend(answer_to(0, libc::ENOENT));
+        assert_eq!(answer(&datagram, 1), None);
+        assert_eq!(answer(&datagram, 0), Some(libc::ENOENT));
+        datagram.extend(answer_to(1, 0));
+        assert_eq!(answer(&datagram, 1), Some(0));
+        assert_eq!(answer(&answer_to(1, libc::EBUSY), 1), Some(libc::EBUSY));
+        assert_eq!(packets(&datagram).map(|p| p.id).collect::<Vec<_>>(), [3]);
     }
 
     #[test]

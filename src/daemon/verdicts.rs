@@ -93,24 +93,29 @@ impl VerdictBatch {
     }
 
     fn send(&self, message: &[u8; MESSAGE_LEN]) -> io::Result<()> {
-        let mut kernel: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-        kernel.nl_family = libc::AF_NETLINK as libc::sa_family_t;
-        // SAFETY: `message` and `kernel` are live for the call and their
-        // lengths are the ones passed.
-        let sent = unsafe {
-            libc::sendto(
-                self.fd,
-                message.as_ptr().cast(),
-                message.len(),
-                0,
-                (&kernel as *const libc::sockaddr_nl).cast(),
-                size_of::<libc::sockaddr_nl>() as libc::socklen_t,
-            )
-        };
-        if sent < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
+        send_to_kernel(self.fd, message)
+    }
+}
+
+/// Sends one netlink message to the kernel on `fd`.
+pub fn send_to_kernel(fd: RawFd, message: &[u8]) -> io::Result<()> {
+    let mut kernel: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+    kernel.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+    // SAFETY: `message` and `kernel` are live for the call and their
+    // lengths are the ones passed.
+    let sent = unsafe {
+        libc::sendto(
+            fd,
+            message.as_ptr().cast(),
+            message.len(),
+            0,
+            (&kernel as *const libc::sockaddr_nl).cast(),
+            size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+        )
+    };
+    match sent < 0 {
+        true => Err(io::Error::last_os_error()),
+        false => Ok(()),
     }
 }
 

@@ -519,6 +519,17 @@ impl Net {
 
 impl Drop for Net {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // Which rules the test's packets met, for the failure's log.
+            let out = self.in_gate(
+                "iptables-save -c; ip6tables-save -c; nft list ruleset; \
+                 cat /proc/net/netfilter/nfnetlink_queue",
+            );
+            eprintln!(
+                "--- the gate's rules and counters ---\n{}",
+                text(&out.stdout)
+            );
+        }
         for child in &mut self.children {
             let _ = child.kill();
             let _ = child.wait();
