@@ -305,14 +305,7 @@ impl Fleet {
 
     /// A connection attempt from `src` to `gate`'s port.
     fn connect(&self, src: &str, gate: usize, port: u16) -> Reply {
-        let out = in_namespace(
-            &self.ns("client"),
-            &format!("nc -4 -v -z -w 3 -s {src} {} {port}", GATES[gate]),
-        );
-        match out.status.success() {
-            true => Reply::Open,
-            false => Reply::Failed(text(&out.stderr).trim().to_owned()),
-        }
+        attempt(&self.ns("client"), src, GATES[gate], port, 3)
     }
 
     fn knock(&self, src: &str, gate: usize, ports: &[u16]) {
