@@ -93,10 +93,27 @@ fn bind(fd: RawFd, num: u16, fail_open: bool) -> io::Result<()> {
         if let Some(error) = receive::answer(datagram, CONFIG_SEQUENCE) {
             return match error {
                 0 => Ok(()),
+                // The kernel says EPERM both to a process without the
+                // capability and for a queue another socket has bound.
+                libc::EPERM if has_net_admin() => Err(io::Error::other(
+                    "another program has bound it (the kernel says EPERM)",
+                )),
                 e => Err(io::Error::from_raw_os_error(e)),
             };
         }
     }
+}
+
+/// Whether this process has CAP_NET_ADMIN, from its effective capabilities.
+fn has_net_admin() -> bool {
+    const CAP_NET_ADMIN: u32 = 12;
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
+            u64::from_str_radix(hex.trim(), 16).ok()
+        })
+        .is_some_and(|effective| effective & (1 << CAP_NET_ADMIN) != 0)
 }
 
 const NFQNL_MSG_CONFIG: u16 = 2;

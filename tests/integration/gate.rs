@@ -291,6 +291,31 @@ fn sigterm_unbinds_and_exits_cleanly() {
 }
 
 #[test]
+fn a_second_daemon_on_a_bound_queue_says_so() {
+    if !can_run_end_to_end("a_second_daemon_on_a_bound_queue_says_so") {
+        return;
+    }
+    let net = Net::new();
+    let config = net.config(EXAMPLE_CONFIG);
+    net.load_rules(&config, IPV4_RULES[0]);
+    let _gate = net.start_daemon(&config);
+    let second = net.in_gate(&format!(
+        "{} run --config {} --control-socket {} --state-dir {}",
+        env!("CARGO_BIN_EXE_knockq"),
+        config.display(),
+        net.dir.path().join("second.sock").display(),
+        net.dir.path().join("second-state").display(),
+    ));
+    let stderr = text(&second.stderr);
+    assert_eq!(second.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("cannot bind NFQUEUE 0: another program has bound it"),
+        "{stderr}"
+    );
+    assert_eq!(net.bound_queues(), 1, "the first daemon keeps its queue");
+}
+
+#[test]
 fn two_queues_share_the_state() {
     if !can_run_end_to_end("two_queues_share_the_state") {
         return;
