@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use nfq::Queue;
 
 use super::receive;
-use super::verdicts::{self, VerdictBatch};
+use super::verdicts::{self, VerdictBatch, NFNL_SUBSYS_QUEUE, NLM_F_REQUEST};
 use super::worker::RECEIVE_TIMEOUT;
 use crate::engine::Verdict;
 
@@ -125,7 +125,6 @@ const NFQA_CFG_FLAGS: u16 = 5;
 const NFQNL_CFG_CMD_BIND: u8 = 1;
 const NFQNL_COPY_PACKET: u8 = 2;
 const NFQA_CFG_F_FAIL_OPEN: u32 = 1;
-const NLM_F_REQUEST: u16 = 1;
 const NLM_F_ACK: u16 = 4;
 /// Tells the answer to the config message from errors about verdicts,
 /// which are sent with sequence 0.
@@ -136,7 +135,7 @@ const CONFIG_SEQUENCE: u32 = 1;
 fn config_message(num: u16, fail_open: bool) -> Vec<u8> {
     let mut message = Vec::with_capacity(64);
     message.extend_from_slice(&[0; 4]); // length, set below
-    message.extend_from_slice(&((3u16 << 8) | NFQNL_MSG_CONFIG).to_ne_bytes());
+    message.extend_from_slice(&((NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_CONFIG).to_ne_bytes());
     message.extend_from_slice(&(NLM_F_REQUEST | NLM_F_ACK).to_ne_bytes());
     message.extend_from_slice(&CONFIG_SEQUENCE.to_ne_bytes());
     message.extend_from_slice(&[0; 4]); // port id, the kernel's

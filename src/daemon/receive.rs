@@ -115,12 +115,14 @@ pub fn packets(datagram: &[u8]) -> impl Iterator<Item = QueuedPacket<'_>> {
 /// The kernel's answer to the request sent with `sequence`, if this datagram
 /// has it: 0 for success, else the errno.
 pub fn answer(datagram: &[u8], sequence: u32) -> Option<i32> {
-    messages(datagram).find_map(|(kind, message)| {
-        // nlmsgerr: the error, then the header of the request answered.
-        let error = i32::from_ne_bytes(message.get(16..20)?.try_into().ok()?);
-        let answered = u32::from_ne_bytes(message.get(28..32)?.try_into().ok()?);
-        (kind == NLMSG_ERROR && answered == sequence).then_some(-error)
-    })
+    messages(datagram)
+        .filter(|&(kind, _)| kind == NLMSG_ERROR)
+        .find_map(|(_, message)| {
+            // nlmsgerr: the error, then the header of the request answered.
+            let error = i32::from_ne_bytes(message.get(16..20)?.try_into().ok()?);
+            let answered = u32::from_ne_bytes(message.get(28..32)?.try_into().ok()?);
+            (answered == sequence).then_some(-error)
+        })
 }
 
 /// The netlink messages in one datagram, with their types; the walk stops

@@ -9,11 +9,11 @@ use std::os::fd::RawFd;
 use crate::engine::Verdict;
 use crate::firewall::{ACCEPT_MARK, REJECT_MARK};
 
-const NFNL_SUBSYS_QUEUE: u16 = 3;
+pub const NFNL_SUBSYS_QUEUE: u16 = 3;
 const NFQNL_MSG_VERDICT_BATCH: u16 = 3;
 const NFQA_VERDICT_HDR: u16 = 2;
 const NFQA_MARK: u16 = 3;
-const NLM_F_REQUEST: u16 = 1;
+pub const NLM_F_REQUEST: u16 = 1;
 const NF_ACCEPT: u32 = 1;
 const NF_REPEAT: u32 = 4;
 /// nlmsghdr (16) + nfgenmsg (4) + verdict attribute (4 + 8) + mark (4 + 4).

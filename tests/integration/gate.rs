@@ -299,9 +299,8 @@ fn a_second_daemon_on_a_bound_queue_says_so() {
     let config = net.config(EXAMPLE_CONFIG);
     net.load_rules(&config, IPV4_RULES[0]);
     let _gate = net.start_daemon(&config);
-    let second = net.in_gate(&format!(
-        "{} run --config {} --control-socket {} --state-dir {}",
-        env!("CARGO_BIN_EXE_knockq"),
+    let second = net.knockq_in_gate(&format!(
+        "run --config {} --control-socket {} --state-dir {}",
         config.display(),
         net.dir.path().join("second.sock").display(),
         net.dir.path().join("second-state").display(),

@@ -5,14 +5,9 @@
 use crate::gate::walkthrough;
 use crate::util::*;
 
-/// `knockq ARGS` in the gate namespace.
-fn knockq_in_gate(net: &Net, args: &str) -> std::process::Output {
-    net.in_gate(&format!("{} {args}", env!("CARGO_BIN_EXE_knockq")))
-}
-
 /// `knockq rules ARGS` in the gate namespace, with a configuration.
 fn rules(net: &Net, config: &std::path::Path, args: &str) -> std::process::Output {
-    knockq_in_gate(net, &format!("rules --config {} {args}", config.display()))
+    net.knockq_in_gate(&format!("rules --config {} {args}", config.display()))
 }
 
 /// The gate's whole iptables and ip6tables filter tables, and its ipsets.
@@ -89,12 +84,12 @@ fn apply_and_remove_keep_the_hosts_own_iptables_rules() {
     assert_eq!(chain_rules(&loaded), chain_rules(&expected));
 
     let out = succeeded(
-        knockq_in_gate(&net, "rules --remove --backend iptables"),
+        net.knockq_in_gate("rules --remove --backend iptables"),
         "remove",
     );
     assert!(text(&out.stderr).contains("removed the iptables rules"));
     assert_eq!(iptables_state(&net), host, "exactly knockq's rules removed");
-    let again = succeeded(knockq_in_gate(&net, "rules --remove"), "remove again");
+    let again = succeeded(net.knockq_in_gate("rules --remove"), "remove again");
     assert_eq!(text(&again.stderr), "", "nothing left to remove");
 }
 
@@ -124,10 +119,7 @@ fn apply_and_remove_keep_the_hosts_own_nft_tables() {
     // With offload: knock ports, knocking IPv4 and IPv6 sources.
     let queue_rules = if offload_on() { 3 } else { 1 };
     assert_eq!(knockq.matches("queue").count(), queue_rules, "{knockq}");
-    succeeded(
-        knockq_in_gate(&net, "rules --remove --backend nft"),
-        "remove",
-    );
+    succeeded(net.knockq_in_gate("rules --remove --backend nft"), "remove");
     assert_eq!(text(&net.in_gate("nft list ruleset").stdout), host);
 }
 
@@ -165,7 +157,7 @@ fn auto_picks_nft_exactly_where_the_kernel_can_queue_from_it() {
         .status
         .success();
     assert_eq!((nft_table, chain), (nft, !nft), "loaded where auto said");
-    succeeded(knockq_in_gate(&net, "rules --remove"), "remove");
+    succeeded(net.knockq_in_gate("rules --remove"), "remove");
     assert!(!net.in_gate("nft list table inet knockq").status.success());
     assert!(!net.in_gate("iptables -S KNOCKQ").status.success());
     assert!(!net.in_gate("ip6tables -S KNOCKQ").status.success());
@@ -189,15 +181,12 @@ fn run_says_which_rules_are_loaded() {
     let config = net.config(EXAMPLE_CONFIG);
     if offload_on() {
         // Offload without its sets: nothing could keep them, so no start.
-        let out = knockq_in_gate(
-            &net,
-            &format!(
-                "run --config {} --control-socket {} --state-dir {}",
-                config.display(),
-                net.control_socket().display(),
-                net.state_dir().display()
-            ),
-        );
+        let out = net.knockq_in_gate(&format!(
+            "run --config {} --control-socket {} --state-dir {}",
+            config.display(),
+            net.control_socket().display(),
+            net.state_dir().display()
+        ));
         assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
         assert!(
             text(&out.stderr).contains(
@@ -223,7 +212,7 @@ fn run_says_which_rules_are_loaded() {
         let gate = net.start_daemon(&config);
         gate.wait_for_log(said);
         drop(gate);
-        succeeded(knockq_in_gate(&net, "rules --remove"), "remove");
+        succeeded(net.knockq_in_gate("rules --remove"), "remove");
     }
 }
 

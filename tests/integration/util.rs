@@ -471,12 +471,15 @@ impl Net {
 
     /// Runs `knockq ARGS` in the gate namespace against the daemon's control socket.
     pub fn knockq_control(&self, args: &str) -> Output {
-        let bin = env!("CARGO_BIN_EXE_knockq");
-        let socket = self.control_socket();
-        self.in_gate(&format!(
-            "{bin} {args} --control-socket {}",
-            socket.display()
+        self.knockq_in_gate(&format!(
+            "{args} --control-socket {}",
+            self.control_socket().display()
         ))
+    }
+
+    /// Runs `knockq ARGS` in the gate namespace.
+    pub fn knockq_in_gate(&self, args: &str) -> Output {
+        self.in_gate(&format!("{} {args}", env!("CARGO_BIN_EXE_knockq")))
     }
 
     /// Where the daemon saves grants, in the test's directory.
