@@ -14,8 +14,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use knockq::config;
 use knockq::engine::{Engine, Event, Syn, Timestamp};
+use knockq::flow::FlowPort;
+use knockq::loader;
 use knockq::script::ScriptVms;
 
 /// Counts the bytes live on the heap.
@@ -95,7 +96,7 @@ fn engine_with(policy: Policy, max_sources: usize) -> Engine {
         std::fs::write(dir.path().join("bench.lua"), script()).unwrap();
     }
     let text = text.replace("MAX", &max_sources.to_string());
-    Engine::new(&config::parse(&text, &dir.path().join("bench.toml")).unwrap())
+    Engine::new(&loader::parse(&text, &dir.path().join("bench.toml")).unwrap())
 }
 
 /// The n-th source address of the benchmark, spread over 10.0.0.0/8.
@@ -115,7 +116,10 @@ struct Thread {
 
 fn decide(engine: &Engine, src: IpAddr, dst_port: u16, thread: &mut Thread) {
     black_box(engine.decide(
-        Syn { src, dst_port },
+        Syn {
+            src,
+            dst_port: FlowPort::tcp(dst_port),
+        },
         Timestamp::from_millis(1),
         &mut thread.events,
         &mut thread.scripts,

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::cluster::Nodes;
 use crate::engine::{Engine, EventSink, GrantLeft, PolicyKey, RevokeReason, Timestamp};
+use crate::listeners::Nodes;
 
 /// Longest request line the daemon reads.
 pub const MAX_REQUEST_BYTES: u64 = 4096;
@@ -233,7 +233,7 @@ mod tests {
 
     fn engine() -> Engine {
         let text = "[[policy]]\nname = \"ssh\"\nsequence = [1111, 2222]\nopen_ports = [22]\ngrant_timeout = \"2h\"\n";
-        Engine::new(&crate::config::parse(text, Path::new("t.toml")).unwrap())
+        Engine::new(&crate::loader::parse(text, Path::new("t.toml")).unwrap())
     }
 
     fn ask(engine: &Engine, line: &str) -> Response {
@@ -273,7 +273,7 @@ mod tests {
         );
         let syn = Syn {
             src: source,
-            dst_port: 22,
+            dst_port: crate::flow::FlowPort::tcp(22),
         };
         assert!(
             engine

@@ -13,10 +13,12 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crossbeam::channel::{self, Receiver, Sender, TrySendError};
+use prometheus::{IntCounterVec, Opts, Registry};
 use tracing::{debug, warn};
 
-use crate::config::HooksConfig;
-use crate::daemon::metrics::Metrics;
+use crate::config::{HooksConfig, Policy};
+use crate::engine::{Event, EventKind, WallClock, GRANT_UNTIL_CLOSED};
+use crate::listeners::{GrantListener, GrantPorts, Subject};
 
 /// The environment commands get, and nothing else.
 const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -70,25 +72,51 @@ pub fn fill(argv: &[String], values: &Placeholders) -> Vec<String> {
         .collect()
 }
 
+/// `knockq_hook_runs_total`: the executor's own metrics handle.
+#[derive(Clone)]
+pub struct HookMetrics {
+    runs: IntCounterVec,
+}
+
+impl HookMetrics {
+    pub fn register(registry: &Registry) -> prometheus::Result<Self> {
+        let runs = IntCounterVec::new(
+            Opts::new(
+                "knockq_hook_runs_total",
+                "Commands run on grant and revoke, by policy, hook and outcome (ok, failed, timeout, dropped).",
+            ),
+            &["policy", "hook", "outcome"],
+        )?;
+        registry.register(Box::new(runs.clone()))?;
+        Ok(HookMetrics { runs })
+    }
+
+    fn run(&self, run: &Run, outcome: &str) {
+        self.runs
+            .with_label_values(&[&run.policy, run.hook.as_str(), outcome])
+            .inc();
+    }
+}
+
 /// The executor: a bounded queue and the threads that run it.
 pub struct Hooks {
     queue: Sender<Run>,
-    metrics: Arc<Metrics>,
+    metrics: HookMetrics,
 }
 
 impl Hooks {
-    pub fn start(config: &HooksConfig, metrics: Arc<Metrics>) -> std::io::Result<Arc<Hooks>> {
+    pub fn start(config: &HooksConfig, metrics: HookMetrics) -> std::io::Result<Arc<Hooks>> {
         let (queue, runs) = channel::bounded(config.queue);
         for n in 0..config.concurrency {
             let runs: Receiver<Run> = runs.clone();
-            let metrics = Arc::clone(&metrics);
+            let metrics = metrics.clone();
             let timeout = config.timeout;
             thread::Builder::new()
                 .name(format!("knockq-hooks-{n}"))
                 .spawn(move || {
                     for run in runs {
                         let outcome = execute(&run, timeout);
-                        metrics.hook_run(&run.policy, run.hook.as_str(), outcome.label());
+                        metrics.run(&run, outcome.label());
                         match outcome {
                             Outcome::Ok => debug!(event = %"hook", policy = %run.policy, hook = %run.hook.as_str(), "ran {:?}", run.argv),
                             Outcome::Failed(why) | Outcome::TimedOut(why) => warn!(
@@ -110,10 +138,47 @@ impl Hooks {
         match self.queue.try_send(run) {
             Ok(()) => {}
             Err(TrySendError::Full(run) | TrySendError::Disconnected(run)) => {
-                self.metrics
-                    .hook_run(&run.policy, run.hook.as_str(), "dropped");
+                self.metrics.run(&run, "dropped");
             }
         }
+    }
+}
+
+/// The commands on grant and revoke: a run queued for each grant or revoke
+/// event of a policy that has one.
+impl GrantListener for Hooks {
+    fn grant_event(&self, policy: &Policy, event: &Event, wall: WallClock) {
+        let (hook, argv, reason) = match event.kind {
+            EventKind::Granted => (Hook::OnGrant, &policy.hooks.on_grant, "granted"),
+            EventKind::Refreshed => (Hook::OnGrant, &policy.hooks.on_grant, "refreshed"),
+            EventKind::Restored => (Hook::OnGrant, &policy.hooks.on_grant, "restored"),
+            EventKind::Revoked(reason) => {
+                (Hook::OnRevoke, &policy.hooks.on_revoke, reason.as_str())
+            }
+            _ => return,
+        };
+        let Some(argv) = argv else { return };
+        let scope = event.grant;
+        let end = match scope.until {
+            GRANT_UNTIL_CLOSED => "never".to_owned(),
+            until => (wall.unix_millis(until) / 1000).to_string(),
+        };
+        let values = Placeholders {
+            source: &Subject(event).to_string(),
+            prefix: &scope
+                .prefix
+                .unwrap_or(if event.src.is_ipv4() { 32 } else { 128 })
+                .to_string(),
+            policy: &policy.name,
+            ports: &GrantPorts(policy, scope).to_string(),
+            reason,
+            end: &end,
+        };
+        self.offer(Run {
+            policy: policy.name.clone(),
+            hook,
+            argv: fill(argv, &values),
+        });
     }
 }
 

@@ -2,14 +2,18 @@
 //! not accept already; the daemon decides each one with a per-source knock
 //! state machine and answers accept or reject.
 //!
+//! - [`flow`]: the port a new flow is for, the one type every layer names.
 //! - [`engine`]: the pure state machine (no I/O; the clock is an argument).
 //! - [`packet`]: packet bytes to the facts the engine needs.
-//! - [`config`]: the TOML configuration and its validation.
+//! - [`config`]: the TOML configuration: what the file says.
+//! - [`loader`]: a configuration read and checked whole (config, engine, scripts).
 //! - [`rotating`]: rotating knock sequences derived from a shared secret.
 //! - [`script`]: script policies: knock logic in sandboxed Luau.
+//! - [`listeners`]: grant events and what listens to them; node names, the clock.
 //! - [`hooks`]: commands run when grants open and end.
 //! - [`cluster`]: grants and spent windows shared by a fleet through etcd.
 //! - [`firewall`]: the rules that feed the queue, as iptables or nft text.
+//! - [`offload`]: `[rules] offload`: the kernel sets kept equal to the grants.
 //! - [`daemon`]: the NFQUEUE workers around the engine, metrics, control socket.
 //! - [`control`]: the control protocol, both sides.
 //! - [`simulate`]: the engine replayed over captures and generated sweeps.
@@ -24,7 +28,11 @@ pub mod control;
 pub mod daemon;
 pub mod engine;
 pub mod firewall;
+pub mod flow;
 pub mod hooks;
+pub mod listeners;
+pub mod loader;
+pub mod offload;
 pub mod packet;
 pub mod rotating;
 pub mod script;

@@ -6,6 +6,7 @@ use std::net::IpAddr;
 use etherparse::{EtherType, LaxNetSlice, LaxSlicedPacket, TransportSlice};
 
 use crate::engine::Syn;
+use crate::flow::FlowPort;
 
 /// Reads the source address and TCP destination port of a queued packet.
 /// The packet may be cut short by the queue's copy range: only the headers
@@ -34,7 +35,7 @@ impl TcpFacts {
     pub fn syn(&self) -> Syn {
         Syn {
             src: self.src,
-            dst_port: self.dst_port,
+            dst_port: FlowPort::tcp(self.dst_port),
         }
     }
 }
@@ -108,7 +109,7 @@ mod tests {
         let bytes = tcp_syn(PacketBuilder::ipv4([10, 0, 0, 2], [10, 0, 0, 1], 64));
         let syn = parse_syn(&bytes).unwrap();
         assert_eq!(syn.src, "10.0.0.2".parse::<IpAddr>().unwrap());
-        assert_eq!(syn.dst_port, 2222);
+        assert_eq!(syn.dst_port, FlowPort::tcp(2222));
     }
 
     #[test]
@@ -118,7 +119,7 @@ mod tests {
         let bytes = tcp_syn(PacketBuilder::ipv6(src, dst, 64));
         let syn = parse_syn(&bytes).unwrap();
         assert_eq!(syn.src, "fd00::2".parse::<IpAddr>().unwrap());
-        assert_eq!(syn.dst_port, 2222);
+        assert_eq!(syn.dst_port, FlowPort::tcp(2222));
     }
 
     #[test]
@@ -129,7 +130,7 @@ mod tests {
         let mut bytes = Vec::new();
         builder.write(&mut bytes, &[0u8; 400]).unwrap();
         bytes.truncate(128);
-        assert_eq!(parse_syn(&bytes).unwrap().dst_port, 22);
+        assert_eq!(parse_syn(&bytes).unwrap().dst_port, FlowPort::tcp(22));
     }
 
     #[test]

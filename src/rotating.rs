@@ -6,13 +6,14 @@
 use std::fmt;
 use std::fs;
 use std::io::{self, Write};
-use std::ops::RangeInclusive;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
+
+use crate::flow::{FlowPort, PortRange};
 
 /// Fewest bytes of secret accepted: the HMAC key is only as strong as it.
 pub const MIN_SECRET_BYTES: usize = 32;
@@ -122,7 +123,7 @@ pub struct Rotating {
     pub length: u8,
     /// Each window's sequence is in force for this long (whole seconds).
     pub period: Duration,
-    pub ports: RangeInclusive<u16>,
+    pub ports: PortRange,
 }
 
 impl Rotating {
@@ -139,9 +140,8 @@ impl Rotating {
     /// range. The HMAC output is read as 32-bit numbers, and numbers past the
     /// last whole multiple of the range size are skipped, so every port of
     /// the range is equally likely.
-    pub fn sequence(&self, policy: &str, window: u64) -> Vec<u16> {
-        let start = *self.ports.start();
-        let size = u32::from(*self.ports.end() - start) + 1;
+    pub fn sequence(&self, policy: &str, window: u64) -> Vec<FlowPort> {
+        let size = self.ports.len();
         let length = usize::from(self.length);
         debug_assert!(
             size as usize >= length,
@@ -164,7 +164,7 @@ impl Rotating {
                 if n >= unbiased_below {
                     continue;
                 }
-                let port = start + u16::try_from(n % size).expect("below the range size");
+                let port = self.ports.nth(n % size);
                 if !ports.contains(&port) {
                     ports.push(port);
                     if ports.len() == length {
@@ -181,12 +181,16 @@ impl Rotating {
 mod tests {
     use super::*;
 
+    fn range(first: u16, last: u16) -> PortRange {
+        PortRange::new(FlowPort::tcp(first), FlowPort::tcp(last)).unwrap()
+    }
+
     fn rotating(secret: &[u8]) -> Rotating {
         Rotating {
             secret: Secret::from_bytes(secret),
             length: 3,
             period: Duration::from_secs(30),
-            ports: 20000..=59999,
+            ports: range(20000, 59999),
         }
     }
 
@@ -199,7 +203,10 @@ mod tests {
             let sequence = r.sequence("ops", window);
             assert_eq!(sequence, r.sequence("ops", window));
             assert_eq!(sequence.len(), 3);
-            assert!(sequence.iter().all(|p| r.ports.contains(p)), "{sequence:?}");
+            assert!(
+                sequence.iter().all(|p| r.ports.contains(*p)),
+                "{sequence:?}"
+            );
             let mut sorted = sequence.clone();
             sorted.sort_unstable();
             sorted.dedup();
@@ -221,24 +228,24 @@ mod tests {
     #[test]
     fn a_range_as_small_as_the_sequence_yields_all_of_it() {
         let r = Rotating {
-            ports: 40000..=40002,
+            ports: range(40000, 40002),
             ..rotating(KEY)
         };
         let mut sequence = r.sequence("ops", 7);
         sequence.sort_unstable();
-        assert_eq!(sequence, [40000, 40001, 40002]);
+        assert_eq!(sequence, [40000, 40001, 40002].map(FlowPort::tcp));
     }
 
     #[test]
     fn every_port_of_a_small_range_comes_up() {
         let r = Rotating {
-            ports: 100..=109,
+            ports: range(100, 109),
             length: 1,
             ..rotating(KEY)
         };
         let mut seen = [0u32; 10];
         for window in 0..2000 {
-            seen[usize::from(r.sequence("ops", window)[0] - 100)] += 1;
+            seen[usize::from(r.sequence("ops", window)[0].number() - 100)] += 1;
         }
         // 200 expected each; a biased mapping or a stuck port would show.
         assert!(seen.iter().all(|&n| (130..=270).contains(&n)), "{seen:?}");

@@ -5,8 +5,8 @@
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::Path;
 
-use knockq::config;
 use knockq::engine::{Engine, Event, Syn, TablePart, Timestamp};
+use knockq::loader;
 use knockq::packet::{self, Link};
 use proptest::prelude::*;
 
@@ -35,7 +35,7 @@ proptest! {
 
     #[test]
     fn any_text_loads_or_gets_a_one_line_error(text in "\\PC{0,300}") {
-        if let Err(e) = config::parse(&text, Path::new("fuzz.toml")) {
+        if let Err(e) = loader::parse(&text, Path::new("fuzz.toml")) {
             let message = e.to_string();
             prop_assert!(message.starts_with("fuzz.toml"), "{}", message);
             prop_assert!(!message.contains('\n'), "{}", message);
@@ -52,7 +52,7 @@ proptest! {
             text[i] = c;
         }
         let text: String = text.into_iter().collect();
-        if let Err(e) = config::parse(&text, Path::new("fuzz.toml")) {
+        if let Err(e) = loader::parse(&text, Path::new("fuzz.toml")) {
             prop_assert!(!e.to_string().contains('\n'), "{}", e);
         }
     }
@@ -62,13 +62,13 @@ proptest! {
         syns in proptest::collection::vec((0u32..64, prop_oneof![Just(1111u16), Just(2222), Just(3333), Just(22), any::<u16>()], 0u64..3000), 1..400),
     ) {
         let text = EXAMPLE.replace("max_sources = 1000000", "max_sources = 16");
-        let engine = Engine::new(&config::parse(&text, Path::new("k.toml")).unwrap());
+        let engine = Engine::new(&loader::parse(&text, Path::new("k.toml")).unwrap());
         let mut now = 0;
         let mut events: Vec<Event> = Vec::new();
         for (source, dst_port, gap) in syns {
             now += gap;
             let src = IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + source));
-            let _ = engine.decide(Syn { src, dst_port }, Timestamp::from_millis(now), &mut events, &mut knockq::engine::NoScripts);
+            let _ = engine.decide(Syn { src, dst_port: knockq::flow::FlowPort::tcp(dst_port) }, Timestamp::from_millis(now), &mut events, &mut knockq::engine::NoScripts);
             prop_assert!(engine.tracked_sources() <= 16);
             if now % 7 == 0 {
                 engine.expire(Timestamp::from_millis(now), TablePart::WHOLE, &mut events);

@@ -5,6 +5,7 @@ use std::path::Path;
 
 use crate::config::{Config, Knock, Offline, Scope};
 use crate::firewall::sets::Offload;
+use crate::flow::FlowPort;
 
 pub fn summary(path: &Path, config: &Config) -> String {
     let mut out = String::new();
@@ -42,10 +43,10 @@ pub fn summary(path: &Path, config: &Config) -> String {
         );
     }
     for policy in &config.policies {
-        let ports = |ports: &[u16]| {
+        let ports = |ports: &[FlowPort]| {
             ports
                 .iter()
-                .map(u16::to_string)
+                .map(FlowPort::to_string)
                 .collect::<Vec<_>>()
                 .join(" ")
         };

@@ -9,6 +9,7 @@ use std::time::Duration;
 use crate::client::knock::{self, KnockOptions};
 use crate::client::profile::{self, Profile};
 use crate::client::{profile_sequence, relay, ClientError};
+use crate::flow::FlowPort;
 
 /// Options every client command takes.
 #[derive(clap::Args)]
@@ -50,7 +51,7 @@ impl ClientArgs {
     }
 
     /// Knocks `ports` at `addr`, saying what happened if asked to.
-    fn send(&self, host: &str, addr: IpAddr, ports: &[u16]) -> Result<(), ClientError> {
+    fn send(&self, host: &str, addr: IpAddr, ports: &[FlowPort]) -> Result<(), ClientError> {
         knock::send(addr, ports, self.options(), |port, answer| {
             if self.verbose {
                 eprintln!(
@@ -76,7 +77,7 @@ pub fn knock(host: Option<String>, ports: Vec<u16>, args: &ClientArgs) -> Result
     let profile = args.profile()?;
     let host = host_of(host, profile.as_ref())?;
     let ports = match (&profile, ports.is_empty()) {
-        (_, false) => ports,
+        (_, false) => ports.into_iter().map(FlowPort::tcp).collect(),
         (Some(profile), true) => profile_sequence(profile),
         (None, true) => return Err(usage("give the ports to knock, or a --profile")),
     };
@@ -102,14 +103,14 @@ pub fn connect(request: Connect, args: &ClientArgs) -> Result<(), ClientError> {
         .or_else(|| profile.as_ref().and_then(|p| p.port))
         .ok_or_else(|| usage("give a PORT, or a --profile with a port"))?;
     let close_port = match (request.close_port, request.close) {
-        (Some(port), _) => Some(port),
+        (Some(port), _) => Some(FlowPort::tcp(port)),
         (None, false) => None,
         (None, true) => Some(profile.as_ref().and_then(|p| p.close_port).ok_or_else(|| {
             usage("--close needs --close-port PORT, or a --profile with a close_port")
         })?),
     };
     let knock = match (&profile, request.knock.is_empty()) {
-        (_, false) => request.knock,
+        (_, false) => request.knock.into_iter().map(FlowPort::tcp).collect(),
         (Some(profile), true) => profile_sequence(profile),
         (None, true) => Vec::new(),
     };

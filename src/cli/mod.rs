@@ -14,10 +14,11 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand};
 
-use crate::config::{self, DEFAULT_CONTROL_SOCKET};
+use crate::config::DEFAULT_CONTROL_SOCKET;
 use crate::daemon;
 use crate::firewall::load::{self, Firewall};
 use crate::firewall::{Backend, Ruleset};
+use crate::loader;
 
 const DEFAULT_CONFIG: &str = "/etc/knockq/knockq.toml";
 
@@ -224,7 +225,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             init_logging(log_format);
             // The command line wins over the file, on reload too.
             let load = || {
-                config::load(&config).map(|mut loaded| {
+                loader::load(&config).map(|mut loaded| {
                     if let Some(listen) = metrics_listen {
                         loaded.metrics.enabled = true;
                         loaded.metrics.listen = listen;
@@ -285,7 +286,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             })?
         ),
         Command::Check { config: path } => {
-            let config = config::load(&path)?;
+            let config = loader::load(&path)?;
             print!("{}", check::summary(&path, &config));
         }
         Command::Knock {
@@ -358,7 +359,7 @@ fn rules(config: &Path, backend: RulesBackend, apply: bool, remove: bool) -> any
         }
         return Ok(());
     }
-    let rules = Ruleset::from_config(&config::load(config)?);
+    let rules = Ruleset::from_config(&loader::load(config)?);
     if apply {
         let firewall = chosen();
         load::apply(&rules, firewall)?;

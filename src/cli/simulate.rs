@@ -5,7 +5,8 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::config::{self, Config};
+use crate::config::Config;
+use crate::loader;
 use crate::simulate::{self, capture, report, sweep, Options};
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -30,7 +31,7 @@ pub fn run(simulation: Simulation) -> anyhow::Result<String> {
     let configs = simulation
         .configs
         .iter()
-        .map(|path| Ok((path.display().to_string(), config::load(path)?)))
+        .map(|path| Ok((path.display().to_string(), loader::load(path)?)))
         .collect::<anyhow::Result<Vec<(String, Config)>>>()?;
     let mut out = String::new();
     if let Some(path) = &simulation.pcap {

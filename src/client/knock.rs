@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use super::ClientError;
+use crate::flow::FlowPort;
 
 /// How the gate answered one knock.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,15 +64,15 @@ pub fn resolve(host: &str) -> Result<IpAddr, ClientError> {
 /// Knocks each port of `ports` at `addr`, in order.
 pub fn send(
     addr: IpAddr,
-    ports: &[u16],
+    ports: &[FlowPort],
     options: KnockOptions,
-    mut on_answer: impl FnMut(u16, Answer),
+    mut on_answer: impl FnMut(FlowPort, Answer),
 ) -> Result<(), ClientError> {
     for (i, &port) in ports.iter().enumerate() {
         if i > 0 && !options.delay.is_zero() {
             std::thread::sleep(options.delay);
         }
-        let target = SocketAddr::new(addr, port);
+        let target = SocketAddr::new(addr, port.number());
         let answer = attempt(target, options.timeout)
             .map_err(|source| ClientError::Knock { target, source })?;
         on_answer(port, answer);

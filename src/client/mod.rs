@@ -17,6 +17,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::config::Knock;
+use crate::flow::FlowPort;
 use profile::{Profile, ProfileError};
 use windows::UsedWindows;
 
@@ -45,7 +46,7 @@ pub enum ClientError {
 /// The ports to knock for `profile` now. For a rotating profile this is the
 /// sequence of the first window this client has not used (see
 /// [`windows::pick`]), after waiting for it if need be.
-pub fn profile_sequence(profile: &Profile) -> Vec<u16> {
+pub fn profile_sequence(profile: &Profile) -> Vec<FlowPort> {
     let rotating = match &profile.knock {
         Knock::Fixed(sequence) => return sequence.clone(),
         Knock::Rotating(rotating) => rotating,

@@ -15,7 +15,8 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::config::{ConfigError, ErrorContext, Knock, Port, RawRotating};
+use crate::config::{ConfigError, ErrorContext, Knock, RawRotating};
+use crate::flow::FlowPort;
 
 /// One way to knock one host.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,7 +26,7 @@ pub struct Profile {
     /// The gate's policy name, which rotating sequences are derived from.
     pub policy: String,
     pub knock: Knock,
-    pub close_port: Option<u16>,
+    pub close_port: Option<FlowPort>,
     /// The port `knockq connect` connects to when none is given.
     pub port: Option<u16>,
 }
@@ -42,10 +43,10 @@ struct RawClientConfig {
 struct RawProfile {
     host: String,
     policy: Option<String>,
-    sequence: Option<Spanned<Vec<Port>>>,
+    sequence: Option<Spanned<Vec<FlowPort>>>,
     rotating: Option<Spanned<RawRotating>>,
-    close_port: Option<Port>,
-    port: Option<Port>,
+    close_port: Option<FlowPort>,
+    port: Option<FlowPort>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -115,10 +116,11 @@ impl RawProfile {
                 let message = "the sequence is empty".to_owned();
                 return Err(errors.spanned(&sequence, key("sequence"), message));
             }
-            (Some(sequence), None) => {
-                Knock::Fixed(sequence.into_inner().into_iter().map(|p| p.0).collect())
+            (Some(sequence), None) => Knock::Fixed(sequence.into_inner()),
+            (None, Some(rotating)) => {
+                crate::engine::check_rotating(rotating.get_ref(), errors, &key)?;
+                Knock::Rotating(rotating.get_ref().read(errors, &key)?)
             }
-            (None, Some(rotating)) => Knock::Rotating(rotating.get_ref().validate(errors, &key)?),
             (Some(sequence), Some(_)) => {
                 let message = "give either sequence or a rotating table, not both".to_owned();
                 return Err(errors.spanned(&sequence, key("sequence"), message));
@@ -133,8 +135,8 @@ impl RawProfile {
             host: self.host,
             policy: self.policy.unwrap_or_else(|| name.to_owned()),
             knock,
-            close_port: self.close_port.map(|p| p.0),
-            port: self.port.map(|p| p.0),
+            close_port: self.close_port,
+            port: self.port.map(FlowPort::number),
         })
     }
 }
@@ -181,8 +183,14 @@ ports = "20000-29999"
         let web = load(&path, "web").unwrap();
         assert_eq!(web.host, "gate.example.org");
         assert_eq!(web.policy, "web");
-        assert_eq!(web.knock, Knock::Fixed(vec![1111, 2222]));
-        assert_eq!((web.close_port, web.port), (Some(3333), Some(22)));
+        assert_eq!(
+            web.knock,
+            Knock::Fixed(vec![FlowPort::tcp(1111), FlowPort::tcp(2222)])
+        );
+        assert_eq!(
+            (web.close_port, web.port),
+            (Some(FlowPort::tcp(3333)), Some(22))
+        );
         let ops = load(&path, "ops").unwrap();
         assert_eq!(ops.policy, "operations");
         assert_eq!(

@@ -7,6 +7,8 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+#[cfg(test)]
+use crate::flow::FlowPort;
 use crate::rotating::Rotating;
 
 /// The window to knock and how long to wait before knocking it.
@@ -95,7 +97,7 @@ mod tests {
             secret: Secret::from_bytes(&[1; 32]),
             length: 3,
             period: Duration::from_secs(30),
-            ports: 20000..=59999,
+            ports: crate::flow::PortRange::new(FlowPort::tcp(20000), FlowPort::tcp(59999)).unwrap(),
         }
     }
 

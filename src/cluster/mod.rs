@@ -15,64 +15,21 @@ mod record;
 mod sync;
 
 use std::net::IpAddr;
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::Arc;
 use std::thread;
 
 use tokio::sync::mpsc;
 
 use crate::config::{ClusterConfig, Knock, Policy, Scope};
-use crate::daemon::events::GrantListener;
-use crate::daemon::Clock;
-use crate::engine::{
-    Engine, Event, EventKind, Origin, RevokeReason, WallClock, GRANT_UNTIL_CLOSED,
-};
+use crate::engine::{Engine, Event, EventKind, RevokeReason, WallClock, GRANT_UNTIL_CLOSED};
+use crate::flow::FlowPort;
+use crate::listeners::{Clock, GrantListener, Nodes};
 pub use metrics::ClusterMetrics;
 use record::Subject;
 
 /// Reports the events of grants applied from the cluster, as the workers'
 /// are reported.
 pub type Report = Box<dyn FnMut(&Engine, &mut Vec<Event>) + Send>;
-
-/// The names of the nodes grants come from, numbered as the engine's
-/// [`Origin`]s: this node is [`Origin::LOCAL`], the others get the next
-/// number when first heard of.
-pub struct Nodes {
-    names: RwLock<Vec<Arc<str>>>,
-}
-
-impl Nodes {
-    pub fn new(local: &str) -> Nodes {
-        Nodes {
-            names: RwLock::new(vec![local.into()]),
-        }
-    }
-
-    /// The origin of grants made on `name`.
-    pub fn origin(&self, name: &str) -> Origin {
-        let known = |names: &[Arc<str>]| names.iter().position(|n| &**n == name);
-        if let Some(i) = known(&self.names.read().unwrap_or_else(PoisonError::into_inner)) {
-            return Origin(i as u16);
-        }
-        let mut names = self.names.write().unwrap_or_else(PoisonError::into_inner);
-        let i = match known(&names) {
-            Some(i) => i,
-            // A fleet of 65535 names is past any real one: the last
-            // number stands for the rest.
-            None if names.len() > usize::from(u16::MAX) => usize::from(u16::MAX),
-            None => {
-                names.push(name.into());
-                names.len() - 1
-            }
-        };
-        Origin(i as u16)
-    }
-
-    pub fn name(&self, origin: Origin) -> Arc<str> {
-        let names = self.names.read().unwrap_or_else(PoisonError::into_inner);
-        let i = usize::from(origin.0).min(names.len() - 1);
-        Arc::clone(&names[i])
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
@@ -88,7 +45,7 @@ enum Change {
     Grant {
         policy: String,
         subject: Subject,
-        ports: Vec<u16>,
+        ports: Vec<FlowPort>,
         /// Unix milliseconds; `None`: until the close knock.
         until: Option<u64>,
     },
@@ -203,22 +160,5 @@ impl GrantListener for Cluster {
         if self.queue.try_send(change).is_err() {
             self.metrics.publish_failures.inc();
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn nodes_are_numbered_as_first_heard_of() {
-        let nodes = Nodes::new("bastion-1");
-        assert_eq!(nodes.origin("bastion-1"), Origin::LOCAL);
-        let second = nodes.origin("bastion-2");
-        assert_eq!(second, Origin(1));
-        assert_eq!(nodes.origin("bastion-3"), Origin(2));
-        assert_eq!(nodes.origin("bastion-2"), second);
-        assert_eq!(&*nodes.name(second), "bastion-2");
-        assert_eq!(&*nodes.name(Origin::LOCAL), "bastion-1");
     }
 }

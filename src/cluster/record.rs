@@ -13,6 +13,8 @@ use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::flow::FlowPort;
+
 /// Whom a grant lets in: an address, or a network.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Subject {
@@ -51,7 +53,7 @@ pub enum Shared {
     Granted {
         node: String,
         /// The policy's open ports it opens.
-        ports: Vec<u16>,
+        ports: Vec<FlowPort>,
         /// When it ends, in Unix milliseconds; `None`: at the close knock.
         until: Option<u64>,
         /// When it was written, in Unix milliseconds: the propagation's start.
@@ -137,7 +139,7 @@ mod tests {
     fn values_are_json_tagged_by_state() {
         let granted = Shared::Granted {
             node: "bastion-1".into(),
-            ports: vec![22, 8080],
+            ports: vec![FlowPort::tcp(22), FlowPort::tcp(8080)],
             until: None,
             at: 1,
         };

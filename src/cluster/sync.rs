@@ -19,13 +19,13 @@ use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
 use super::record::{Keys, Shared, Subject};
-use super::{Change, ClusterMetrics, Nodes, Report};
+use super::{Change, ClusterMetrics, Report};
 use crate::config::{ClusterConfig, Knock, Offline, Scope};
-use crate::daemon::Clock;
 use crate::engine::{
     Engine, Event, EventKind, GrantLeft, GrantRecord, GrantScope, Origin, PolicyKey, PortMask,
     RevokeReason, GRANT_UNTIL_CLOSED,
 };
+use crate::listeners::{Clock, Nodes};
 
 /// Wait between sessions.
 const RETRY: Duration = Duration::from_secs(1);

@@ -49,7 +49,7 @@ pub struct ClusterConfig {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(super) struct RawCluster {
+pub(crate) struct RawCluster {
     endpoints: Spanned<Vec<String>>,
     #[serde(default = "default_prefix")]
     prefix: Spanned<String>,

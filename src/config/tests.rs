@@ -4,6 +4,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use super::*;
+use crate::flow::{FlowPort, PortRange};
+use crate::loader::parse;
 
 const SSH: &str = r#"[[policy]]
 name = "ssh"
@@ -28,8 +30,11 @@ fn only_policies_are_needed() {
     assert_eq!(policy.step_timeout, Duration::from_secs(10));
     assert_eq!(policy.grant_timeout, None);
     assert!(policy.strict);
-    assert_eq!(policy.knock, Knock::Fixed(vec![1111, 2222]));
-    assert_eq!(policy.close_port, Some(3333));
+    assert_eq!(
+        policy.knock,
+        Knock::Fixed(vec![FlowPort::tcp(1111), FlowPort::tcp(2222)])
+    );
+    assert_eq!(policy.close_port, Some(FlowPort::tcp(3333)));
 }
 
 #[test]
@@ -305,7 +310,10 @@ fn a_rotating_policy_reads_its_secret_beside_the_config() {
     };
     assert_eq!(rotating.length, 3);
     assert_eq!(rotating.period, Duration::from_secs(30));
-    assert_eq!(rotating.ports, 20000..=59999);
+    assert_eq!(
+        rotating.ports,
+        PortRange::new(FlowPort::tcp(20000), FlowPort::tcp(59999)).unwrap()
+    );
     assert_eq!(
         config.policies[0].knock.describe(),
         "rotating: 3 ports of 20000-59999 every 30s"

@@ -13,10 +13,9 @@ use std::time::{Duration, Instant};
 use tracing::{debug, warn};
 
 use super::events::EventReport;
-use super::Clock;
-use crate::cluster::Nodes;
 use crate::control::{self, Response, MAX_REQUEST_BYTES};
 use crate::engine::Engine;
+use crate::listeners::{Clock, Nodes};
 
 /// How long a client may take to send a request.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);

@@ -2,7 +2,8 @@
 //! in the metrics, logged as one stable `event=… src=… policy=…` line per
 //! state change at info (for people and for fail2ban-style parsers), knock
 //! steps at debug, grant changes flagged for saving, and handed to the
-//! [`GrantListener`]s: the commands on grant and revoke, and the cluster.
+//! [`GrantListener`]s the daemon composed (the commands on grant and revoke,
+//! the cluster, the kernel sets).
 //!
 //! Spoofed sources can make resets and expiries, even grants once a
 //! sequence is known, at any rate: info lines are rate-limited, and what was
@@ -15,12 +16,8 @@ use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
 
 use super::metrics::Metrics;
-use crate::cluster::Nodes;
-use crate::config::Policy;
-use crate::engine::{
-    Engine, Event, EventKind, GrantScope, Policies, WallClock, GRANT_UNTIL_CLOSED,
-};
-use crate::hooks::{self, Hook, Hooks, Placeholders};
+use crate::engine::{Engine, Event, EventKind, Policies};
+use crate::listeners::{GrantListener, GrantPorts, Nodes, Subject};
 
 /// How often a summary of suppressed lines may be logged.
 const SUMMARY_INTERVAL: Duration = Duration::from_secs(10);
@@ -38,19 +35,6 @@ pub struct EventReport {
     listeners: Vec<Arc<dyn GrantListener>>,
     /// Names the nodes grants came from.
     nodes: Arc<Nodes>,
-}
-
-/// What hears of every grant change, claim and replay, on the thread the
-/// event happened on: it must queue its work and return, never block,
-/// unless it must act before the verdict.
-pub trait GrantListener: Send + Sync {
-    fn grant_event(&self, policy: &Policy, event: &Event, wall: WallClock);
-
-    /// Whether a grant change must reach this listener before the verdict
-    /// of the knock that caused it is sent (the kernel sets of offload).
-    fn before_verdict(&self) -> bool {
-        false
-    }
 }
 
 impl EventReport {
@@ -101,44 +85,6 @@ impl EventReport {
             self.log(&policies, event, now);
         }
         self.summarise(now);
-    }
-}
-
-/// The commands on grant and revoke: a run queued for each grant or revoke
-/// event of a policy that has one.
-impl GrantListener for Hooks {
-    fn grant_event(&self, policy: &Policy, event: &Event, wall: WallClock) {
-        let (hook, argv, reason) = match event.kind {
-            EventKind::Granted => (Hook::OnGrant, &policy.hooks.on_grant, "granted"),
-            EventKind::Refreshed => (Hook::OnGrant, &policy.hooks.on_grant, "refreshed"),
-            EventKind::Restored => (Hook::OnGrant, &policy.hooks.on_grant, "restored"),
-            EventKind::Revoked(reason) => {
-                (Hook::OnRevoke, &policy.hooks.on_revoke, reason.as_str())
-            }
-            _ => return,
-        };
-        let Some(argv) = argv else { return };
-        let scope = event.grant;
-        let end = match scope.until {
-            GRANT_UNTIL_CLOSED => "never".to_owned(),
-            until => (wall.unix_millis(until) / 1000).to_string(),
-        };
-        let values = Placeholders {
-            source: &Subject(event).to_string(),
-            prefix: &scope
-                .prefix
-                .unwrap_or(if event.src.is_ipv4() { 32 } else { 128 })
-                .to_string(),
-            policy: &policy.name,
-            ports: &GrantPorts(policy, scope).to_string(),
-            reason,
-            end: &end,
-        };
-        self.offer(hooks::Run {
-            policy: policy.name.clone(),
-            hook,
-            argv: hooks::fill(argv, &values),
-        });
     }
 }
 
@@ -249,33 +195,6 @@ impl TokenBucket {
     }
 }
 
-/// The ports a grant opens: `22,8080`.
-struct GrantPorts<'a>(&'a Policy, GrantScope);
-
-impl std::fmt::Display for GrantPorts<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        for (i, port) in self.1.ports.ports(&self.0.open_ports).enumerate() {
-            if i > 0 {
-                f.write_str(",")?;
-            }
-            write!(f, "{port}")?;
-        }
-        Ok(())
-    }
-}
-
-/// Whom an event is about: `10.0.0.2`, or `10.0.0.0/24` for a network grant.
-struct Subject<'a>(&'a Event);
-
-impl std::fmt::Display for Subject<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.0.grant.prefix {
-            Some(prefix) => write!(f, "{}/{prefix}", self.0.src),
-            None => write!(f, "{}", self.0.src),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -283,7 +202,7 @@ mod tests {
     #[test]
     fn a_flood_of_events_is_counted_in_full_but_logged_within_the_limit() {
         let text = "[[policy]]\nname = \"ssh\"\nsequence = [1111, 2222]\nopen_ports = [22]\n";
-        let config = crate::config::parse(text, std::path::Path::new("t.toml")).unwrap();
+        let config = crate::loader::parse(text, std::path::Path::new("t.toml")).unwrap();
         let engine = Engine::new(&config);
         let metrics = Arc::new(Metrics::new(&engine.policies(), 0..1).unwrap());
         let start = Instant::now();
@@ -299,10 +218,10 @@ mod tests {
             src: std::net::Ipv4Addr::from(i).into(),
             policy: key,
             kind: EventKind::Reset,
-            grant: GrantScope {
+            grant: crate::engine::GrantScope {
                 prefix: None,
                 ports: crate::engine::PortMask::ALL,
-                until: GRANT_UNTIL_CLOSED,
+                until: crate::engine::GRANT_UNTIL_CLOSED,
                 origin: crate::engine::Origin::LOCAL,
             },
         };

@@ -40,7 +40,6 @@ pub struct Metrics {
     evictions: IntCounter,
     tracked_sources: IntGauge,
     script_errors: IntCounterVec,
-    hook_runs: IntCounterVec,
 }
 
 /// The families labelled by policy.
@@ -158,11 +157,6 @@ impl Metrics {
             "Script calls that failed, each rejecting its packet, by policy and kind (runtime, budget, memory, result, load).",
             &["policy", "kind"],
         )?;
-        let hook_runs = counters(
-            "knockq_hook_runs_total",
-            "Commands run on grant and revoke, by policy, hook and outcome (ok, failed, timeout, dropped).",
-            &["policy", "hook", "outcome"],
-        )?;
 
         let build_info = IntGaugeVec::new(
             Opts::new(
@@ -189,7 +183,6 @@ impl Metrics {
             evictions,
             tracked_sources,
             script_errors,
-            hook_runs,
         })
     }
 
@@ -197,13 +190,6 @@ impl Metrics {
     /// verdicts are out.
     pub fn script_error(&self, policy: &str, kind: &str) {
         self.script_errors.with_label_values(&[policy, kind]).inc();
-    }
-
-    /// Counts a command run on grant or revoke, on the executor's threads.
-    pub fn hook_run(&self, policy: &str, hook: &str, outcome: &str) {
-        self.hook_runs
-            .with_label_values(&[policy, hook, outcome])
-            .inc();
     }
 
     /// Follows a reload: series for the policies now in force; the active
@@ -363,7 +349,7 @@ mod tests {
 
     fn engine() -> crate::engine::Engine {
         let text = "[[policy]]\nname = \"ssh\"\nsequence = [1111, 2222]\nopen_ports = [22]\n";
-        crate::engine::Engine::new(&crate::config::parse(text, Path::new("t.toml")).unwrap())
+        crate::engine::Engine::new(&crate::loader::parse(text, Path::new("t.toml")).unwrap())
     }
 
     fn metrics() -> Metrics {

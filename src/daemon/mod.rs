@@ -3,9 +3,8 @@
 //! reloads on SIGHUP, and stops cleanly on SIGINT or SIGTERM.
 
 mod control;
-pub(crate) mod events;
+mod events;
 pub mod metrics;
-mod offload;
 mod queue;
 mod receive;
 mod scrape;
@@ -17,22 +16,23 @@ use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use crossbeam::channel::{self, RecvTimeoutError};
 use sd_notify::NotifyState;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use tracing::{error, info, warn};
 
-use crate::cluster::{Cluster, ClusterError, ClusterMetrics, Nodes};
+use crate::cluster::{Cluster, ClusterError, ClusterMetrics};
 use crate::config::{Config, ConfigError};
-use crate::engine::{Engine, TablePart, Timestamp, WallClock};
+use crate::engine::{Engine, TablePart, Timestamp};
 use crate::firewall;
-use crate::hooks::Hooks;
+use crate::hooks::{HookMetrics, Hooks};
+use crate::listeners::{Clock, GrantListener, Nodes};
+use crate::offload::{KernelMetrics, KernelSets, OffloadError};
 use control::ControlSocket;
 use events::EventReport;
 use metrics::Metrics;
-use offload::{KernelMetrics, KernelSets, OffloadError};
 use scrape::ScrapeServer;
 use state::StateStore;
 
@@ -49,40 +49,6 @@ const SWEEP_PARTS: usize = 8;
 const SAVE_INTERVAL: Duration = Duration::from_secs(3);
 /// A worker that has not looped for this long is stuck: the watchdog starves.
 const STUCK_AFTER: Duration = Duration::from_secs(3);
-
-/// The daemon's monotonic clock, as the engine's timestamps: deadlines do
-/// not move when the wall clock is set.
-#[derive(Clone, Copy)]
-pub struct Clock(Instant);
-
-impl Clock {
-    pub fn start() -> Self {
-        Clock(Instant::now())
-    }
-
-    pub fn now(&self) -> Timestamp {
-        self.at(Instant::now())
-    }
-
-    /// The timestamp of an instant read earlier.
-    pub fn at(&self, instant: Instant) -> Timestamp {
-        let elapsed = instant.saturating_duration_since(self.0);
-        Timestamp::from_millis(u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX))
-    }
-
-    /// How the timestamps map to Unix time now. Read again every tick, so
-    /// rotating windows follow the wall clock when NTP corrects it.
-    pub fn wall(&self) -> WallClock {
-        let unix = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default();
-        let unix = i64::try_from(unix.as_millis()).unwrap_or(i64::MAX);
-        let now = i64::try_from(self.now().as_millis()).unwrap_or(i64::MAX);
-        WallClock {
-            offset_millis: unix - now,
-        }
-    }
-}
 
 enum Stop {
     Signal(i32),
@@ -121,17 +87,18 @@ pub fn run(
     engine.set_wall_clock(clock.wall());
     let grants_changed = Arc::new(AtomicBool::new(false));
     // Always there, idle until a policy has a command: a reload may add one.
-    let hooks = Hooks::start(&config.hooks, Arc::clone(&metrics)).map_err(DaemonError::Threads)?;
+    let hook_metrics = HookMetrics::register(metrics.registry())?;
+    let hooks = Hooks::start(&config.hooks, hook_metrics).map_err(DaemonError::Threads)?;
     let nodes = Arc::new(Nodes::new(
         config.cluster.as_ref().map_or("", |c| c.node.as_str()),
     ));
-    let mut listeners: Vec<Arc<dyn events::GrantListener>> = vec![hooks];
+    let mut listeners: Vec<Arc<dyn GrantListener>> = vec![hooks];
     let kernel_sets = KernelSets::find(&config, Arc::clone(&engine), clock)?;
     if let Some(sets) = &kernel_sets {
         metrics
             .registry()
             .register(Box::new(KernelMetrics::new(Arc::clone(sets))?))?;
-        listeners.push(Arc::clone(sets) as Arc<dyn events::GrantListener>);
+        listeners.push(Arc::clone(sets) as Arc<dyn GrantListener>);
     }
     let cluster = match &config.cluster {
         Some(cluster_config) => {

@@ -13,10 +13,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use crate::cluster::Nodes;
 use crate::engine::{
     Engine, EventSink, GrantLeft, GrantRecord, Origin, Policies, PolicyKey, PortMask, Timestamp,
 };
+use crate::flow::FlowPort;
+use crate::listeners::Nodes;
 
 const FORMAT_VERSION: u32 = 3;
 /// Version 2 files (before network grants, port subsets and script
@@ -40,8 +41,8 @@ struct SavedGrant {
     policy: String,
     /// As `Knock::describe` puts it.
     knock: String,
-    open_ports: Vec<u16>,
-    close_port: Option<u16>,
+    open_ports: Vec<FlowPort>,
+    close_port: Option<FlowPort>,
     /// `None`: open until the close knock.
     seconds_left: Option<f64>,
     /// A network grant's prefix length; `source` is the network's address.
@@ -49,7 +50,7 @@ struct SavedGrant {
     prefix: Option<u8>,
     /// The open ports the grant opens, when not all of them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    ports: Option<Vec<u16>>,
+    ports: Option<Vec<FlowPort>>,
     /// A script policy's stage for the source.
     #[serde(default, skip_serializing_if = "is_zero")]
     stage: u8,
@@ -282,7 +283,7 @@ mod tests {
     use crate::engine::{Event, NoScripts, Syn, Verdict};
 
     fn engine(text: &str) -> Engine {
-        Engine::new(&crate::config::parse(text, Path::new("t.toml")).unwrap())
+        Engine::new(&crate::loader::parse(text, Path::new("t.toml")).unwrap())
     }
 
     const SSH: &str = "[[policy]]\nname = \"ssh\"\nsequence = [1111, 2222]\nopen_ports = [22]\ngrant_timeout = \"1h\"\n";
@@ -291,7 +292,7 @@ mod tests {
         for port in [1111, 2222] {
             let syn = Syn {
                 src: src.parse().unwrap(),
-                dst_port: port,
+                dst_port: crate::flow::FlowPort::tcp(port),
             };
             engine.decide(
                 syn,
@@ -305,7 +306,7 @@ mod tests {
     fn open(engine: &Engine, src: &str) -> bool {
         let syn = Syn {
             src: src.parse().unwrap(),
-            dst_port: 22,
+            dst_port: crate::flow::FlowPort::tcp(22),
         };
         engine
             .decide(
@@ -418,11 +419,11 @@ mod tests {
              file = \"p.lua\"\nknock_ports = [1111, 2222]\n",
         )
         .unwrap();
-        let config = crate::config::load(&path).unwrap();
+        let config = crate::loader::load(&path).unwrap();
         let syn = |engine: &Engine, src: &str, port| {
             let syn = Syn {
                 src: src.parse().unwrap(),
-                dst_port: port,
+                dst_port: crate::flow::FlowPort::tcp(port),
             };
             let mut scripts = crate::script::ScriptVms::new();
             engine
@@ -461,7 +462,7 @@ mod tests {
         assert_eq!(syn(&after, "10.0.2.5", 22), Verdict::Reject, "only 8080");
         // A changed script is another knock: its grants do not come back.
         std::fs::write(dir.path().join("p.lua"), "return function(k) return 0 end").unwrap();
-        let changed = Engine::new(&crate::config::load(&path).unwrap());
+        let changed = Engine::new(&crate::loader::load(&path).unwrap());
         assert_eq!(
             store
                 .restore(
@@ -482,7 +483,7 @@ mod tests {
             source: "10.0.0.2".parse().unwrap(),
             policy: policy.into(),
             knock: knock.into(),
-            open_ports: vec![22],
+            open_ports: vec![FlowPort::tcp(22)],
             close_port: None,
             seconds_left,
             prefix: None,

@@ -17,8 +17,8 @@ use super::events::EventReport;
 use super::metrics::Metrics;
 use super::receive::{Receiver, MAX_BATCH};
 use super::verdicts::VerdictBatch;
-use super::Clock;
 use crate::engine::{Decision, Engine, Event, PolicyKey, Reason, Syn, Timestamp};
+use crate::listeners::Clock;
 use crate::packet;
 use crate::script::{Failure, FailureKind, ScriptVms};
 
@@ -119,7 +119,7 @@ impl Worker {
             for Decided { syn, decision } in decided.drain(..) {
                 self.metrics.verdict(decision.reason, answered_after);
                 if let Some(Syn { src, dst_port }) = syn {
-                    debug!(queue = self.num, %src, dst_port, verdict = %decision.verdict().as_str(), reason = %decision.reason.as_str());
+                    debug!(queue = self.num, %src, %dst_port, verdict = %decision.verdict().as_str(), reason = %decision.reason.as_str());
                 }
                 unusual.note(self.num, decision.reason);
             }
@@ -267,7 +267,7 @@ mod tests {
     fn a_panic_while_deciding_rejects_the_packet() {
         let syn = Syn {
             src: "10.0.0.1".parse().unwrap(),
-            dst_port: 22,
+            dst_port: crate::flow::FlowPort::tcp(22),
         };
         let decision = decide(Some(Some(syn)), |_| panic!("a bug in the engine"));
         assert_eq!(decision, Decision::reject(Reason::Failed));

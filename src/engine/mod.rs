@@ -2,6 +2,7 @@
 //! the time of each packet, which makes every rule testable without sleeping
 //! and lets the simulator replay captures with their own timestamps.
 
+mod check;
 mod policies;
 mod ports;
 mod prefixes;
@@ -24,7 +25,10 @@ use ipnet::IpNet;
 use smallvec::SmallVec;
 
 use crate::config::{self, Config, Policy};
+use crate::flow::FlowPort;
 
+pub(crate) use check::check_rotating;
+pub use check::{check, MAX_SEQUENCE_LEN, MIN_ROTATING_PORTS};
 pub use policies::{Policies, PolicyKey};
 pub use ports::{PolicySet, PortMap, PortMask, PortRole};
 use prefixes::{PrefixGrant, PrefixGrants};
@@ -81,7 +85,7 @@ impl WallClock {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Syn {
     pub src: IpAddr,
-    pub dst_port: u16,
+    pub dst_port: FlowPort,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -389,7 +393,7 @@ impl Engine {
     }
 
     /// What a SYN to `port` is at `now`.
-    pub fn role(&self, port: u16, now: Timestamp) -> PortRole {
+    pub fn role(&self, port: FlowPort, now: Timestamp) -> PortRole {
         self.policies.load().role(port, now, self.wall_clock())
     }
 
@@ -494,7 +498,7 @@ impl Engine {
         &self,
         policies: &Policies,
         src: IpAddr,
-        port: u16,
+        port: FlowPort,
         open: PolicySet,
         now: Timestamp,
     ) -> bool {
@@ -754,7 +758,7 @@ impl Engine {
         &self,
         src: IpAddr,
         prefix: Option<u8>,
-        port: u16,
+        port: FlowPort,
         now: Timestamp,
     ) -> Option<Timestamp> {
         let policies = self.policies.load();
@@ -927,7 +931,7 @@ pub enum GrantError {
 #[derive(Clone, Copy)]
 struct SynContext<'a> {
     role: PortRole,
-    port: u16,
+    port: FlowPort,
     wall: WallClock,
     spent: &'a SpentWindows,
 }

@@ -8,6 +8,7 @@ use super::rotation::{rotating_role, Accepted, ScheduleCache, SpentWindows};
 use super::{PolicyId, PortMap, PortRole, Timestamp, WallClock};
 
 use crate::config::{Knock, Policy};
+use crate::flow::FlowPort;
 
 /// Names a policy across reloads: a policy keeps its key while its name,
 /// sequence and ports stay the same.
@@ -63,7 +64,7 @@ impl Policies {
 
     /// What a SYN to `port` is at `now`: a port in a rotating range is a
     /// knock only while a live sequence holds it.
-    pub(super) fn role(&self, port: u16, now: Timestamp, wall: WallClock) -> PortRole {
+    pub(super) fn role(&self, port: FlowPort, now: Timestamp, wall: WallClock) -> PortRole {
         match self.ports.role(port) {
             PortRole::Rotating { policy } => {
                 let schedule = self.schedule.at(&self.list, wall.unix_millis(now));

@@ -2,6 +2,7 @@
 
 use super::PolicyId;
 use crate::config::{Knock, Policy};
+use crate::flow::FlowPort;
 
 /// A set of policies, as a bit mask; configurations hold at most
 /// [`PolicySet::CAPACITY`] policies.
@@ -36,7 +37,7 @@ impl PortMask {
 
     /// The mask of `ports` among `open_ports`; `None` names the port that
     /// is not one of them.
-    pub fn of(open_ports: &[u16], ports: &[u16]) -> Result<Self, u16> {
+    pub fn of(open_ports: &[FlowPort], ports: &[FlowPort]) -> Result<Self, FlowPort> {
         let mut mask = 0u16;
         for &port in ports {
             let index = open_ports
@@ -50,7 +51,7 @@ impl PortMask {
     }
 
     /// Whether the grant opens `port`, one of `open_ports`.
-    pub fn opens(self, open_ports: &[u16], port: u16) -> bool {
+    pub fn opens(self, open_ports: &[FlowPort], port: FlowPort) -> bool {
         self == Self::ALL
             || open_ports
                 .iter()
@@ -60,7 +61,7 @@ impl PortMask {
     }
 
     /// The ports opened, in the order of `open_ports`.
-    pub fn ports(self, open_ports: &[u16]) -> impl Iterator<Item = u16> + '_ {
+    pub fn ports(self, open_ports: &[FlowPort]) -> impl Iterator<Item = FlowPort> + '_ {
         open_ports
             .iter()
             .enumerate()
@@ -98,7 +99,7 @@ pub enum PortRole {
     },
 }
 
-/// Role of every port, indexed by port number.
+/// Role of every port, indexed by [`FlowPort::index`].
 pub struct PortMap(Box<[PortRole]>);
 
 impl PortMap {
@@ -106,11 +107,11 @@ impl PortMap {
     /// rotating ranges are unique across policies, so only open ports can be
     /// shared.
     pub fn new(policies: &[Policy]) -> Self {
-        let mut roles = vec![PortRole::Unrelated; 1 << 16].into_boxed_slice();
+        let mut roles = vec![PortRole::Unrelated; FlowPort::COUNT].into_boxed_slice();
         for (id, policy) in policies.iter().enumerate() {
             let id = PolicyId::try_from(id).expect("validated: at most 32 policies");
             for &port in &policy.open_ports {
-                let role = &mut roles[usize::from(port)];
+                let role = &mut roles[port.index()];
                 let mut set = match *role {
                     PortRole::Open { policies } => policies,
                     _ => PolicySet::default(),
@@ -119,25 +120,25 @@ impl PortMap {
                 *role = PortRole::Open { policies: set };
             }
             if let Some(port) = policy.close_port {
-                roles[usize::from(port)] = PortRole::Close { policy: id };
+                roles[port.index()] = PortRole::Close { policy: id };
             }
             match &policy.knock {
                 Knock::Fixed(sequence) => {
                     for (step, &port) in sequence.iter().enumerate() {
-                        roles[usize::from(port)] = PortRole::Knock {
+                        roles[port.index()] = PortRole::Knock {
                             policy: id,
                             first: step == 0,
                         };
                     }
                 }
                 Knock::Rotating(rotating) => {
-                    for port in rotating.ports.clone() {
-                        roles[usize::from(port)] = PortRole::Rotating { policy: id };
+                    for port in rotating.ports.iter() {
+                        roles[port.index()] = PortRole::Rotating { policy: id };
                     }
                 }
                 Knock::Script(script) => {
-                    for port in script.knock_ports.iter().flat_map(Clone::clone) {
-                        roles[usize::from(port)] = PortRole::Script { policy: id };
+                    for port in script.knock_ports.iter().flat_map(|range| range.iter()) {
+                        roles[port.index()] = PortRole::Script { policy: id };
                     }
                 }
             }
@@ -145,7 +146,7 @@ impl PortMap {
         PortMap(roles)
     }
 
-    pub fn role(&self, port: u16) -> PortRole {
-        self.0[usize::from(port)]
+    pub fn role(&self, port: FlowPort) -> PortRole {
+        self.0[port.index()]
     }
 }

@@ -11,6 +11,7 @@ use arc_swap::{ArcSwap, Guard};
 
 use super::{PolicyId, PolicyKey, PortRole, Timestamp, WallClock};
 use crate::config::{Knock, Policy};
+use crate::flow::FlowPort;
 use crate::rotating::Rotating;
 
 /// The live windows of every rotating policy, worked out once per window
@@ -23,7 +24,7 @@ pub(super) struct Schedule {
 }
 
 /// The current and the previous window, each with its sequence.
-type LiveWindows = [(u64, Vec<u16>); 2];
+type LiveWindows = [(u64, Vec<FlowPort>); 2];
 
 impl Schedule {
     fn at(list: &[Policy], now: u64) -> Self {
@@ -48,7 +49,7 @@ impl Schedule {
         Schedule { span, live }
     }
 
-    fn windows(&self, policy: PolicyId) -> &[(u64, Vec<u16>)] {
+    fn windows(&self, policy: PolicyId) -> &[(u64, Vec<FlowPort>)] {
         self.live
             .get(usize::from(policy))
             .and_then(Option::as_ref)
@@ -81,7 +82,7 @@ impl ScheduleCache {
 }
 
 /// What a port in a rotating policy's range is at the schedule's time.
-pub(super) fn rotating_role(schedule: &Schedule, policy: PolicyId, port: u16) -> PortRole {
+pub(super) fn rotating_role(schedule: &Schedule, policy: PolicyId, port: FlowPort) -> PortRole {
     let windows = schedule.windows(policy);
     if windows.iter().any(|(_, sequence)| sequence.contains(&port)) {
         let first = windows.iter().any(|(_, sequence)| sequence[0] == port);
@@ -129,7 +130,7 @@ pub struct Accepted<'a> {
 }
 
 enum AcceptedKind<'a> {
-    Fixed(&'a [u16]),
+    Fixed(&'a [FlowPort]),
     Rotating {
         rotating: &'a Rotating,
         schedule: Guard<Arc<Schedule>>,
@@ -139,7 +140,7 @@ enum AcceptedKind<'a> {
 
 impl<'a> Accepted<'a> {
     pub(super) fn fixed(
-        sequence: &'a [u16],
+        sequence: &'a [FlowPort],
         spent: &'a SpentWindows,
         key: PolicyKey,
         wall: WallClock,
@@ -181,14 +182,14 @@ impl<'a> Accepted<'a> {
     }
 
     /// The sequence of `window`, if it is accepted now.
-    pub fn sequence(&self, window: u64) -> Option<&[u16]> {
+    pub fn sequence(&self, window: u64) -> Option<&[FlowPort]> {
         self.iter()
             .find(|&(w, _)| w == window)
             .map(|(_, sequence)| sequence)
     }
 
     /// The newest accepted window whose sequence starts with `port`.
-    pub fn starting_with(&self, port: u16) -> Option<u64> {
+    pub fn starting_with(&self, port: FlowPort) -> Option<u64> {
         self.iter()
             .find(|(_, sequence)| sequence[0] == port)
             .map(|(window, _)| window)
@@ -204,7 +205,7 @@ impl<'a> Accepted<'a> {
         }
     }
 
-    fn iter(&self) -> impl Iterator<Item = (u64, &[u16])> {
+    fn iter(&self) -> impl Iterator<Item = (u64, &[FlowPort])> {
         let (fixed, rotating) = match &self.kind {
             AcceptedKind::Fixed(sequence) => (Some((0, *sequence)), None),
             AcceptedKind::Rotating {

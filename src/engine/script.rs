@@ -8,12 +8,13 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use super::{Policies, PolicyId, PortMask, Timestamp};
+use crate::flow::FlowPort;
 
 /// One SYN as a script policy sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ScriptInput {
     pub src: IpAddr,
-    pub port: u16,
+    pub port: FlowPort,
     /// The port is one of the policy's declared knock ports (otherwise the
     /// source has progress and sent a SYN elsewhere).
     pub knock_port: bool,

@@ -8,6 +8,7 @@ use super::rotation::Accepted;
 use super::script::ScriptOutput;
 use super::{EventKind, GrantScope, Origin, PolicyKey, PortMask, RevokeReason, Timestamp};
 use crate::config::{Knock, Policy, Scope};
+use crate::flow::FlowPort;
 
 /// The end of a grant that lasts until the close knock.
 pub const NEVER: Timestamp = Timestamp(u64::MAX);
@@ -191,7 +192,7 @@ impl PolicyState {
     }
 
     /// Whether the grant opens `port`, one of the policy's open ports.
-    pub fn opens(&self, policy: &Policy, port: u16) -> bool {
+    pub fn opens(&self, policy: &Policy, port: FlowPort) -> bool {
         self.is_granted() && self.ports.opens(&policy.open_ports, port)
     }
 
@@ -239,7 +240,7 @@ impl PolicyState {
         &mut self,
         policy: &Policy,
         accepted: &Accepted,
-        port: u16,
+        port: FlowPort,
         now: Timestamp,
         emit: &mut impl FnMut(EventKind, GrantScope),
     ) {

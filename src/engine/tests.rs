@@ -5,7 +5,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use super::*;
-use crate::config;
+use crate::flow::PortRange;
+use crate::{config, loader};
 
 /// The example policy without a grant timeout; shared with other tests.
 pub(crate) const SSH: &str = r#"
@@ -22,7 +23,7 @@ const NO_GRANT: Decision = Decision::reject(Reason::NoGrant);
 const KNOCK: Decision = Decision::reject(Reason::Knock);
 
 fn engine(text: &str) -> Engine {
-    Engine::new(&config::parse(text, Path::new("test.toml")).unwrap())
+    Engine::new(&loader::parse(text, Path::new("test.toml")).unwrap())
 }
 
 fn ip(text: &str) -> IpAddr {
@@ -48,7 +49,7 @@ impl Gate {
     fn syn(&mut self, src: &str, dst_port: u16) -> Decision {
         let syn = Syn {
             src: ip(src),
-            dst_port,
+            dst_port: FlowPort::tcp(dst_port),
         };
         self.engine.decide(
             syn,
@@ -605,7 +606,7 @@ fn reasons_index_their_list() {
 }
 
 fn policies_of(text: &str) -> Vec<crate::config::Policy> {
-    config::parse(text, Path::new("reload.toml"))
+    loader::parse(text, Path::new("reload.toml"))
         .unwrap()
         .policies
 }
@@ -722,7 +723,7 @@ fn rotating_with(secret: &[u8]) -> crate::rotating::Rotating {
         secret: crate::rotating::Secret::from_bytes(secret),
         length: 3,
         period: Duration::from_millis(PERIOD_MS),
-        ports: 20000..=59999,
+        ports: PortRange::new(FlowPort::tcp(20000), FlowPort::tcp(59999)).unwrap(),
     }
 }
 
@@ -735,8 +736,8 @@ fn rotating_gate() -> Gate {
         name: "ops".into(),
         knock: config::Knock::Rotating(rotating_with(OPS_SECRET)),
         step_timeout: Duration::from_secs(10),
-        open_ports: vec![22],
-        close_port: Some(3333),
+        open_ports: vec![FlowPort::tcp(22)],
+        close_port: Some(FlowPort::tcp(3333)),
         grant_timeout: None,
         strict: true,
         hooks: Default::default(),
@@ -750,7 +751,11 @@ fn rotating_gate() -> Gate {
 }
 
 fn ops_sequence(window: u64) -> Vec<u16> {
-    rotating_with(OPS_SECRET).sequence("ops", window)
+    numbers(&rotating_with(OPS_SECRET).sequence("ops", window))
+}
+
+fn numbers(ports: &[FlowPort]) -> Vec<u16> {
+    ports.iter().map(|port| port.number()).collect()
 }
 
 #[test]
@@ -878,7 +883,7 @@ fn a_knock_may_span_the_turn_of_a_window() {
 fn sequences_of_another_secret_or_mixed_windows_never_open() {
     let mut gate = rotating_gate();
     let wrong = rotating_with(b"not the ops secret, but as long as it").sequence("ops", 1000);
-    gate.knock_ports_ignoring_verdicts("10.0.0.2", &wrong);
+    gate.knock_ports_ignoring_verdicts("10.0.0.2", &numbers(&wrong));
     assert_eq!(gate.syn("10.0.0.2", 22), NO_GRANT);
     // Two ports of one window and the last of another.
     let (now, before) = (ops_sequence(1000), ops_sequence(999));
@@ -984,7 +989,8 @@ fn open_until_is_the_latest_end_of_the_grants_that_open_the_port() {
     let src = "10.0.0.2";
     let until = |gate: &Gate, port| {
         let now = Timestamp::from_millis(gate.now);
-        gate.engine.open_until(ip(src), None, port, now)
+        gate.engine
+            .open_until(ip(src), None, FlowPort::tcp(port), now)
     };
     assert_eq!(until(&gate, 22), None, "no grant");
     gate.knock(src, &[1111, 2222]);
@@ -1002,8 +1008,12 @@ fn open_until_is_the_latest_end_of_the_grants_that_open_the_port() {
     gate.now = second.as_millis();
     assert_eq!(until(&gate, 22), None, "ended, even before it is expired");
     assert_eq!(
-        gate.engine
-            .open_until(ip("10.0.0.0"), Some(24), 22, Timestamp::from_millis(0)),
+        gate.engine.open_until(
+            ip("10.0.0.0"),
+            Some(24),
+            FlowPort::tcp(22),
+            Timestamp::from_millis(0)
+        ),
         None,
         "no network grant"
     );

@@ -364,7 +364,7 @@ mod tests {
         let text = format!(
             "{extra}\n[[policy]]\nname = \"ssh\"\nsequence = [1111, 2222]\nopen_ports = [22]\n"
         );
-        Ruleset::from_config(&crate::config::parse(&text, Path::new("t.toml")).unwrap())
+        Ruleset::from_config(&crate::loader::parse(&text, Path::new("t.toml")).unwrap())
     }
 
     #[test]

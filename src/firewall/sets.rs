@@ -15,13 +15,13 @@
 
 use std::fmt::Write;
 use std::net::IpAddr;
-use std::ops::RangeInclusive;
 use std::time::Duration;
 
 use super::load::Firewall;
 use super::{Family, NFT_TABLE};
 use crate::config::{Config, Policy};
 use crate::engine::{PortMap, PortRole};
+use crate::flow::{FlowPort, PortRange};
 
 /// One of the kernel sets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,7 +88,7 @@ pub const KNOCKING_FULL: &str = "knockq-knocking-full";
 /// What the sets are made of, from the configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Offload {
-    pub knock_ports: Vec<RangeInclusive<u16>>,
+    pub knock_ports: Vec<PortRange>,
     /// The knocking set's timeout: the longest step window.
     pub knocking_window: Duration,
     /// The knocking set's size: the engine tracks no more sources.
@@ -104,7 +104,7 @@ impl Offload {
         if !config.rules.offload {
             return None;
         }
-        let mut open: Vec<u16> = config
+        let mut open: Vec<FlowPort> = config
             .policies
             .iter()
             .flat_map(|p| p.open_ports.iter().copied())
@@ -123,14 +123,8 @@ impl Offload {
 
     /// The knock ports as nft set elements: `1111, 20000-59999`.
     pub fn knock_ports_list(&self) -> String {
-        let ranges = self
-            .knock_ports
-            .iter()
-            .map(|range| match range.start() == range.end() {
-                true => range.start().to_string(),
-                false => format!("{}-{}", range.start(), range.end()),
-            });
-        ranges.collect::<Vec<_>>().join(", ")
+        let ranges: Vec<String> = self.knock_ports.iter().map(PortRange::to_string).collect();
+        ranges.join(", ")
     }
 
     /// The nft declarations of the sets, for the table.
@@ -225,7 +219,7 @@ impl Offload {
         let ports = self
             .knock_ports
             .iter()
-            .map(|range| format!("{}-{}", range.start(), range.end()));
+            .map(|range| format!("{}-{}", range.first(), range.last()));
         self.ipset_replace(KernelSet::KnockPorts, ports, &mut out);
         out
     }
@@ -298,18 +292,20 @@ fn nft_address(family: Family) -> &'static str {
 /// Every port a SYN to which the engine must see, as the engine's own port
 /// map has them: knock and close ports, rotating ranges and the ports
 /// scripts declare, as ranges.
-pub fn knock_ports(policies: &[Policy]) -> Vec<RangeInclusive<u16>> {
+pub fn knock_ports(policies: &[Policy]) -> Vec<PortRange> {
     let map = PortMap::new(policies);
-    let mut ranges: Vec<RangeInclusive<u16>> = Vec::new();
-    for port in 1..=u16::MAX {
+    let mut ranges: Vec<PortRange> = Vec::new();
+    for port in FlowPort::all() {
         if matches!(map.role(port), PortRole::Unrelated | PortRole::Open { .. }) {
             continue;
         }
-        match ranges.last_mut() {
-            Some(last) if u32::from(*last.end()) + 1 == u32::from(port) => {
-                *last = *last.start()..=port;
-            }
-            _ => ranges.push(port..=port),
+        let extended = ranges.last().and_then(|last| {
+            let next = last.last().number().checked_add(1)?;
+            (next == port.number()).then(|| PortRange::new(last.first(), port))?
+        });
+        match extended {
+            Some(longer) => *ranges.last_mut().expect("extended the last") = longer,
+            None => ranges.push(PortRange::single(port)),
         }
     }
     ranges
@@ -322,7 +318,7 @@ pub struct GrantedPair {
     pub src: IpAddr,
     /// A network grant's prefix length; `None` for the address alone.
     pub prefix: Option<u8>,
-    pub port: u16,
+    pub port: FlowPort,
     /// `None`: until the close knock.
     pub left: Option<Duration>,
 }
@@ -371,10 +367,15 @@ impl GrantedPair {
 
     fn ipset_key(&self) -> String {
         match self.prefix {
-            Some(prefix) => format!("{}/{prefix},tcp:{}", self.src, self.port),
-            None => format!("{},tcp:{}", self.src, self.port),
+            Some(prefix) => format!("{}/{prefix},{}", self.src, ipset_port(self.port)),
+            None => format!("{},{}", self.src, ipset_port(self.port)),
         }
     }
+}
+
+/// A port as ipset's `hash:ip,port` writes it: `tcp:22`.
+fn ipset_port(port: FlowPort) -> String {
+    format!("tcp:{port}")
 }
 
 /// A change to a granted set.
@@ -505,7 +506,7 @@ mod tests {
 
     fn offload(policies: &str) -> Offload {
         let text = format!("[rules]\noffload = true\n[limits]\nmax_sources = 1000\n{policies}");
-        let config = crate::config::parse(&text, Path::new("t.toml")).unwrap();
+        let config = crate::loader::parse(&text, Path::new("t.toml")).unwrap();
         Offload::from_config(&config).unwrap()
     }
 
@@ -515,7 +516,7 @@ mod tests {
         GrantedPair {
             src: src.parse().unwrap(),
             prefix,
-            port,
+            port: FlowPort::tcp(port),
             left: left_ms.map(Duration::from_millis),
         }
     }
@@ -525,7 +526,12 @@ mod tests {
     #[test]
     fn knock_ports_hold_sequences_and_close_ports_merged() {
         let offload = offload(SSH);
-        assert_eq!(offload.knock_ports, vec![1111..=1112, 2222..=2222]);
+        let range =
+            |first, last| PortRange::new(FlowPort::tcp(first), FlowPort::tcp(last)).unwrap();
+        assert_eq!(
+            offload.knock_ports,
+            vec![range(1111, 1112), range(2222, 2222)]
+        );
         assert_eq!(offload.knock_ports_list(), "1111-1112, 2222");
         assert_eq!(offload.knocking_window, Duration::from_secs(4));
         assert_eq!(offload.max_granted, 2000, "every source with both ports");

@@ -9,65 +9,15 @@
 mod budget;
 mod vm;
 
-use std::ops::RangeInclusive;
-use std::path::PathBuf;
-use std::sync::Arc;
-use std::time::Duration;
-
+use crate::config::{Knock, Script};
 use crate::engine::{Policies, PolicyId, PolicyKey, ScriptInput, ScriptOutput, ScriptRunner};
-use crate::rotating::Secret;
 use vm::Vm;
 pub use vm::VmError;
 
-/// A script policy's settings (`[policy.script]`) and its source text.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Script {
-    pub file: PathBuf,
-    /// Read once when the configuration is loaded; every worker compiles
-    /// this same text.
-    pub source: Arc<str>,
-    pub knock_ports: Vec<RangeInclusive<u16>>,
-    /// The policy's open ports, which grants may name.
-    pub open_ports: Vec<u16>,
-    /// Most time one call may take.
-    pub budget: Duration,
-    /// Most memory one VM may hold, in bytes.
-    pub memory_limit: usize,
-    /// Longest grant a script may ask for.
-    pub max_grant: Duration,
-    /// Shortest network prefixes a script may grant.
-    pub min_prefix_v4: u8,
-    pub min_prefix_v6: u8,
-    /// For `knockq.hmac`.
-    pub secret: Option<Secret>,
-}
-
-impl Script {
-    /// Compiles the script and runs its top level in a fresh sandbox, as
-    /// each worker will.
-    pub fn check(&self) -> Result<(), VmError> {
-        Vm::load(self).map(drop)
-    }
-
-    /// The first 8 bytes of the SHA-256 of the text, in hex.
-    pub fn digest(&self) -> String {
-        use sha2::Digest;
-        let hash = sha2::Sha256::digest(self.source.as_bytes());
-        hash[..8].iter().map(|b| format!("{b:02x}")).collect()
-    }
-
-    /// `1111 2222 20000-20999`
-    pub fn describe_ports(&self) -> String {
-        let ranges: Vec<String> = self
-            .knock_ports
-            .iter()
-            .map(|range| match range.start() == range.end() {
-                true => range.start().to_string(),
-                false => format!("{}-{}", range.start(), range.end()),
-            })
-            .collect();
-        ranges.join(" ")
-    }
+/// Compiles `script` and runs its top level in a fresh sandbox, as each
+/// worker will.
+pub fn check(script: &Script) -> Result<(), VmError> {
+    Vm::load(script).map(drop)
 }
 
 /// Why a call failed, as the `kind` label of `knockq_script_errors_total`.
@@ -173,8 +123,7 @@ impl ScriptRunner for ScriptVms {
         input: &ScriptInput,
     ) -> Option<ScriptOutput> {
         let key = policies.key(policy);
-        let crate::config::Knock::Script(script) = &policies.list()[usize::from(policy)].knock
-        else {
+        let Knock::Script(script) = &policies.list()[usize::from(policy)].knock else {
             return None;
         };
         let index = match self.vms.iter().position(|(k, _)| *k == key) {

@@ -6,10 +6,12 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use super::*;
-use crate::config::{self, Config};
+use crate::config::Config;
 use crate::engine::{
     Decision, Engine, Event, EventKind, GrantLeft, GrantRecord, Reason, Syn, Timestamp, WallClock,
 };
+use crate::flow::FlowPort;
+use crate::loader;
 
 const KNOCK: Decision = Decision::reject(Reason::Knock);
 const NO_GRANT: Decision = Decision::reject(Reason::NoGrant);
@@ -42,7 +44,7 @@ impl Gate {
     }
 
     fn example(name: &str) -> Self {
-        let config = config::load(&examples().join(format!("{name}.toml"))).unwrap();
+        let config = loader::load(&examples().join(format!("{name}.toml"))).unwrap();
         Gate::from_config(config, None)
     }
 
@@ -53,14 +55,14 @@ impl Gate {
         std::fs::write(dir.path().join("p.lua"), lua).unwrap();
         let path = dir.path().join("knockq.toml");
         std::fs::write(&path, policy_toml(extra)).unwrap();
-        let config = config::load(&path).unwrap();
+        let config = loader::load(&path).unwrap();
         Gate::from_config(config, Some(dir))
     }
 
     fn syn(&mut self, src: &str, dst_port: u16) -> Decision {
         let syn = Syn {
             src: src.parse().unwrap(),
-            dst_port,
+            dst_port: FlowPort::tcp(dst_port),
         };
         self.engine.decide(
             syn,
@@ -99,7 +101,7 @@ fn load_error(lua: &str, extra: &str) -> String {
     std::fs::write(dir.path().join("p.lua"), lua).unwrap();
     let path = dir.path().join("knockq.toml");
     std::fs::write(&path, policy_toml(extra)).unwrap();
-    let error = config::load(&path).unwrap_err().to_string();
+    let error = loader::load(&path).unwrap_err().to_string();
     error.replace(&format!("{}/", dir.path().display()), "")
 }
 
@@ -108,7 +110,7 @@ fn the_seed_script_answers_like_the_built_in_policy() {
     let builtin = "[[policy]]\nname = \"ssh\"\nsequence = [1111, 2222]\nopen_ports = [22, 8080]\n\
                    close_port = 3333\ngrant_timeout = \"8h\"\n";
     let mut builtin = Gate::from_config(
-        config::parse(builtin, Path::new("knockq.toml")).unwrap(),
+        loader::parse(builtin, Path::new("knockq.toml")).unwrap(),
         None,
     );
     let mut script = Gate::example("seed");
@@ -283,7 +285,7 @@ fn network_grants_are_bounded_and_restored() {
     let text = std::fs::read_to_string(examples().join("cgnat.toml")).unwrap();
     let path = dir.path().join("knockq.toml");
     std::fs::write(&path, format!("[limits]\nmax_prefix_grants = 2\n{text}")).unwrap();
-    let mut gate = Gate::from_config(config::load(&path).unwrap(), Some(dir));
+    let mut gate = Gate::from_config(loader::load(&path).unwrap(), Some(dir));
     for net in 1..=3 {
         gate.knock(&format!("10.0.{net}.1"), &[1111, 2222]);
     }
@@ -294,7 +296,7 @@ fn network_grants_are_bounded_and_restored() {
     assert_eq!(gate.syn("10.0.3.1", 22), ACCEPT);
 
     let key = gate.engine.policies().by_name("mobile").unwrap();
-    let mut restored = Gate::from_config(config::load(&path).unwrap(), None);
+    let mut restored = Gate::from_config(loader::load(&path).unwrap(), None);
     restored
         .engine
         .restore(
@@ -322,7 +324,7 @@ fn daily_derives_the_sequence_from_the_secret_and_the_date() {
     }
     crate::rotating::keygen(&dir.path().join("daily.key")).unwrap();
     let secret = crate::rotating::Secret::load(&dir.path().join("daily.key")).unwrap();
-    let config = config::load(&dir.path().join("daily.toml")).unwrap();
+    let config = loader::load(&dir.path().join("daily.toml")).unwrap();
     let mut gate = Gate::from_config(config, Some(dir));
     let day = 20_000u64;
     let sequence = |day: u64| {
@@ -556,17 +558,17 @@ fn a_reload_with_a_changed_script_takes_the_new_one() {
         format!("return function(k) if k.port == {port} then k:grant() end return 0 end")
     };
     std::fs::write(&lua, opens_on(2222)).unwrap();
-    let mut gate = Gate::from_config(config::load(&path).unwrap(), None);
+    let mut gate = Gate::from_config(loader::load(&path).unwrap(), None);
     gate.knock("10.0.0.1", &[2222]);
     assert_eq!(gate.syn("10.0.0.1", 22), ACCEPT);
     // Other limits keep the knock, and its grants.
     std::fs::write(&path, policy_toml("budget = \"5ms\"\n")).unwrap();
-    let result = gate.engine.reload(&config::load(&path).unwrap().policies);
+    let result = gate.engine.reload(&loader::load(&path).unwrap().policies);
     assert_eq!(result.kept, ["p"]);
     assert_eq!(gate.syn("10.0.0.1", 22), ACCEPT);
     // Another text is another knock.
     std::fs::write(&lua, opens_on(1111)).unwrap();
-    let result = gate.engine.reload(&config::load(&path).unwrap().policies);
+    let result = gate.engine.reload(&loader::load(&path).unwrap().policies);
     assert_eq!(result.fresh, ["p"], "a changed script is a changed knock");
     assert_eq!(gate.syn("10.0.0.1", 22), NO_GRANT);
     gate.knock("10.0.0.2", &[2222]);

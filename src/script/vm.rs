@@ -20,8 +20,10 @@ use mlua::{
 };
 
 use super::budget::Budget;
-use super::{FailureKind, Script};
+use super::FailureKind;
+use crate::config::Script;
 use crate::engine::{PortMask, ScriptAction, ScriptGrant, ScriptInput, ScriptOutput, Timestamp};
+use crate::flow::FlowPort;
 
 /// Time the script's top level may take when it loads.
 const LOAD_BUDGET: Duration = Duration::from_secs(1);
@@ -70,7 +72,7 @@ impl Vm {
         let call = Rc::new(Call {
             input: Cell::new(ScriptInput {
                 src: IpAddr::from([0, 0, 0, 0]),
-                port: 0,
+                port: FlowPort::tcp(0),
                 knock_port: false,
                 stage: 0,
                 last: None,
@@ -123,7 +125,7 @@ impl Vm {
         call.over_budget.set(false);
         call.stopped_at.set(None);
         let failed = |e: mlua::Error| classify(&e, call, FailureKind::Runtime);
-        self.set_knock(input.port, input.stage);
+        self.set_knock(input.port.number(), input.stage);
         call.budget.start(self.budget);
         let returned: Value = self.handler.call(&self.knock).map_err(|e| {
             let error = failed(e);
@@ -485,7 +487,7 @@ fn knock_table(lua: &Lua, script: &Script, call: &Rc<Call>) -> mlua::Result<Tabl
 /// optional, checked against the policy.
 fn grant_options(
     options: Option<Table>,
-    open_ports: &[u16],
+    open_ports: &[FlowPort],
     (max_grant, min_v4, min_v6): (Duration, u8, u8),
     src: IpAddr,
 ) -> Result<ScriptGrant, String> {
@@ -519,9 +521,10 @@ fn grant_options(
                     let port = port
                         .map_err(|_| "k:grant: ports must be a list of port numbers".to_owned())?;
                     u16::try_from(port)
+                        .map(FlowPort::tcp)
                         .map_err(|_| format!("k:grant: port {port} is outside 1..65535"))
                 })
-                .collect::<Result<Vec<u16>, String>>()?;
+                .collect::<Result<Vec<FlowPort>, String>>()?;
             if ports.is_empty() {
                 return Err("k:grant: ports is empty".to_owned());
             }

@@ -17,6 +17,7 @@ use crate::config::Config;
 use crate::engine::{
     Engine, Event, EventKind, Policies, PolicyKey, PortRole, Reason, TablePart, Timestamp,
 };
+use crate::flow::FlowPort;
 use crate::script::ScriptVms;
 use capture::Packet;
 
@@ -80,9 +81,9 @@ pub enum Why {
     /// The next knock came after the step window, or never.
     Timeout,
     /// A SYN to a port outside the sequence reset it (strict policy).
-    ResetByOtherPort { port: u16 },
+    ResetByOtherPort { port: FlowPort },
     /// A knock port of the sequence, out of order, reset it.
-    WrongOrder { port: u16 },
+    WrongOrder { port: FlowPort },
     /// Dropped to make room in a full source table.
     Evicted,
     /// Completed a rotating sequence whose window was already spent.
@@ -117,7 +118,7 @@ pub struct Change {
 pub struct PacketVerdict {
     pub at: f64,
     pub source: IpAddr,
-    pub dst_port: u16,
+    pub dst_port: FlowPort,
     pub verdict: &'static str,
     pub reason: &'static str,
 }
@@ -228,7 +229,7 @@ impl Simulation<'_> {
     }
 
     /// Folds the events of one packet (or one expiry) into the tracks.
-    fn record(&mut self, at: f64, packet: Option<(u16, PortRole)>) {
+    fn record(&mut self, at: f64, packet: Option<(FlowPort, PortRole)>) {
         for Event {
             src, policy, kind, ..
         } in self.events.drain(..)

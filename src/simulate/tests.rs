@@ -17,8 +17,9 @@ use pcap_file::DataLink;
 use super::capture::{self, CaptureError};
 use super::sweep::{self, Order};
 use super::*;
-use crate::config;
 use crate::engine::tests::SSH;
+use crate::flow::FlowPort;
+use crate::loader;
 
 /// Capture time of the first packet, seconds from the epoch.
 const T0: f64 = 1_790_000_000.0;
@@ -67,7 +68,7 @@ fn pcap(syns: &[Syn]) -> Vec<u8> {
 }
 
 fn run(text: &str, capture_bytes: &[u8], options: &Options) -> Report {
-    let config = config::parse(text, Path::new("knockq.toml")).unwrap();
+    let config = loader::parse(text, Path::new("knockq.toml")).unwrap();
     let capture = capture::parse(capture_bytes, Path::new("capture.pcap")).unwrap();
     simulate(&config, "knockq.toml", &capture.packets, options)
 }
@@ -158,8 +159,18 @@ fn an_interleaved_scan_resets_and_wrong_order_is_named() {
     assert_eq!(
         whys,
         [
-            (ip("10.9.0.2"), Why::ResetByOtherPort { port: 80 }),
-            (ip("10.9.0.3"), Why::WrongOrder { port: 3 }),
+            (
+                ip("10.9.0.2"),
+                Why::ResetByOtherPort {
+                    port: FlowPort::tcp(80)
+                }
+            ),
+            (
+                ip("10.9.0.3"),
+                Why::WrongOrder {
+                    port: FlowPort::tcp(3)
+                }
+            ),
             (ip("10.9.0.4"), Why::KnockingAtEnd),
         ]
     );
@@ -327,7 +338,7 @@ fn two_configurations_side_by_side() {
 }
 
 fn sweep_results(text: &str) -> Vec<(Order, Option<u64>)> {
-    let config = config::parse(text, Path::new("knockq.toml")).unwrap();
+    let config = loader::parse(text, Path::new("knockq.toml")).unwrap();
     sweep::sweep(&config, Duration::from_millis(1))
         .into_iter()
         .map(|r| (r.order, r.granted_at_probe))
@@ -357,7 +368,7 @@ fn an_ascending_sweep_walks_through_a_lenient_ascending_sequence() {
 /// The seed example with its script beside it, as `simulate` loads it.
 fn seed_script_config() -> Config {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/policies");
-    config::load(&dir.join("seed.toml")).unwrap()
+    loader::load(&dir.join("seed.toml")).unwrap()
 }
 
 #[test]
@@ -384,7 +395,7 @@ fn the_seed_script_simulates_like_the_built_in_policy() {
         ..Options::default()
     };
     let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/knockq.toml");
-    let builtin = config::load(&example).unwrap();
+    let builtin = loader::load(&example).unwrap();
     let builtin = simulate(&builtin, "knockq.toml", &capture.packets, &options);
     let script = simulate(
         &seed_script_config(),
@@ -392,7 +403,7 @@ fn the_seed_script_simulates_like_the_built_in_policy() {
         &capture.packets,
         &options,
     );
-    let verdicts = |report: &Report| -> Vec<(IpAddr, u16, &'static str)> {
+    let verdicts = |report: &Report| -> Vec<(IpAddr, FlowPort, &'static str)> {
         report
             .packets
             .iter()

@@ -689,7 +689,7 @@ fn a_rotating_window_spent_on_one_gate_is_refused_on_another() {
     for gate in 0..3 {
         fleet.wait_until_in_sync(gate);
     }
-    let config = knockq::config::load(&fleet.config_path(0)).unwrap();
+    let config = knockq::loader::load(&fleet.config_path(0)).unwrap();
     let sequence = |policy: usize| {
         let knockq::config::Knock::Rotating(rotating) = &config.policies[policy].knock else {
             panic!("a rotating policy");
@@ -698,7 +698,11 @@ fn a_rotating_window_spent_on_one_gate_is_refused_on_another() {
             .duration_since(UNIX_EPOCH)
             .unwrap()
             .as_secs();
-        rotating.sequence(&config.policies[policy].name, unix / 30)
+        let sequence = rotating.sequence(&config.policies[policy].name, unix / 30);
+        sequence
+            .iter()
+            .map(|port| port.number())
+            .collect::<Vec<u16>>()
     };
     let [first, replayer, offline, offline_local] = SOURCES;
     let ops = sequence(0);

@@ -22,12 +22,12 @@ use prometheus::proto::MetricFamily;
 use prometheus::{IntCounter, IntCounterVec, Opts};
 use tracing::{debug, error, info};
 
-use super::events::GrantListener;
-use super::Clock;
 use crate::config::{Config, Policy};
 use crate::engine::{grant_left, Engine, Event, EventKind, RevokeReason, WallClock};
 use crate::firewall::load::{self, Firewall, LoadError};
 use crate::firewall::sets::{self, GrantedPair, Offload, SetChange};
+use crate::flow::FlowPort;
+use crate::listeners::{Clock, GrantListener};
 
 #[derive(Debug, thiserror::Error)]
 pub enum OffloadError {
@@ -92,7 +92,7 @@ impl KernelSets {
         let _order = self.order.lock().unwrap_or_else(PoisonError::into_inner);
         let now = self.clock.now();
         let policies = self.engine.policies();
-        let mut longest: HashMap<(IpAddr, Option<u8>, u16), Option<Duration>> = HashMap::new();
+        let mut longest: HashMap<(IpAddr, Option<u8>, FlowPort), Option<Duration>> = HashMap::new();
         for grant in self.engine.grants(now) {
             let (Some(left), Some(key)) = (grant.status.grant, policies.by_name(&grant.policy))
             else {
