@@ -11,7 +11,7 @@ use crate::config::{Knock, Policy, Scope};
 use crate::flow::FlowPort;
 
 /// The end of a grant that lasts until the close knock.
-pub const NEVER: Timestamp = Timestamp(u64::MAX);
+pub const NEVER: Timestamp = Timestamp::from_millis(u64::MAX);
 
 /// When a grant made at `now` for `timeout` (`None`: until closed) ends.
 pub fn grant_end(timeout: Option<Duration>, now: Timestamp) -> Timestamp {

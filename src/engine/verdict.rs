@@ -1,0 +1,96 @@
+//! What the engine is asked about one new flow, and what it answers.
+
+use std::net::IpAddr;
+
+use crate::flow::FlowPort;
+
+/// What the engine needs to know about a NEW TCP SYN.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Syn {
+    pub src: IpAddr,
+    pub dst_port: FlowPort,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Accept,
+    Reject,
+}
+
+impl Verdict {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Accept => "accept",
+            Verdict::Reject => "reject",
+        }
+    }
+}
+
+/// Why a packet got its verdict; a small fixed set, fit for metric labels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Reason {
+    /// The source holds a grant that opens this port.
+    Granted,
+    /// A knock port: always rejected so knock clients return at once.
+    Knock,
+    /// A close port: always rejected, revokes the grant.
+    Close,
+    /// Nothing opens this port for this source.
+    NoGrant,
+    /// The packet was not TCP over IPv4/IPv6 (decided by the I/O shell).
+    Unparsable,
+    /// Deciding panicked; the packet was rejected and the worker went on.
+    Failed,
+}
+
+impl Reason {
+    /// Every reason, in declaration order: `reason as usize` indexes it.
+    pub const ALL: [Reason; 6] = [
+        Reason::Granted,
+        Reason::Knock,
+        Reason::Close,
+        Reason::NoGrant,
+        Reason::Unparsable,
+        Reason::Failed,
+    ];
+
+    pub fn verdict(self) -> Verdict {
+        match self {
+            Reason::Granted => Verdict::Accept,
+            _ => Verdict::Reject,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Granted => "granted",
+            Reason::Knock => "knock",
+            Reason::Close => "close",
+            Reason::NoGrant => "no_grant",
+            Reason::Unparsable => "unparsable",
+            Reason::Failed => "failed",
+        }
+    }
+}
+
+/// The engine's answer for one packet; the reason implies the verdict.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Decision {
+    pub reason: Reason,
+}
+
+impl Decision {
+    pub const ACCEPT: Decision = Decision {
+        reason: Reason::Granted,
+    };
+
+    pub const fn reject(reason: Reason) -> Self {
+        debug_assert!(!matches!(reason, Reason::Granted));
+        Decision { reason }
+    }
+
+    pub fn verdict(self) -> Verdict {
+        self.reason.verdict()
+    }
+}
