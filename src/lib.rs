@@ -2,22 +2,26 @@
 //! not accept already; the daemon decides each one with a per-source knock
 //! state machine and answers accept or reject.
 //!
+//! The modules are layers, each naming only those listed before it
+//! (`tests/layers.rs` holds them to it):
+//!
 //! - [`flow`]: the port a new flow is for, the one type every layer names.
-//! - [`engine`]: the pure state machine (no I/O; the clock is an argument).
-//! - [`packet`]: packet bytes to the facts the engine needs.
-//! - [`config`]: the TOML configuration: what the file says.
-//! - [`loader`]: a configuration read and checked whole (config, engine, scripts).
 //! - [`rotating`]: rotating knock sequences derived from a shared secret.
+//! - [`config`]: the TOML configuration: what the file says.
+//! - [`engine`]: the pure state machine (no I/O; the clock is an argument),
+//!   and what a configuration's policies mean.
+//! - [`packet`]: packet bytes to the facts the engine needs.
 //! - [`script`]: script policies: knock logic in sandboxed Luau.
 //! - [`listeners`]: grant events and what listens to them; node names, the clock.
 //! - [`hooks`]: commands run when grants open and end.
 //! - [`cluster`]: grants and spent windows shared by a fleet through etcd.
+//! - [`loader`]: a configuration read and checked whole (config, engine, scripts).
 //! - [`firewall`]: the rules that feed the queue, as iptables or nft text.
 //! - [`offload`]: `[rules] offload`: the kernel sets kept equal to the grants.
-//! - [`daemon`]: the NFQUEUE workers around the engine, metrics, control socket.
 //! - [`control`]: the control protocol, both sides.
 //! - [`simulate`]: the engine replayed over captures and generated sweeps.
 //! - [`client`]: `knockq knock` and `knockq connect`, the knock client.
+//! - [`daemon`]: the NFQUEUE workers around the engine, composing the rest.
 //! - [`cli`]: the `knockq` command line.
 
 pub mod cli;
