@@ -37,6 +37,43 @@ fn top_level_modules_form_no_circle() {
     );
 }
 
+/// The order `src/lib.rs` lists the modules in is their layering: each
+/// names only modules listed before it.
+#[test]
+fn modules_name_only_the_layers_listed_before_them() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let modules = top_level_modules(&src);
+    let lib = fs::read_to_string(src.join("lib.rs")).unwrap();
+    let listed: Vec<&str> = lib
+        .lines()
+        .filter_map(|line| line.strip_prefix("//! - [`")?.split('`').next())
+        .collect();
+    let mut unlisted: Vec<&String> = modules
+        .iter()
+        .filter(|m| !listed.contains(&m.as_str()))
+        .collect();
+    unlisted.sort();
+    assert!(unlisted.is_empty(), "src/lib.rs does not list {unlisted:?}");
+    let arrows = arrows(&src, &modules);
+    let mut upward = Vec::new();
+    for (module, targets) in &arrows {
+        let layer = listed.iter().position(|m| m == module).unwrap();
+        for (target, why) in targets {
+            if listed.iter().position(|m| m == target).unwrap() > layer {
+                upward.push(format!(
+                    "{module} -> {target}: {}",
+                    why.iter().next().unwrap()
+                ));
+            }
+        }
+    }
+    assert!(
+        upward.is_empty(),
+        "modules naming a later layer:\n{}",
+        upward.join("\n")
+    );
+}
+
 /// The checker itself: it sees a circle where there is one.
 #[test]
 fn a_circle_is_found() {
