@@ -103,7 +103,7 @@ impl PortRange {
     }
 
     /// How many ports it holds.
-    pub fn len(self) -> u32 {
+    pub fn size(self) -> u32 {
         u32::from(self.last.number - self.first.number) + 1
     }
 
@@ -115,9 +115,9 @@ impl PortRange {
         self.first <= other.last && other.first <= self.last
     }
 
-    /// The port `offset` places after the first, below [`PortRange::len`].
+    /// The port `offset` places after the first, below [`PortRange::size`].
     pub fn nth(self, offset: u32) -> FlowPort {
-        debug_assert!(offset < self.len());
+        debug_assert!(offset < self.size());
         FlowPort::tcp(self.first.number + offset as u16)
     }
 
@@ -155,7 +155,7 @@ mod tests {
     #[test]
     fn a_range_holds_both_ends() {
         let range = PortRange::new(FlowPort::tcp(20000), FlowPort::tcp(20009)).unwrap();
-        assert_eq!(range.len(), 10);
+        assert_eq!(range.size(), 10);
         assert!(range.contains(FlowPort::tcp(20000)) && range.contains(FlowPort::tcp(20009)));
         assert!(!range.contains(FlowPort::tcp(20010)));
         assert_eq!(range.nth(9), FlowPort::tcp(20009));

@@ -141,7 +141,7 @@ impl Rotating {
     /// last whole multiple of the range size are skipped, so every port of
     /// the range is equally likely.
     pub fn sequence(&self, policy: &str, window: u64) -> Vec<FlowPort> {
-        let size = self.ports.len();
+        let size = self.ports.size();
         let length = usize::from(self.length);
         debug_assert!(
             size as usize >= length,

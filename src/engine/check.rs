@@ -108,7 +108,7 @@ pub(crate) fn check_rotating(
         return Err(errors.spanned(&rotating.length, key("rotating.length"), message));
     }
     let ports = rotating.ports(errors, key)?;
-    let size = ports.len();
+    let size = ports.size();
     if size < MIN_ROTATING_PORTS.max(u32::from(length)) {
         let message = format!(
             "the range holds {size} ports; rotating knocks need at least {MIN_ROTATING_PORTS}"
