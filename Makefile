@@ -1,11 +1,16 @@
 # knockq: `make demo` shows the gate working, `make test` runs every test.
-.PHONY: demo test rules bench deb
+.PHONY: demo test rules bench deb fuzz
 
 demo:
 	scripts/demo
 
 test:
 	scripts/test
+
+# Every fuzz target for FUZZ_SECONDS each (default 60): cargo fuzz, libFuzzer,
+# the nightly toolchain. The corpus is replayed on stable by make test.
+fuzz:
+	scripts/fuzz $(or $(FUZZ_SECONDS),60)
 
 # Regenerates rules/ from the example configuration.
 rules:

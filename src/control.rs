@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::engine::{Engine, EventSink, GrantLeft, PolicyKey, RevokeReason, Timestamp};
+use crate::engine::{Engine, EventSink, GrantLeft, Origin, PolicyKey, RevokeReason, Timestamp};
 use crate::listeners::Nodes;
 
 /// Longest request line the daemon reads.
@@ -40,6 +40,10 @@ pub enum Request {
 pub enum Response {
     Status {
         sources: Vec<SourceEntry>,
+        /// Set while another live instance holds this node's name in the
+        /// cluster, so that this one shares nothing.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        node_name_taken: Option<String>,
     },
     Granted {
         source: IpAddr,
@@ -139,7 +143,13 @@ fn carry_out(
                     }),
                 })
                 .collect();
-            Ok(Response::Status { sources })
+            let node_name_taken = nodes
+                .contested()
+                .then(|| nodes.name(Origin::LOCAL).to_string());
+            Ok(Response::Status {
+                sources,
+                node_name_taken,
+            })
         }
         Request::Grant {
             source,
@@ -286,7 +296,7 @@ mod tests {
                 .verdict()
                 == crate::engine::Verdict::Accept
         );
-        let Response::Status { sources } = ask(&engine, r#"{"command":"status"}"#) else {
+        let Response::Status { sources, .. } = ask(&engine, r#"{"command":"status"}"#) else {
             panic!("no status");
         };
         assert_eq!(sources.len(), 1);

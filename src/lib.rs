@@ -23,6 +23,7 @@
 //! - [`client`]: `knockq knock` and `knockq connect`, the knock client.
 //! - [`daemon`]: the NFQUEUE workers around the engine, composing the rest.
 //! - [`cli`]: the `knockq` command line.
+//! - [`fuzzing`]: the parsers of untrusted bytes as the fuzz targets enter them.
 
 pub mod cli;
 pub mod client;
@@ -33,6 +34,7 @@ pub mod daemon;
 pub mod engine;
 pub mod firewall;
 pub mod flow;
+pub mod fuzzing;
 pub mod hooks;
 pub mod listeners;
 pub mod loader;

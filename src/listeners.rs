@@ -10,6 +10,7 @@
 //! engine's timestamps are read from.
 
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -34,13 +35,26 @@ pub trait GrantListener: Send + Sync {
 /// number when first heard of.
 pub struct Nodes {
     names: RwLock<Vec<Arc<str>>>,
+    /// Another live instance holds this node's name in the cluster: this
+    /// one shares nothing until the name is free.
+    contested: AtomicBool,
 }
 
 impl Nodes {
     pub fn new(local: &str) -> Nodes {
         Nodes {
             names: RwLock::new(vec![local.into()]),
+            contested: AtomicBool::new(false),
         }
+    }
+
+    /// Whether another live instance holds this node's name.
+    pub fn contested(&self) -> bool {
+        self.contested.load(Ordering::Relaxed)
+    }
+
+    pub fn set_contested(&self, contested: bool) {
+        self.contested.store(contested, Ordering::Relaxed);
     }
 
     /// The origin of grants made on `name`.
@@ -131,8 +145,44 @@ impl fmt::Display for Subject<'_> {
     }
 }
 
+/// Allows `rate` events a second on average, in bursts of up to `burst`:
+/// the rate limit of log lines that anyone can cause (the event report's,
+/// the cluster's refused records).
+pub struct TokenBucket {
+    burst: f64,
+    rate: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    pub fn new(burst: f64, rate: f64, now: Instant) -> Self {
+        TokenBucket {
+            burst,
+            rate,
+            tokens: burst,
+            last: now,
+        }
+    }
+
+    /// Whether one more event is allowed at `now`.
+    pub fn take(&mut self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     #[test]
@@ -145,5 +195,21 @@ mod tests {
         assert_eq!(nodes.origin("bastion-2"), second);
         assert_eq!(&*nodes.name(second), "bastion-2");
         assert_eq!(&*nodes.name(Origin::LOCAL), "bastion-1");
+    }
+
+    #[test]
+    fn the_bucket_allows_bursts_then_the_rate() {
+        let start = Instant::now();
+        let mut bucket = TokenBucket::new(3.0, 2.0, start);
+        assert!((0..3).all(|_| bucket.take(start)));
+        assert!(!bucket.take(start));
+        assert!(bucket.take(start + Duration::from_millis(500)));
+        assert!(!bucket.take(start + Duration::from_millis(600)));
+        let later = start + Duration::from_secs(60);
+        assert_eq!(
+            (0..10).filter(|_| bucket.take(later)).count(),
+            3,
+            "never more than the burst"
+        );
     }
 }

@@ -23,10 +23,20 @@ pub fn status(socket: &Path, json: bool) -> anyhow::Result<String> {
     if json {
         return Ok(serde_json::to_string_pretty(&response)? + "\n");
     }
-    let Response::Status { sources } = response else {
+    let Response::Status {
+        sources,
+        node_name_taken,
+    } = response
+    else {
         bail!("unexpected answer to status: {response:?}");
     };
-    Ok(table(&sources))
+    let warning = node_name_taken.map_or_else(String::new, |name| {
+        format!(
+            "cluster: another running instance holds node name \"{name}\": this gate shares \
+             nothing until it is free; give each node a unique [cluster] node\n"
+        )
+    });
+    Ok(warning + &table(&sources))
 }
 
 pub fn grant(

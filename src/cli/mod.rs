@@ -1,7 +1,7 @@
 //! The command line: argument definitions, dispatch, and the one place where
 //! errors become messages and exit codes.
 
-mod check;
+pub mod check;
 mod client;
 mod control;
 pub mod exit;

@@ -11,6 +11,9 @@ pub struct ClusterMetrics {
     pub publish_failures: IntCounter,
     pub backlog: IntGauge,
     pub propagation: Histogram,
+    /// Records of other nodes not applied, by why.
+    pub records_refused: IntCounterVec,
+    pub name_taken: IntGauge,
 }
 
 impl ClusterMetrics {
@@ -44,12 +47,25 @@ impl ClusterMetrics {
                     0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0,
                 ]),
             )?,
+            records_refused: IntCounterVec::new(
+                Opts::new(
+                    "knockq_cluster_records_refused_total",
+                    "Grant records under the prefix not applied, by reason: size, key, value, policy, scope (the record's policy is not a cluster policy here), prefix, network, ports, end (more than the policy here could give), table_full.",
+                ),
+                &["reason"],
+            )?,
+            name_taken: IntGauge::new(
+                "knockq_cluster_node_name_taken",
+                "1 while another running instance holds this node's name: this one shares nothing until it is free.",
+            )?,
         };
         registry.register(Box::new(metrics.connected.clone()))?;
         registry.register(Box::new(metrics.events.clone()))?;
         registry.register(Box::new(metrics.publish_failures.clone()))?;
         registry.register(Box::new(metrics.backlog.clone()))?;
         registry.register(Box::new(metrics.propagation.clone()))?;
+        registry.register(Box::new(metrics.records_refused.clone()))?;
+        registry.register(Box::new(metrics.name_taken.clone()))?;
         Ok(metrics)
     }
 }

@@ -11,7 +11,7 @@
 //! other.
 
 mod metrics;
-mod record;
+pub mod record;
 mod sync;
 
 use std::net::IpAddr;

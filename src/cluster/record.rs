@@ -8,12 +8,23 @@
 //!   node that was away learns of it when it reads the prefix again.
 //! - `PREFIX/windows/POLICY/WINDOW`: a rotating window claimed by a node,
 //!   with a lease for as long as the window is accepted.
+//! - `PREFIX/nodes/NAME`: the running instance that holds node name NAME,
+//!   with a lease it renews: a second instance under the same name sees it
+//!   and stays out of the fleet until the name is free.
 
 use std::net::IpAddr;
 
+use std::time::Duration;
+
 use serde::{Deserialize, Serialize};
 
+use crate::config::Scope;
+use crate::engine::{grant_ports, GrantError, GrantLeft, GrantRecord, Origin, Policies, PolicyKey};
 use crate::flow::FlowPort;
+
+/// Values past this size are not read: a grant's record takes a few
+/// hundred bytes.
+pub const MAX_RECORD_BYTES: usize = 4096;
 
 /// Whom a grant lets in: an address, or a network.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -77,11 +88,18 @@ impl Shared {
     }
 }
 
+/// A node's name's key's value: which running instance holds the name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeName {
+    pub instance: String,
+}
+
 /// The key names under one prefix.
 #[derive(Debug, Clone)]
 pub struct Keys {
     grants: String,
     windows: String,
+    nodes: String,
 }
 
 impl Keys {
@@ -89,6 +107,7 @@ impl Keys {
         Keys {
             grants: format!("{prefix}/grants/"),
             windows: format!("{prefix}/windows/"),
+            nodes: format!("{prefix}/nodes/"),
         }
     }
 
@@ -101,6 +120,11 @@ impl Keys {
         format!("{}{policy}/{subject}", self.grants)
     }
 
+    /// Where a node holds its name while it runs.
+    pub fn node(&self, name: &str) -> String {
+        format!("{}{name}", self.nodes)
+    }
+
     pub fn window(&self, policy: &str, window: u64) -> String {
         format!("{}{policy}/{window}", self.windows)
     }
@@ -111,6 +135,116 @@ impl Keys {
         let (policy, subject) = key.strip_prefix(&self.grants)?.split_once('/')?;
         Some((policy, subject.parse().ok()?))
     }
+}
+
+/// A grant record of another node, as this node takes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Taken {
+    /// This node's own write, or a grant that has ended: nothing to do.
+    Nothing,
+    /// A grant to adopt, held to the local policy by the engine; its
+    /// origin is the caller's to name.
+    Grant {
+        record: GrantRecord,
+        node: String,
+        /// When it was written, Unix milliseconds.
+        at: u64,
+    },
+    /// A revocation of the grant of `subject` that ended at `until`.
+    Revoke {
+        policy: PolicyKey,
+        subject: Subject,
+        node: String,
+        until: Option<u64>,
+    },
+}
+
+/// Why a record was not applied: the `reason` label of
+/// `knockq_cluster_records_refused_total`, and what a person reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub reason: &'static str,
+    pub why: String,
+}
+
+impl Refusal {
+    pub fn new(reason: &'static str, why: String) -> Refusal {
+        Refusal { reason, why }
+    }
+
+    pub fn grant(error: GrantError) -> Refusal {
+        Refusal::new(error.reason(), error.to_string())
+    }
+}
+
+/// What the record at `key` with `value` is to node `local`, under the
+/// policies in force, at Unix time `now` (milliseconds): refused unless it
+/// reads as a record of a cluster policy here, with ports among its open
+/// ports. Pure: the engine's bounds come when the grant is adopted.
+pub fn take(
+    keys: &Keys,
+    local: &str,
+    policies: &Policies,
+    key: &[u8],
+    value: &[u8],
+    now: u64,
+) -> Result<Taken, Refusal> {
+    if value.len() > MAX_RECORD_BYTES {
+        let why = format!("{} bytes, more than {MAX_RECORD_BYTES}", value.len());
+        return Err(Refusal::new("size", why));
+    }
+    let (name, subject) = keys
+        .parse_grant(key)
+        .ok_or_else(|| Refusal::new("key", "not POLICY/ADDRESS or POLICY/NETWORK".into()))?;
+    let shared: Shared =
+        serde_json::from_slice(value).map_err(|e| Refusal::new("value", e.to_string()))?;
+    // This node's own writes: it applied them when it made them.
+    if shared.node() == local {
+        return Ok(Taken::Nothing);
+    }
+    let (policy_key, policy) = policies
+        .by_name(name)
+        .and_then(|key| Some((key, policies.get(key)?)))
+        .ok_or_else(|| Refusal::new("policy", format!("no policy \"{name}\" here")))?;
+    if policy.scope != Scope::Cluster {
+        let why = format!("policy \"{name}\" is not of scope \"cluster\" here");
+        return Err(Refusal::new("scope", why));
+    }
+    Ok(match shared {
+        Shared::Granted {
+            node,
+            ports,
+            until,
+            at,
+        } => {
+            let left = match until {
+                None => GrantLeft::UntilClosed,
+                Some(until) if until > now => GrantLeft::For(Duration::from_millis(until - now)),
+                Some(_) => return Ok(Taken::Nothing),
+            };
+            let record = GrantRecord {
+                src: subject.src,
+                prefix: subject.prefix,
+                policy: policy_key,
+                left,
+                ports: grant_ports(policy, &ports).map_err(Refusal::grant)?,
+                stage: 0,
+                origin: Origin::LOCAL,
+            };
+            // A write time from the future is taken as now.
+            Taken::Grant {
+                record,
+                node,
+                at: at.min(now),
+            }
+        }
+        Shared::Revoked { node, until, .. } => Taken::Revoke {
+            policy: policy_key,
+            subject,
+            node,
+            until,
+        },
+    })
 }
 
 #[cfg(test)]

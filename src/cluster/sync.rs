@@ -9,23 +9,23 @@
 use std::collections::{HashSet, VecDeque};
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use etcd_client::{
     Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity,
-    KeyValue, PutOptions, TlsOptions, Txn, TxnOp, WatchOptions,
+    KeyValue, LeaseKeepAliveStream, LeaseKeeper, PutOptions, TlsOptions, Txn, TxnOp, WatchOptions,
 };
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
-use super::record::{Keys, Shared, Subject};
+use super::record::{take, Keys, NodeName, Refusal, Shared, Subject, Taken};
 use super::{Change, ClusterMetrics, Report};
 use crate::config::{ClusterConfig, Knock, Offline, Scope};
 use crate::engine::{
-    Engine, Event, EventKind, GrantLeft, GrantRecord, GrantScope, Origin, PolicyKey, PortMask,
-    RevokeReason, GRANT_UNTIL_CLOSED,
+    Engine, Event, EventKind, GrantRecord, GrantScope, Origin, PolicyKey, PortMask, RevokeReason,
+    GRANT_UNTIL_CLOSED,
 };
-use crate::listeners::{Clock, Nodes};
+use crate::listeners::{Clock, Nodes, TokenBucket};
 
 /// Wait between sessions.
 const RETRY: Duration = Duration::from_secs(1);
@@ -41,6 +41,15 @@ const KEEP_ALIVE: Duration = Duration::from_secs(6);
 /// How long a tombstone stays, in seconds: as long as the grant had left,
 /// within these bounds, so a node away for that long still learns of it.
 const TOMBSTONE_TTL: std::ops::RangeInclusive<i64> = 60..=86_400;
+/// How long this node's name outlives it in etcd, in seconds: while it
+/// runs, it renews the lease every [`NAME_RENEWAL`]; once it stops, the
+/// name is free for another instance this long after.
+const NAME_TTL: i64 = 6;
+const NAME_RENEWAL: Duration = Duration::from_secs(2);
+/// How often an instance whose name another holds tries it again.
+const NAME_RETRY: Duration = Duration::from_secs(1);
+/// Most of a refused record's key a log line shows.
+const MAX_LOGGED_KEY: usize = 200;
 
 #[derive(Debug, thiserror::Error)]
 enum SessionError {
@@ -48,6 +57,8 @@ enum SessionError {
     Etcd(#[from] etcd_client::Error),
     #[error("the watch ended: {0}")]
     WatchEnded(String),
+    #[error("the lease of this node's name ended")]
+    NameLost,
 }
 
 pub(super) struct Sync {
@@ -61,6 +72,10 @@ pub(super) struct Sync {
     /// Grant changes made while etcd was away, oldest first.
     backlog: VecDeque<Change>,
     events: Vec<Event>,
+    /// Log lines of refused records.
+    refusal_log: TokenBucket,
+    /// This running instance, told apart from another under the same name.
+    instance: String,
     /// The endpoint the next session talks to. One at a time: the
     /// client's balancing over several fails requests while one is down,
     /// so a session that fails moves on to the next member.
@@ -86,6 +101,8 @@ impl Sync {
             report,
             backlog: VecDeque::new(),
             events: Vec::new(),
+            refusal_log: TokenBucket::new(20.0, 1.0, Instant::now()),
+            instance: instance_id(),
             endpoint: 0,
         }
     }
@@ -149,6 +166,10 @@ impl Sync {
             return Ok(());
         };
         let mut client = client?;
+        let Some((mut keeper, mut renewals)) = self.hold_name(&mut client, changes).await? else {
+            return Ok(());
+        };
+        let mut renew = tokio::time::interval(NAME_RENEWAL);
         while let Some(change) = self.backlog.pop_front() {
             if let Err(e) = self.publish(&mut client, &change).await {
                 self.backlog.push_front(change);
@@ -175,6 +196,12 @@ impl Sync {
         info!("cluster: in sync with etcd at {endpoint}, revision {revision}, {learned} grants of other nodes held");
         loop {
             tokio::select! {
+                _ = renew.tick() => keeper.keep_alive().await?,
+                renewal = renewals.message() => {
+                    if !renewal?.is_some_and(|renewal| renewal.ttl() > 0) {
+                        return Err(SessionError::NameLost);
+                    }
+                }
                 change = changes.recv() => {
                     let Some(change) = change else { return Ok(()) };
                     self.handle(&mut client, change).await?;
@@ -199,6 +226,81 @@ impl Sync {
                     }
                     (self.report)(&self.engine, &mut self.events);
                 }
+            }
+        }
+    }
+
+    /// Holds this node's name under a lease of its own. While another
+    /// running instance holds it, says so (log, metric, status) and tries
+    /// again every [`NAME_RETRY`], taking changes as if etcd were away:
+    /// two instances under one name would each take the other's records
+    /// for their own. `None` once the queue has closed.
+    async fn hold_name(
+        &mut self,
+        client: &mut Client,
+        changes: &mut mpsc::Receiver<Change>,
+    ) -> Result<Option<(LeaseKeeper, LeaseKeepAliveStream)>, SessionError> {
+        let key = self.keys.node(&self.config.node);
+        let mine = NodeName {
+            instance: self.instance.clone(),
+        };
+        let value = serde_json::to_vec(&mine).expect("a record serialises");
+        let mut told = false;
+        loop {
+            let lease = client.lease_grant(NAME_TTL, None).await?.id();
+            let put = TxnOp::put(
+                key.clone(),
+                value.clone(),
+                Some(PutOptions::new().with_lease(lease)),
+            );
+            let free = Compare::create_revision(key.clone(), CompareOp::Equal, 0);
+            let ours = Compare::value(key.clone(), CompareOp::Equal, value.clone());
+            // Free, or held by this instance from a session before.
+            let mut held = false;
+            for compare in [free, ours] {
+                let txn = Txn::new().when([compare]).and_then([put.clone()]);
+                if client.txn(txn).await?.succeeded() {
+                    held = true;
+                    break;
+                }
+            }
+            if held {
+                if told {
+                    info!(
+                        "cluster: node name {} is free again: sharing",
+                        self.config.node
+                    );
+                }
+                self.nodes.set_contested(false);
+                self.metrics.name_taken.set(0);
+                return Ok(Some(client.lease_keep_alive(lease).await?));
+            }
+            client.lease_revoke(lease).await?;
+            if !told {
+                let holder = client.get(key.clone(), None).await?;
+                let other = holder
+                    .kvs()
+                    .first()
+                    .and_then(|kv| serde_json::from_slice::<NodeName>(kv.value()).ok())
+                    .map_or_else(|| "unknown".to_owned(), |name| name.instance);
+                error!(
+                    event = %"node_name_taken",
+                    node = %self.config.node,
+                    "cluster: another running instance ({other}) holds node name {}: this gate decides its own knocks \
+                     but shares nothing until the name is free ({NAME_TTL}s after that instance stops); give each \
+                     node a unique [cluster] node",
+                    self.config.node
+                );
+                told = true;
+            }
+            self.nodes.set_contested(true);
+            self.metrics.name_taken.set(1);
+            if self
+                .offline_until(tokio::time::sleep(NAME_RETRY), changes)
+                .await
+                .is_none()
+            {
+                return Ok(None);
             }
         }
     }
@@ -453,65 +555,66 @@ impl Sync {
 
     /// Applies one grant key's value written by another node; returns the
     /// grant it holds, if it holds one. `live`: it was just written, so its
-    /// propagation is measured.
+    /// propagation is measured. A record that asks for more than the policy
+    /// here could give is refused, counted and logged.
     fn apply(&mut self, kv: &KeyValue, live: bool) -> Option<(PolicyKey, Subject)> {
-        let (name, subject) = self.keys.parse_grant(kv.key())?;
-        let shared: Shared = match serde_json::from_slice(kv.value()) {
-            Ok(shared) => shared,
-            Err(e) => {
-                warn!(key = %String::from_utf8_lossy(kv.key()), "cluster: unreadable grant ignored: {e}");
-                return None;
+        match self.read_record(kv, live) {
+            Ok(held) => held,
+            Err(refusal) => {
+                self.refuse(kv.key(), refusal);
+                None
             }
-        };
-        // This node's own writes: it applied them when it made them.
-        if shared.node() == self.config.node {
-            return None;
         }
+    }
+
+    fn read_record(
+        &mut self,
+        kv: &KeyValue,
+        live: bool,
+    ) -> Result<Option<(PolicyKey, Subject)>, Refusal> {
         let policies = self.engine.policies();
-        let key = policies.by_name(name)?;
-        let policy = policies.get(key).filter(|p| p.scope == Scope::Cluster)?;
-        match shared {
-            Shared::Granted {
-                node,
-                ports,
-                until,
-                at,
-            } => {
-                let now = unix_millis();
+        let now = unix_millis();
+        let taken = take(
+            &self.keys,
+            &self.config.node,
+            &policies,
+            kv.key(),
+            kv.value(),
+            now,
+        )?;
+        Ok(match taken {
+            Taken::Nothing => None,
+            Taken::Grant { record, node, at } => {
                 if live {
                     self.metrics
                         .propagation
                         .observe(now.saturating_sub(at) as f64 / 1000.0);
                 }
-                let left = match until {
-                    None => GrantLeft::UntilClosed,
-                    Some(until) if until > now => {
-                        GrantLeft::For(Duration::from_millis(until - now))
-                    }
-                    Some(_) => return None,
-                };
-                let ports = PortMask::of(&policy.open_ports, &ports).ok()?;
                 let record = GrantRecord {
-                    src: subject.src,
-                    prefix: subject.prefix,
-                    policy: key,
-                    left,
-                    ports,
-                    stage: 0,
                     origin: self.nodes.origin(&node),
+                    ..record
                 };
-                let applied = self
-                    .engine
-                    .adopt(record, self.clock.now(), &mut self.events);
+                self.engine
+                    .adopt(record, self.clock.now(), &mut self.events)
+                    .map_err(Refusal::grant)?;
                 if live {
                     self.count("grant", Some(&node));
                 }
-                applied.is_ok().then_some((key, subject))
+                let subject = Subject {
+                    src: record.src,
+                    prefix: record.prefix,
+                };
+                Some((record.policy, subject))
             }
-            Shared::Revoked { node, until, .. } => {
+            Taken::Revoke {
+                policy,
+                subject,
+                node,
+                until,
+            } => {
                 // The grant it ended, not one made since.
                 let wall = self.engine.wall_clock();
-                self.revoke(key, subject, |scope| {
+                self.revoke(policy, subject, |scope| {
                     let end =
                         (scope.until != GRANT_UNTIL_CLOSED).then(|| wall.unix_millis(scope.until));
                     same_grant(end, until)
@@ -521,6 +624,21 @@ impl Sync {
                 }
                 None
             }
+        })
+    }
+
+    /// Counts a refused record and logs it, within the log's rate limit:
+    /// any writer under the prefix can make records at any rate.
+    fn refuse(&mut self, key: &[u8], refusal: Refusal) {
+        let Refusal { reason, why } = refusal;
+        self.metrics
+            .records_refused
+            .with_label_values(&[reason])
+            .inc();
+        if self.refusal_log.take(Instant::now()) {
+            let key = String::from_utf8_lossy(key);
+            let key: String = key.chars().take(MAX_LOGGED_KEY).collect();
+            warn!(event = %"record_refused", %key, reason = %reason, "cluster: record not applied: {why}");
         }
     }
 
@@ -560,6 +678,16 @@ fn same_grant(end: Option<u64>, revoked: Option<u64>) -> bool {
         (Some(end), Some(revoked)) => end.abs_diff(revoked) <= SAME_GRANT_WITHIN,
         _ => false,
     }
+}
+
+/// A random id for this running instance: 16 hex digits.
+fn instance_id() -> String {
+    let mut bytes = [0u8; 8];
+    // Without randomness, the time and the process tell instances apart.
+    if getrandom::fill(&mut bytes).is_err() {
+        bytes = (unix_millis() ^ u64::from(std::process::id()) << 40).to_be_bytes();
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn unix_millis() -> u64 {

@@ -17,7 +17,7 @@ use tracing::{debug, info, warn};
 
 use super::metrics::Metrics;
 use crate::engine::{Engine, Event, EventKind, Policies};
-use crate::listeners::{GrantListener, GrantPorts, Nodes, Subject};
+use crate::listeners::{GrantListener, GrantPorts, Nodes, Subject, TokenBucket};
 
 /// How often a summary of suppressed lines may be logged.
 const SUMMARY_INTERVAL: Duration = Duration::from_secs(10);
@@ -164,37 +164,6 @@ impl EventReport {
     }
 }
 
-/// Allows `rate` events a second on average, in bursts of up to `burst`.
-struct TokenBucket {
-    burst: f64,
-    rate: f64,
-    tokens: f64,
-    last: Instant,
-}
-
-impl TokenBucket {
-    fn new(burst: f64, rate: f64, now: Instant) -> Self {
-        TokenBucket {
-            burst,
-            rate,
-            tokens: burst,
-            last: now,
-        }
-    }
-
-    fn take(&mut self, now: Instant) -> bool {
-        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
-        self.last = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -238,21 +207,5 @@ mod tests {
         let mut events = vec![reset(1)];
         report.publish(&engine, &mut events, start + SUMMARY_INTERVAL);
         assert_eq!(report.suppressed, 0, "summarised once the interval passed");
-    }
-
-    #[test]
-    fn the_bucket_allows_bursts_then_the_rate() {
-        let start = Instant::now();
-        let mut bucket = TokenBucket::new(3.0, 2.0, start);
-        assert!((0..3).all(|_| bucket.take(start)));
-        assert!(!bucket.take(start));
-        assert!(bucket.take(start + Duration::from_millis(500)));
-        assert!(!bucket.take(start + Duration::from_millis(600)));
-        let later = start + Duration::from_secs(60);
-        assert_eq!(
-            (0..10).filter(|_| bucket.take(later)).count(),
-            3,
-            "never more than the burst"
-        );
     }
 }

@@ -40,6 +40,7 @@ pub struct Metrics {
     evictions: IntCounter,
     tracked_sources: IntGauge,
     script_errors: IntCounterVec,
+    state_grants_refused: IntCounterVec,
 }
 
 /// The families labelled by policy.
@@ -158,6 +159,12 @@ impl Metrics {
             &["policy", "kind"],
         )?;
 
+        let state_grants_refused = counters(
+            "knockq_state_grants_refused_total",
+            "Saved grants not restored at start, by reason: policy (not in force with that knock and those ports), ports, prefix, network, end (more than the policy could give), table_full.",
+            &["reason"],
+        )?;
+
         let build_info = IntGaugeVec::new(
             Opts::new(
                 "knockq_build_info",
@@ -183,6 +190,7 @@ impl Metrics {
             evictions,
             tracked_sources,
             script_errors,
+            state_grants_refused,
         })
     }
 
@@ -190,6 +198,11 @@ impl Metrics {
     /// verdicts are out.
     pub fn script_error(&self, policy: &str, kind: &str) {
         self.script_errors.with_label_values(&[policy, kind]).inc();
+    }
+
+    /// The counter of saved grants not restored, for the state store.
+    pub fn state_grants_refused(&self) -> IntCounterVec {
+        self.state_grants_refused.clone()
     }
 
     /// Follows a reload: series for the policies now in force; the active

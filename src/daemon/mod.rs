@@ -34,9 +34,10 @@ use control::ControlSocket;
 use events::EventReport;
 use metrics::Metrics;
 use scrape::ScrapeServer;
-use state::StateStore;
 
 pub use queue::BindError;
+pub use receive::{packets as queued_packets, QueuedPacket};
+pub use state::{StateError, StateStore};
 
 /// How often the main loop expires a part of the table, saves grants when
 /// due and checks workers.
@@ -152,7 +153,8 @@ pub fn run(
     };
 
     // Grants from before a restart come back before the first packet.
-    let store = StateStore::new(&config.state.dir);
+    let store =
+        StateStore::new(&config.state.dir).counting_refusals(metrics.state_grants_refused());
     let mut restored = Vec::new();
     match store.restore(&engine, &nodes, clock.now(), &mut restored) {
         Ok(count) => info!("restored {count} grants from {}", store.path().display()),

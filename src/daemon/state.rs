@@ -11,10 +11,13 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use prometheus::IntCounterVec;
 use serde::{Deserialize, Serialize};
+use tracing::warn;
 
 use crate::engine::{
-    Engine, EventSink, GrantLeft, GrantRecord, Origin, Policies, PolicyKey, PortMask, Timestamp,
+    grant_ports, Engine, EventSink, GrantLeft, GrantRecord, Origin, Policies, PolicyKey, PortMask,
+    Timestamp,
 };
 use crate::flow::FlowPort;
 use crate::listeners::Nodes;
@@ -23,6 +26,8 @@ const FORMAT_VERSION: u32 = 3;
 /// Version 2 files (before network grants, port subsets and script
 /// stages) read the same, without them.
 const OLDEST_READABLE_VERSION: u32 = 2;
+/// Refused grants described in the log at most; the rest are counted.
+const MAX_DESCRIBED_REFUSALS: usize = 20;
 
 #[derive(Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -87,6 +92,8 @@ pub enum StateError {
 
 pub struct StateStore {
     path: PathBuf,
+    /// Saved grants that restore refused, by reason.
+    refused: Option<IntCounterVec>,
 }
 
 fn unix_now() -> f64 {
@@ -99,6 +106,15 @@ impl StateStore {
     pub fn new(dir: &Path) -> Self {
         StateStore {
             path: dir.join("grants.json"),
+            refused: None,
+        }
+    }
+
+    /// Counts the saved grants restore refuses in `counter`, by reason.
+    pub fn counting_refusals(self, counter: IntCounterVec) -> Self {
+        StateStore {
+            refused: Some(counter),
+            ..self
         }
     }
 
@@ -183,7 +199,9 @@ impl StateStore {
 
     /// Puts back the saved grants that still apply; returns how many. A
     /// missing file restores nothing; an unreadable one is an error the
-    /// caller logs and carries on from.
+    /// caller logs and carries on from. A saved grant that asks for more
+    /// than its policy in force could give (a hand-edited file, say) is
+    /// refused, logged and counted; the others come back.
     pub fn restore(
         &self,
         engine: &Engine,
@@ -201,8 +219,20 @@ impl StateStore {
                 })
             }
         };
+        self.restore_from(&text, engine, nodes, now, events)
+    }
+
+    /// Puts back the saved grants of `text`, a state file's contents.
+    pub fn restore_from(
+        &self,
+        text: &[u8],
+        engine: &Engine,
+        nodes: &Nodes,
+        now: Timestamp,
+        events: &mut impl EventSink,
+    ) -> Result<usize, StateError> {
         let file: StateFile =
-            serde_json::from_slice(&text).map_err(|source| StateError::Corrupt {
+            serde_json::from_slice(text).map_err(|source| StateError::Corrupt {
                 path: self.path.clone(),
                 source,
             })?;
@@ -218,13 +248,42 @@ impl StateStore {
                 engine.restore_spent(key, spent.window);
             }
         }
-        let restorable = still_valid(file, &policies, nodes, unix_now());
-        let count = restorable.len();
-        for saved in restorable {
-            // Only a full table of grants refuses: nothing else is tracked yet.
-            let _ = engine.restore(saved, now, events);
+        let mut refusals = Vec::new();
+        let mut count = 0;
+        for (subject, saved) in still_valid(file, &policies, nodes, unix_now()) {
+            let refusal = match saved {
+                Ok(saved) => match engine.restore(saved, now, events) {
+                    Ok(()) => {
+                        count += 1;
+                        continue;
+                    }
+                    Err(e) => (e.reason(), e.to_string()),
+                },
+                Err(refusal) => refusal,
+            };
+            refusals.push((subject, refusal));
         }
+        self.report_refusals(refusals);
         Ok(count)
+    }
+
+    fn report_refusals(&self, refusals: Vec<(String, (&'static str, String))>) {
+        let total = refusals.len();
+        for (i, (subject, (reason, why))) in refusals.into_iter().enumerate() {
+            if let Some(counter) = &self.refused {
+                counter.with_label_values(&[reason]).inc();
+            }
+            if i < MAX_DESCRIBED_REFUSALS {
+                warn!(event = %"restore_refused", reason = %reason, "{}: saved grant {subject} not restored: {why}", self.path.display());
+            }
+        }
+        if total > MAX_DESCRIBED_REFUSALS {
+            warn!(
+                "{}: {} more saved grants not restored",
+                self.path.display(),
+                total - MAX_DESCRIBED_REFUSALS
+            );
+        }
     }
 }
 
@@ -234,47 +293,81 @@ fn same_knock(policies: &Policies, name: &str, knock: &str) -> Option<PolicyKey>
     (policies.get(key)?.knock.identity() == knock).then_some(key)
 }
 
-/// The saved grants whose policy is still in force unchanged and whose time
-/// has not run out by `unix_now`.
+/// Why a saved grant was not restored: the `reason` label, and what a
+/// person reads in the log.
+type Refusal = (&'static str, String);
+
+/// The saved grants whose time has not run out by `unix_now`, each named
+/// as `10.0.0.2 under ssh`: the record to restore, or why not, when its
+/// policy is not in force unchanged or it cannot be read. A file written in
+/// the future was written now.
 fn still_valid(
     file: StateFile,
     policies: &Policies,
     nodes: &Nodes,
     unix_now: f64,
-) -> Vec<GrantRecord> {
+) -> Vec<(String, Result<GrantRecord, Refusal>)> {
     let elapsed = (unix_now - file.saved_at).max(0.0);
     file.grants
         .into_iter()
         .filter_map(|grant| {
-            let key = same_knock(policies, &grant.policy, &grant.knock)?;
-            let policy = policies.get(key)?;
-            let same =
-                policy.open_ports == grant.open_ports && policy.close_port == grant.close_port;
+            let subject = match grant.prefix {
+                Some(prefix) => format!("{}/{prefix} under {}", grant.source, grant.policy),
+                None => format!("{} under {}", grant.source, grant.policy),
+            };
             let left = match grant.seconds_left {
                 None => GrantLeft::UntilClosed,
                 Some(left) if left - elapsed > 0.0 => {
-                    GrantLeft::For(Duration::from_secs_f64(left - elapsed))
+                    match Duration::try_from_secs_f64(left - elapsed) {
+                        Ok(left) => GrantLeft::For(left),
+                        Err(_) => {
+                            let why = format!("{left:e} seconds left is past any end");
+                            return Some((subject, Err(("end", why))));
+                        }
+                    }
                 }
+                // Ended while the daemon was down.
                 Some(_) => return None,
             };
-            let ports = match &grant.ports {
-                None => PortMask::ALL,
-                Some(ports) => PortMask::of(&policy.open_ports, ports).ok()?,
-            };
-            same.then_some(GrantRecord {
-                src: grant.source,
-                prefix: grant.prefix,
-                policy: key,
-                left,
-                ports,
-                stage: grant.stage,
-                origin: grant
-                    .origin
-                    .as_deref()
-                    .map_or(Origin::LOCAL, |name| nodes.origin(name)),
-            })
+            Some((subject, restorable(grant, left, policies, nodes)))
         })
         .collect()
+}
+
+fn restorable(
+    grant: SavedGrant,
+    left: GrantLeft,
+    policies: &Policies,
+    nodes: &Nodes,
+) -> Result<GrantRecord, Refusal> {
+    let changed = || {
+        let why = format!(
+            "policy \"{}\" is not in force here with that knock and those ports",
+            grant.policy
+        );
+        ("policy", why)
+    };
+    let key = same_knock(policies, &grant.policy, &grant.knock).ok_or_else(changed)?;
+    let policy = policies.get(key).ok_or_else(changed)?;
+    if policy.open_ports != grant.open_ports || policy.close_port != grant.close_port {
+        return Err(changed());
+    }
+    let ports = match &grant.ports {
+        None => PortMask::ALL,
+        Some(ports) => grant_ports(policy, ports).map_err(|e| (e.reason(), e.to_string()))?,
+    };
+    Ok(GrantRecord {
+        src: grant.source,
+        prefix: grant.prefix,
+        policy: key,
+        left,
+        ports,
+        stage: grant.stage,
+        origin: grant
+            .origin
+            .as_deref()
+            .map_or(Origin::LOCAL, |name| nodes.origin(name)),
+    })
 }
 
 #[cfg(test)]
@@ -504,7 +597,11 @@ mod tests {
             spent: Vec::new(),
         };
         let valid = still_valid(file, &policies, &Nodes::new(""), 1030.0);
-        let lefts: Vec<GrantLeft> = valid.iter().map(|restore| restore.left).collect();
+        let lefts: Vec<GrantLeft> = valid
+            .iter()
+            .filter_map(|(_, restore)| restore.as_ref().ok())
+            .map(|restore| restore.left)
+            .collect();
         assert_eq!(
             lefts,
             [

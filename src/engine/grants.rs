@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 
+use super::bounds;
 use super::prefixes::PrefixGrant;
 use super::{
     source, Engine, Event, EventKind, EventSink, GrantLeft, GrantScope, Origin, PolicyKey,
@@ -22,7 +23,9 @@ pub struct TableFull;
 impl Engine {
     /// Opens a grant for `src` by hand, for `duration` or, without one, for
     /// the policy's grant timeout. Fails when the policy is no longer in
-    /// force or the table is full of grants.
+    /// force, `duration` is longer than the policy's own grants last (so
+    /// that every grant in force comes back after a restart), or the table
+    /// is full of grants.
     pub fn grant(
         &self,
         src: IpAddr,
@@ -33,6 +36,11 @@ impl Engine {
     ) -> Result<(), GrantError> {
         let policies = self.policies.load();
         let policy = policies.get(key).ok_or(GrantError::NoSuchPolicy)?;
+        if let (Some(duration), Some(longest)) = (duration, bounds::longest_grant(policy)) {
+            if duration > longest {
+                return Err(GrantError::TooLong { longest });
+            }
+        }
         let end = source::grant_end(duration.or(policy.grant_timeout), now);
         self.sources
             .update(src, true, events, |source, events| {
@@ -71,7 +79,8 @@ impl Engine {
         self.put_grant(shared, EventKind::Granted, now, events)
     }
 
-    /// Puts `record` in place; a new grant is a `kind` event.
+    /// Puts `record` in place, held to its policy's bounds; a new grant is a
+    /// `kind` event.
     fn put_grant(
         &self,
         record: GrantRecord,
@@ -79,6 +88,10 @@ impl Engine {
         now: Timestamp,
         events: &mut impl EventSink,
     ) -> Result<(), GrantError> {
+        let policies = self.policies.load();
+        let policy = policies
+            .get(record.policy)
+            .ok_or(GrantError::NoSuchPolicy)?;
         let GrantRecord {
             src,
             prefix,
@@ -87,11 +100,7 @@ impl Engine {
             ports,
             stage,
             origin,
-        } = record;
-        self.policies
-            .load()
-            .get(key)
-            .ok_or(GrantError::NoSuchPolicy)?;
+        } = bounds::bound(policy, record)?;
         let end = match left {
             GrantLeft::For(left) => now.saturating_add(left),
             GrantLeft::UntilClosed => source::NEVER,
@@ -223,12 +232,39 @@ pub struct GrantRecord {
     pub origin: Origin,
 }
 
+/// Why a grant was not put in place. Past a grant by hand, each but the
+/// full table is a grant from outside asking for more than the policy here
+/// could give (`bounds.rs`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum GrantError {
-    #[error("the policy is no longer in force")]
+    #[error("the policy is not in force here")]
     NoSuchPolicy,
     #[error("the prefix is longer than the address")]
     BadPrefix,
+    #[error("the policy grants addresses, not networks")]
+    NetworkGrant,
+    #[error("the network is wider than the policy's /{shortest}")]
+    TooWide { shortest: u8 },
+    #[error("port {0} is not one of the policy's open ports")]
+    Port(FlowPort),
+    #[error("it lasts until closed, and the policy's grants end")]
+    UntilClosed,
+    #[error("it lasts longer than the policy's longest grant, {}", humantime::format_duration(*longest))]
+    TooLong { longest: Duration },
     #[error(transparent)]
     TableFull(TableFull),
+}
+
+impl GrantError {
+    /// The `reason` label of the refusal counters.
+    pub fn reason(self) -> &'static str {
+        match self {
+            GrantError::NoSuchPolicy => "policy",
+            GrantError::BadPrefix => "prefix",
+            GrantError::NetworkGrant | GrantError::TooWide { .. } => "network",
+            GrantError::Port(_) => "ports",
+            GrantError::UntilClosed | GrantError::TooLong { .. } => "end",
+            GrantError::TableFull(_) => "table_full",
+        }
+    }
 }

@@ -5,13 +5,15 @@
 //! `mod.rs` holds the [`Engine`] and its life (reload, expiry); each other
 //! concern has its file: `check.rs` what a configuration's policies mean and
 //! the refusals that follow, `decide.rs` the per-packet path, `grants.rs`
-//! grants made by hand, restored or adopted from the fleet, `status.rs` the
+//! grants made by hand, restored or adopted from the fleet, `bounds.rs` what
+//! those from outside may be, `status.rs` the
 //! state as listed, `events.rs` the events, `verdict.rs` the question and
 //! the answer, `time.rs` the clock; below them the policies and their port
 //! map (`policies.rs`, `ports.rs`), rotating windows (`rotation.rs`), the
 //! script seam (`script.rs`), a source's state (`source.rs`), the bounded
 //! table (`table.rs`) and network grants (`prefixes.rs`).
 
+mod bounds;
 mod check;
 mod decide;
 mod events;
@@ -39,6 +41,7 @@ use arc_swap::ArcSwap;
 use crate::config::{Config, Policy};
 use crate::flow::FlowPort;
 
+pub use bounds::{grant_ports, longest_grant, CLOCK_SKEW};
 pub(crate) use check::check_rotating;
 pub use check::{check, MAX_SEQUENCE_LEN, MIN_ROTATING_PORTS};
 pub use events::{

@@ -259,6 +259,11 @@ impl Fleet {
     }
 
     fn start_gate(&mut self, gate: usize, policies: &str) -> Daemon {
+        self.start_gate_as(gate, policies, &format!("gate-{}", gate + 1))
+    }
+
+    /// Gate `gate` under node name `node`.
+    fn start_gate_as(&mut self, gate: usize, policies: &str, node: &str) -> Daemon {
         let n = gate + 1;
         let tls = match self.transport {
             Transport::Plain => String::new(),
@@ -272,7 +277,7 @@ impl Fleet {
             .map(|e| format!("\"{e}\""))
             .collect();
         let config = format!(
-            "[queue]\nnum = {gate}\n[cluster]\nendpoints = [{}]\nnode = \"gate-{n}\"\n{tls}\n{policies}",
+            "[queue]\nnum = {gate}\n[cluster]\nendpoints = [{}]\nnode = \"{node}\"\n{tls}\n{policies}",
             endpoints.join(", ")
         );
         let path = self.config_path(gate);
@@ -783,4 +788,190 @@ fn etcd_over_tls_takes_only_certificates_its_ca_signed() {
         !out.status.success(),
         "etcd served a client without a certificate"
     );
+}
+
+/// Records no policy here could have made, written under the prefix with
+/// etcdctl: networks for a policy that grants addresses, a network wider
+/// than a script's bounds, other ports, ends without end, past the
+/// policy's longest or past any number, unreadable values, a value of
+/// 100 kB, a policy not in force, a key that is not an address. No gate
+/// applies any; each is counted, and real grants still cross.
+#[test]
+fn records_asking_for_more_than_the_local_policy_gives_are_refused() {
+    if !can_run_fleet("records_asking_for_more_than_the_local_policy_gives_are_refused") {
+        return;
+    }
+    let scripts = TempDir::new().unwrap();
+    let script = scripts.path().join("team.lua");
+    fs::write(&script, "return function(k) return 0 end").unwrap();
+    let team = format!(
+        "[[policy]]\nname = \"team\"\nopen_ports = [22]\ngrant_timeout = \"1h\"\nscope = \"cluster\"\n\
+         [policy.script]\nfile = \"{}\"\nknock_ports = [7000]\nmin_prefix_v4 = 16\n",
+        script.display()
+    );
+    let fleet = Fleet::new(1, Transport::Plain, &format!("{SSH}{team}"));
+    for gate in 0..3 {
+        fleet.wait_until_in_sync(gate);
+    }
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let granted = |ports: &str, until: &str, at: u64| {
+        format!(r#"{{"state":"granted","node":"seed","ports":{ports},"until":{until},"at":{at}}}"#)
+    };
+    let half_hour = (now + 1_800_000).to_string();
+    let in_a_day = (now + 86_400_000).to_string();
+    let records = [
+        ("ssh/0.0.0.0/0", granted("[22]", &half_hour, now)),
+        ("ssh/10.0.0.0/8", granted("[22]", &half_hour, now)),
+        ("team/10.0.0.0/8", granted("[22]", &half_hour, now)),
+        ("ssh/10.30.0.1", granted("[22,8080]", &half_hour, now)),
+        ("ssh/10.30.0.2", granted("[22]", "null", now)),
+        ("ssh/10.30.0.3", granted("[22]", &in_a_day, now)),
+        (
+            "ssh/10.30.0.4",
+            granted("[22]", "99999999999999999999999", now),
+        ),
+        ("ssh/10.30.0.5", r#"{"state":"granted","#.to_owned()),
+        ("ssh/10.30.0.6", "x".repeat(100_000)),
+        ("nope/10.30.0.7", granted("[22]", &half_hour, now)),
+        ("ssh/not-an-address", granted("[22]", &half_hour, now)),
+        // Written "tomorrow": taken as written now, and applied.
+        (
+            "ssh/10.30.0.8",
+            granted("[22]", &half_hour, now + 86_400_000),
+        ),
+    ];
+    for (key, value) in &records {
+        succeeded(
+            fleet.etcdctl(&format!("put /knockq/grants/{key} '{value}'")),
+            key,
+        );
+    }
+    let refused = [
+        ("network", 3.0),
+        ("ports", 1.0),
+        ("end", 2.0),
+        ("value", 2.0),
+        ("size", 1.0),
+        ("policy", 1.0),
+        ("key", 1.0),
+    ];
+    for gate in 0..3 {
+        wait_for("the records to be read", || {
+            fleet.control(gate, "status").contains("10.30.0.8")
+        });
+        let metrics = fleet.metrics(gate);
+        for (reason, count) in refused {
+            let series = format!(r#"knockq_cluster_records_refused_total{{reason="{reason}"}}"#);
+            assert_eq!(
+                sample(&metrics, &series),
+                Some(count),
+                "gate {gate}: {series}"
+            );
+        }
+        let status = fleet.control(gate, "status");
+        for subject in [
+            "0.0.0.0/0",
+            "10.0.0.0/8",
+            "10.30.0.1",
+            "10.30.0.2",
+            "10.30.0.3",
+        ] {
+            assert!(
+                !status.contains(subject),
+                "gate {gate} holds {subject}:\n{status}"
+            );
+        }
+        let log = fleet.gate(gate).log();
+        assert!(
+            log.contains("event=record_refused key=/knockq/grants/ssh/0.0.0.0/0 reason=network"),
+            "{log}"
+        );
+    }
+    let [me, stranger, ..] = SOURCES;
+    for gate in 0..3 {
+        assert!(
+            fleet.connect(stranger, gate, 22).is_rejected(),
+            "gate {gate} let in an address that never knocked"
+        );
+    }
+    fleet.knock(me, 0, &[1111, 2222]);
+    fleet.eventually(me, 1, true, 1);
+    fleet.eventually(me, 2, true, 1);
+}
+
+/// Gate 2 comes back under gate 1's node name, as a cloned machine would:
+/// it says so, decides its own knocks and shares nothing, while gate 1 and
+/// gate 3 share as before; once gate 1 stops and its name's lease ends, it
+/// takes the name and shares.
+#[test]
+fn a_second_instance_under_a_taken_node_name_stays_out_until_the_name_is_free() {
+    if !can_run_fleet("a_second_instance_under_a_taken_node_name_stays_out_until_the_name_is_free")
+    {
+        return;
+    }
+    let mut fleet = Fleet::new(1, Transport::Plain, SSH);
+    for gate in 0..3 {
+        fleet.wait_until_in_sync(gate);
+    }
+    fleet.gates[1].take().unwrap().stop(libc::SIGTERM);
+    let twin = fleet.start_gate_as(1, SSH, "gate-1");
+    fleet.gates[1] = Some(twin);
+    fleet.gate(1).wait_for_log("holds node name gate-1");
+    assert!(fleet
+        .gate(1)
+        .log()
+        .contains("event=node_name_taken node=gate-1"));
+    assert_eq!(
+        sample(&fleet.metrics(1), "knockq_cluster_node_name_taken"),
+        Some(1.0)
+    );
+    let status = fleet.control(1, "status");
+    assert!(
+        status.starts_with("cluster: another running instance holds node name \"gate-1\""),
+        "{status}"
+    );
+
+    let [me, own, later, ..] = SOURCES;
+    fleet.knock(me, 0, &[1111, 2222]);
+    fleet.eventually(me, 2, true, 5);
+    assert!(
+        fleet.connect(me, 1, 22).is_rejected(),
+        "the twin takes nothing"
+    );
+    fleet.knock(own, 1, &[1111, 2222]);
+    assert_eq!(
+        fleet.connect(own, 1, 22),
+        Reply::Open,
+        "it decides its own knocks"
+    );
+    sleep(Duration::from_secs(1));
+    assert!(fleet.connect(own, 2, 22).is_rejected(), "and gives nothing");
+    assert_eq!(
+        sample(&fleet.metrics(0), "knockq_cluster_node_name_taken"),
+        Some(0.0)
+    );
+
+    fleet.gates[0].take().unwrap().stop(libc::SIGTERM);
+    // The name's lease (6 s) ends, and the twin tries again every second.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !fleet
+        .gate(1)
+        .log()
+        .contains("node name gate-1 is free again")
+    {
+        assert!(Instant::now() < deadline, "{}", fleet.gate(1).log());
+        sleep(Duration::from_millis(100));
+    }
+    fleet.wait_until_in_sync(1);
+    assert_eq!(
+        sample(&fleet.metrics(1), "knockq_cluster_node_name_taken"),
+        Some(0.0)
+    );
+    assert!(!fleet.control(1, "status").starts_with("cluster:"));
+    fleet.eventually(own, 2, true, 5);
+    fleet.knock(later, 2, &[1111, 2222]);
+    fleet.eventually(later, 1, true, 5);
 }

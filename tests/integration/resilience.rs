@@ -4,7 +4,7 @@
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::thread::sleep;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::util::*;
 
@@ -304,6 +304,104 @@ fn a_corrupt_state_file_is_logged_and_ignored() {
     );
     net.knock(CLIENTS4[0], &[1111, 2222]);
     assert_eq!(net.connect(CLIENTS4[0], 22), Reply::Open);
+}
+
+/// A hand-edited state file asks for more than the example policy (an 8 h
+/// grant of 22 and 8080 to addresses) could give: networks, other ports,
+/// grants without end or longer than 8 h, a policy not in force. Restore
+/// refuses each with a log line and a count, and puts back the good one.
+#[test]
+fn a_state_file_asking_for_more_than_the_policy_gives_is_refused() {
+    if !can_run_end_to_end("a_state_file_asking_for_more_than_the_policy_gives_is_refused") {
+        return;
+    }
+    let mut net = Net::new();
+    net.listen(&[22]);
+    let [good, other_ports, endless, too_long] = CLIENTS4;
+    let grant = |source: &str, policy: &str, extra: &str, seconds_left: &str| {
+        format!(
+            r#"{{"source":"{source}","policy":"{policy}","knock":"1111 2222","open_ports":[22,8080],"close_port":3333,"seconds_left":{seconds_left}{extra}}}"#
+        )
+    };
+    let grants = [
+        grant(good, "ssh", "", "600"),
+        grant("0.0.0.0", "ssh", r#","prefix":0"#, "600"),
+        grant("10.0.0.0", "ssh", r#","prefix":8"#, "600"),
+        grant(other_ports, "ssh", r#","ports":[22,9999]"#, "600"),
+        grant(endless, "ssh", "", "null"),
+        grant(too_long, "ssh", "", "100000"),
+        grant(too_long, "ssh", "", "1e300"),
+        grant(too_long, "nope", "", "600"),
+    ];
+    // Written a day from now: the time since counts as none.
+    let saved_at = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 86_400;
+    std::fs::create_dir_all(net.state_dir()).unwrap();
+    std::fs::write(
+        net.state_dir().join("grants.json"),
+        format!(
+            r#"{{"version":3,"saved_at":{saved_at},"grants":[{}],"spent":[]}}"#,
+            grants.join(",")
+        ),
+    )
+    .unwrap();
+    let gate = net.start_gate(EXAMPLE_CONFIG, IPV4_RULES);
+    gate.wait_for_log(&format!("event=restore src={good} policy=ssh"));
+    assert_eq!(net.connect(good, 22), Reply::Open, "the good grant is back");
+    for src in [other_ports, endless, too_long] {
+        assert!(net.connect(src, 22).is_rejected(), "{src} was not restored");
+    }
+    let log = gate.log();
+    for (subject, why) in [
+        (
+            "0.0.0.0/0 under ssh",
+            "the policy grants addresses, not networks",
+        ),
+        (
+            "10.0.0.0/8 under ssh",
+            "the policy grants addresses, not networks",
+        ),
+        (
+            &format!("{other_ports} under ssh"),
+            "port 9999 is not one of the policy's open ports",
+        ),
+        (
+            &format!("{endless} under ssh"),
+            "it lasts until closed, and the policy's grants end",
+        ),
+        (
+            &format!("{too_long} under ssh"),
+            "it lasts longer than the policy's longest grant, 8h",
+        ),
+        (
+            &format!("{too_long} under ssh"),
+            "1e300 seconds left is past any end",
+        ),
+        (
+            &format!("{too_long} under nope"),
+            "policy \"nope\" is not in force here with that knock and those ports",
+        ),
+    ] {
+        let line = format!("saved grant {subject} not restored: {why}");
+        assert!(log.contains(&line), "no \"{line}\" in\n{log}");
+    }
+    for (reason, count) in [
+        ("network", 2.0),
+        ("ports", 1.0),
+        ("end", 3.0),
+        ("policy", 1.0),
+    ] {
+        let series = format!("knockq_state_grants_refused_total{{reason=\"{reason}\"}}");
+        assert_eq!(metric(&net, &series), count, "{series}");
+    }
+    let status = text(&net.knockq_control("status").stdout);
+    assert!(
+        !status.contains("0.0.0.0") && !status.contains("10.0.0.0"),
+        "{status}"
+    );
 }
 
 #[test]

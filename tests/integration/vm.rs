@@ -29,6 +29,10 @@ const SKIPPED: &[&str] = &[
     "offload::every_gate_test_again_with_offload",
 ];
 
+/// Longest the VM may run: its tests take one at a time, emulated, 15 to
+/// 30 s each on these machines, about 50 of them; only a VM that hangs
+/// comes near this.
+const VM_TIMEOUT: &str = "2400s";
 /// The VM's own scratch directory; its /run is a tmpfs already.
 const SCRATCH: &str = "/run/knockq-tests";
 
@@ -90,7 +94,7 @@ fn gate_tests_on_debians_stock_kernel() {
         offload = WITH_OFFLOAD.join(" "),
     );
     let mut vng = Command::new("timeout");
-    vng.arg("900s")
+    vng.arg(VM_TIMEOUT)
         .arg("vng")
         .arg("--run")
         .arg(&kernel)
@@ -105,6 +109,7 @@ fn gate_tests_on_debians_stock_kernel() {
     let log_path = log_dir.path().join("vm.log");
     let log = std::fs::File::create(&log_path).unwrap();
     eprintln!("the VM's output: {}", log_path.display());
+    let started = std::time::Instant::now();
     let status = vng
         .arg("--exec")
         .arg(&script)
@@ -120,8 +125,9 @@ fn gate_tests_on_debians_stock_kernel() {
         .filter(|l| l.starts_with("test ") || l.contains("test result") || l.contains("NOT RUN"))
         .collect();
     eprintln!(
-        "in the VM booting {}:\n{}",
+        "in the VM booting {}, {:.0} s:\n{}",
         kernel.display(),
+        started.elapsed().as_secs_f64(),
         results.join("\n")
     );
     assert!(status.success(), "the tests failed in the VM:\n{report}");
