@@ -1018,3 +1018,29 @@ fn open_until_is_the_latest_end_of_the_grants_that_open_the_port() {
         "no network grant"
     );
 }
+
+#[test]
+fn a_grant_by_hand_lasts_no_longer_than_the_policys_own() {
+    let gate = Gate::new(&SSH.replace(
+        "close_port = 3333",
+        "close_port = 3333\ngrant_timeout = \"1h\"",
+    ));
+    let key = gate.engine.policies().key(0);
+    let now = Timestamp::from_millis(0);
+    let hour = Duration::from_secs(3600);
+    let grant = |duration| {
+        gate.engine
+            .grant(ip("10.0.0.2"), key, Some(duration), now, &mut Vec::new())
+    };
+    assert_eq!(grant(2 * hour), Err(GrantError::TooLong { longest: hour }));
+    assert_eq!(grant(hour), Ok(()));
+    let unbounded = Gate::new(SSH);
+    let key = unbounded.engine.policies().key(0);
+    assert_eq!(
+        unbounded
+            .engine
+            .grant(ip("10.0.0.2"), key, Some(1000 * hour), now, &mut Vec::new()),
+        Ok(()),
+        "a policy whose grants last until closed"
+    );
+}

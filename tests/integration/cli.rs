@@ -185,7 +185,7 @@ fn alert_rules_pass_promtool() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("SUCCESS: 9 rules found"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("SUCCESS: 11 rules found"));
 }
 
 /// The dashboard is valid JSON and charts every family it promises.
