@@ -14,8 +14,11 @@ use crate::config::Config;
 use crate::engine::{longest_grant, Engine, Event, GrantLeft, Timestamp};
 use crate::listeners::Nodes;
 
+/// A parser entered with untrusted bytes.
+pub type Target = fn(&[u8]);
+
 /// Every target, by the name of its corpus folder (`fuzz/corpus/NAME`).
-pub const TARGETS: [(&str, fn(&[u8])); 6] = [
+pub const TARGETS: [(&str, Target); 6] = [
     ("queue_packet", queue_packet),
     ("cluster_record", cluster_record),
     ("control_request", control_request),

@@ -198,7 +198,7 @@ impl Sync {
             tokio::select! {
                 _ = renew.tick() => keeper.keep_alive().await?,
                 renewal = renewals.message() => {
-                    if !renewal?.is_some_and(|renewal| renewal.ttl() > 0) {
+                    if renewal?.is_none_or(|renewal| renewal.ttl() <= 0) {
                         return Err(SessionError::NameLost);
                     }
                 }
