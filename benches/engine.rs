@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use knockq::engine::{Engine, Event, Syn, Timestamp};
+use knockq::engine::{Engine, Event, NewFlow, Timestamp};
 use knockq::flow::FlowPort;
 use knockq::loader;
 use knockq::script::ScriptVms;
@@ -116,7 +116,7 @@ struct Thread {
 
 fn decide(engine: &Engine, src: IpAddr, dst_port: u16, thread: &mut Thread) {
     black_box(engine.decide(
-        Syn {
+        NewFlow {
             src,
             dst_port: FlowPort::tcp(dst_port),
         },

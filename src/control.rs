@@ -238,7 +238,7 @@ pub fn request(socket: &Path, request: &Request) -> Result<Response, ClientError
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::{Event, Syn};
+    use crate::engine::{Event, NewFlow};
     use std::path::Path;
 
     fn engine() -> Engine {
@@ -281,7 +281,7 @@ mod tests {
                 },
             }
         );
-        let syn = Syn {
+        let syn = NewFlow {
             src: source,
             dst_port: crate::flow::FlowPort::tcp(22),
         };

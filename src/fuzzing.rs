@@ -33,10 +33,10 @@ pub const TARGETS: [(&str, Target); 6] = [
 pub fn queue_packet(data: &[u8]) {
     for packet in crate::daemon::queued_packets(data) {
         if let Some(payload) = packet.payload {
-            let _ = crate::packet::parse_syn(payload);
+            let _ = crate::packet::parse_new_flow(payload);
         }
     }
-    let _ = crate::packet::parse_syn(data);
+    let _ = crate::packet::parse_new_flow(data);
 }
 
 /// A record under the fleet's prefix (its key, a NUL byte, its value) as

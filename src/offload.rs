@@ -26,7 +26,7 @@ use crate::config::{Config, Policy};
 use crate::engine::{grant_left, Engine, Event, EventKind, RevokeReason, WallClock};
 use crate::firewall::load::{self, Firewall, LoadError};
 use crate::firewall::sets::{self, GrantedPair, Offload, SetChange};
-use crate::flow::FlowPort;
+use crate::flow::{FlowPort, PortRange};
 use crate::listeners::{Clock, GrantListener};
 
 #[derive(Debug, thiserror::Error)]
@@ -102,7 +102,7 @@ impl KernelSets {
                 continue;
             };
             let left = left.duration();
-            for port in grant.status.ports.ports(&policy.open_ports) {
+            for port in grant.status.ports.ports(&policy.open_ports).flat_map(PortRange::iter) {
                 let entry = longest
                     .entry((grant.src, grant.prefix, port))
                     .or_insert(left);
@@ -141,6 +141,7 @@ impl KernelSets {
             .grant
             .ports
             .ports(&policy.open_ports)
+            .flat_map(PortRange::iter)
             .map(|port| {
                 let until = self.engine.open_until(src, prefix, port, now);
                 let pair = |left| GrantedPair {

@@ -5,37 +5,41 @@ use std::net::IpAddr;
 
 use etherparse::{EtherType, LaxNetSlice, LaxSlicedPacket, TransportSlice};
 
-use crate::engine::Syn;
-use crate::flow::FlowPort;
+use crate::engine::NewFlow;
+use crate::flow::{FlowPort, Proto};
 
-/// Reads the source address and TCP destination port of a queued packet.
-/// The packet may be cut short by the queue's copy range: only the headers
-/// are needed. `None` when the bytes are not TCP over IPv4 or IPv6.
-pub fn parse_syn(packet: &[u8]) -> Option<Syn> {
-    let tcp = tcp_facts(LaxSlicedPacket::from_ip(packet).ok()?)?;
-    Some(tcp.syn())
+/// Reads the source address and destination port of a queued new flow: a
+/// TCP segment or a UDP datagram. The packet may be cut short by the
+/// queue's copy range: only the headers are needed. `None` when the bytes
+/// are neither TCP nor UDP over IPv4 or IPv6, or the transport header is
+/// cut short or sits in a later fragment.
+pub fn parse_new_flow(packet: &[u8]) -> Option<NewFlow> {
+    let flow = flow_facts(LaxSlicedPacket::from_ip(packet).ok()?)?;
+    Some(flow.new_flow())
 }
 
-/// The TCP header facts of a packet.
+/// The transport header facts of a TCP segment or UDP datagram.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct TcpFacts {
+pub struct FlowFacts {
     pub src: IpAddr,
     pub dst: IpAddr,
-    pub dst_port: u16,
+    pub src_port: u16,
+    pub dst_port: FlowPort,
+    /// TCP flags; false for UDP.
     pub syn: bool,
     pub ack: bool,
 }
 
-impl TcpFacts {
-    /// A connection attempt: SYN without ACK.
+impl FlowFacts {
+    /// A TCP connection attempt: SYN without ACK.
     pub fn is_syn(&self) -> bool {
-        self.syn && !self.ack
+        self.dst_port.proto() == Proto::Tcp && self.syn && !self.ack
     }
 
-    pub fn syn(&self) -> Syn {
-        Syn {
+    pub fn new_flow(&self) -> NewFlow {
+        NewFlow {
             src: self.src,
-            dst_port: FlowPort::tcp(self.dst_port),
+            dst_port: self.dst_port,
         }
     }
 }
@@ -52,8 +56,9 @@ pub enum Link {
     RawIp,
 }
 
-/// Reads a captured frame. `None` when it is not TCP over IPv4 or IPv6.
-pub fn parse_frame(link: Link, frame: &[u8]) -> Option<TcpFacts> {
+/// Reads a captured frame. `None` when it is not TCP or UDP over IPv4 or
+/// IPv6.
+pub fn parse_frame(link: Link, frame: &[u8]) -> Option<FlowFacts> {
     let ether_type = |at: usize| {
         Some(EtherType(u16::from_be_bytes(
             frame.get(at..at + 2)?.try_into().ok()?,
@@ -65,10 +70,10 @@ pub fn parse_frame(link: Link, frame: &[u8]) -> Option<TcpFacts> {
         Link::LinuxSll2 => LaxSlicedPacket::from_ether_type(ether_type(0)?, frame.get(20..)?),
         Link::RawIp => LaxSlicedPacket::from_ip(frame).ok()?,
     };
-    tcp_facts(sliced)
+    flow_facts(sliced)
 }
 
-fn tcp_facts(sliced: LaxSlicedPacket) -> Option<TcpFacts> {
+fn flow_facts(sliced: LaxSlicedPacket) -> Option<FlowFacts> {
     let (src, dst) = match sliced.net? {
         LaxNetSlice::Ipv4(ip) => (
             IpAddr::V4(ip.header().source_addr()),
@@ -80,16 +85,30 @@ fn tcp_facts(sliced: LaxSlicedPacket) -> Option<TcpFacts> {
         ),
         LaxNetSlice::Arp(_) => return None,
     };
-    match sliced.transport? {
-        TransportSlice::Tcp(tcp) => Some(TcpFacts {
-            src,
-            dst,
-            dst_port: tcp.destination_port(),
-            syn: tcp.syn(),
-            ack: tcp.ack(),
-        }),
-        _ => None,
-    }
+    let (src_port, dst_port, syn, ack) = match sliced.transport? {
+        TransportSlice::Tcp(tcp) => (
+            tcp.source_port(),
+            FlowPort::tcp(tcp.destination_port()),
+            tcp.syn(),
+            tcp.ack(),
+        ),
+        TransportSlice::Udp(udp) => (
+            udp.source_port(),
+            FlowPort::udp(udp.destination_port()),
+            false,
+            false,
+        ),
+        _ => return None,
+    };
+    // Port 0 is no service: nothing can listen there.
+    (dst_port.number() != 0).then_some(FlowFacts {
+        src,
+        dst,
+        src_port,
+        dst_port,
+        syn,
+        ack,
+    })
 }
 
 #[cfg(test)]
@@ -107,7 +126,7 @@ mod tests {
     #[test]
     fn reads_ipv4_syn() {
         let bytes = tcp_syn(PacketBuilder::ipv4([10, 0, 0, 2], [10, 0, 0, 1], 64));
-        let syn = parse_syn(&bytes).unwrap();
+        let syn = parse_new_flow(&bytes).unwrap();
         assert_eq!(syn.src, "10.0.0.2".parse::<IpAddr>().unwrap());
         assert_eq!(syn.dst_port, FlowPort::tcp(2222));
     }
@@ -117,7 +136,7 @@ mod tests {
         let src = "fd00::2".parse::<std::net::Ipv6Addr>().unwrap().octets();
         let dst = "fd00::1".parse::<std::net::Ipv6Addr>().unwrap().octets();
         let bytes = tcp_syn(PacketBuilder::ipv6(src, dst, 64));
-        let syn = parse_syn(&bytes).unwrap();
+        let syn = parse_new_flow(&bytes).unwrap();
         assert_eq!(syn.src, "fd00::2".parse::<IpAddr>().unwrap());
         assert_eq!(syn.dst_port, FlowPort::tcp(2222));
     }
@@ -130,7 +149,7 @@ mod tests {
         let mut bytes = Vec::new();
         builder.write(&mut bytes, &[0u8; 400]).unwrap();
         bytes.truncate(128);
-        assert_eq!(parse_syn(&bytes).unwrap().dst_port, FlowPort::tcp(22));
+        assert_eq!(parse_new_flow(&bytes).unwrap().dst_port, FlowPort::tcp(22));
     }
 
     #[test]
@@ -145,10 +164,11 @@ mod tests {
         let mut sll2 = vec![0x08, 0x00];
         sll2.extend([0u8; 18]);
         sll2.extend(&ip);
-        let want = TcpFacts {
+        let want = FlowFacts {
             src: "10.0.0.2".parse().unwrap(),
             dst: "10.0.0.1".parse().unwrap(),
-            dst_port: 2222,
+            src_port: 40000,
+            dst_port: FlowPort::tcp(2222),
             syn: true,
             ack: false,
         };
@@ -164,14 +184,37 @@ mod tests {
         assert!(want.is_syn());
     }
 
+    fn udp(payload: &[u8], dst_port: u16) -> Vec<u8> {
+        let builder = PacketBuilder::ipv4([10, 0, 0, 2], [10, 0, 0, 1], 64).udp(5000, dst_port);
+        let mut bytes = Vec::new();
+        builder.write(&mut bytes, payload).unwrap();
+        bytes
+    }
+
     #[test]
-    fn refuses_udp_and_garbage() {
-        let builder = PacketBuilder::ipv4([10, 0, 0, 2], [10, 0, 0, 1], 64).udp(5000, 9);
-        let mut udp = Vec::new();
-        builder.write(&mut udp, b"x").unwrap();
-        assert_eq!(parse_syn(&udp), None);
-        assert_eq!(parse_syn(&[]), None);
-        assert_eq!(parse_syn(&[0x45, 0, 0]), None);
-        assert_eq!(parse_syn(&[0x60; 30]), None);
+    fn reads_a_udp_datagram_as_a_flow_to_a_udp_port() {
+        for payload in [&b"x"[..], b""] {
+            let flow = parse_new_flow(&udp(payload, 51820)).unwrap();
+            assert_eq!(flow.dst_port, FlowPort::udp(51820));
+            assert_eq!(flow.src, "10.0.0.2".parse::<IpAddr>().unwrap());
+        }
+        let facts = parse_frame(Link::RawIp, &udp(b"x", 53)).unwrap();
+        assert!(!facts.is_syn());
+        assert_eq!(facts.src_port, 5000);
+    }
+
+    #[test]
+    fn refuses_malformed_udp_and_garbage() {
+        let whole = udp(b"x", 53);
+        // The IPv4 header is 20 bytes; the UDP header 8 more.
+        assert_eq!(parse_new_flow(&whole[..24]), None, "short UDP header");
+        let mut later_fragment = whole.clone();
+        later_fragment[6] = 0x00;
+        later_fragment[7] = 0x10; // fragment offset 16 bytes: no UDP header here
+        assert_eq!(parse_new_flow(&later_fragment), None, "later fragment");
+        assert_eq!(parse_new_flow(&udp(b"x", 0)), None, "port 0");
+        assert_eq!(parse_new_flow(&[]), None);
+        assert_eq!(parse_new_flow(&[0x45, 0, 0]), None);
+        assert_eq!(parse_new_flow(&[0x60; 30]), None);
     }
 }

@@ -5,7 +5,7 @@
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::Path;
 
-use knockq::engine::{Engine, Event, Syn, TablePart, Timestamp};
+use knockq::engine::{Engine, Event, NewFlow, TablePart, Timestamp};
 use knockq::loader;
 use knockq::packet::{self, Link};
 use proptest::prelude::*;
@@ -17,7 +17,7 @@ proptest! {
 
     #[test]
     fn any_bytes_parse_or_are_refused(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
-        let _ = packet::parse_syn(&bytes);
+        let _ = packet::parse_new_flow(&bytes);
         for link in [Link::Ethernet, Link::LinuxSll, Link::LinuxSll2, Link::RawIp] {
             let _ = packet::parse_frame(link, &bytes);
         }
@@ -30,7 +30,7 @@ proptest! {
     ) {
         let mut packet = vec![version];
         packet.extend(bytes);
-        let _ = packet::parse_syn(&packet);
+        let _ = packet::parse_new_flow(&packet);
     }
 
     #[test]
@@ -68,7 +68,7 @@ proptest! {
         for (source, dst_port, gap) in syns {
             now += gap;
             let src = IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + source));
-            let _ = engine.decide(Syn { src, dst_port: knockq::flow::FlowPort::tcp(dst_port) }, Timestamp::from_millis(now), &mut events, &mut knockq::engine::NoScripts);
+            let _ = engine.decide(NewFlow { src, dst_port: knockq::flow::FlowPort::tcp(dst_port) }, Timestamp::from_millis(now), &mut events, &mut knockq::engine::NoScripts);
             prop_assert!(engine.tracked_sources() <= 16);
             if now % 7 == 0 {
                 engine.expire(Timestamp::from_millis(now), TablePart::WHOLE, &mut events);

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use crate::config::{Config, Knock, Offline, Scope};
 use crate::firewall::sets::Offload;
-use crate::flow::FlowPort;
+use crate::flow::PortRange;
 
 pub fn summary(path: &Path, config: &Config) -> String {
     let mut out = String::new();
@@ -43,10 +43,10 @@ pub fn summary(path: &Path, config: &Config) -> String {
         );
     }
     for policy in &config.policies {
-        let ports = |ports: &[FlowPort]| {
+        let ports = |ports: &[PortRange]| {
             ports
                 .iter()
-                .map(FlowPort::to_string)
+                .map(PortRange::to_string)
                 .collect::<Vec<_>>()
                 .join(" ")
         };

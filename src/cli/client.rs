@@ -6,7 +6,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::client::knock::{self, KnockOptions};
+use crate::client::knock::{self, Family, KnockOptions};
 use crate::client::profile::{self, Profile};
 use crate::client::{profile_sequence, relay, ClientError};
 use crate::flow::FlowPort;
@@ -29,6 +29,12 @@ pub struct ClientArgs {
     /// Print each knock and the gate's answer on stderr.
     #[arg(long, short)]
     verbose: bool,
+    /// Knock and connect over IPv4 only.
+    #[arg(short = '4', conflicts_with = "ipv6")]
+    ipv4: bool,
+    /// Knock and connect over IPv6 only.
+    #[arg(short = '6')]
+    ipv6: bool,
 }
 
 impl ClientArgs {
@@ -41,6 +47,17 @@ impl ClientArgs {
             .clone()
             .unwrap_or_else(profile::default_path);
         Ok(Some(profile::load(&path, name)?))
+    }
+
+    /// The gate's address, of the family asked for: knocks and the
+    /// connection after them go to this one address.
+    fn resolve(&self, host: &str) -> Result<IpAddr, ClientError> {
+        let family = match (self.ipv4, self.ipv6) {
+            (true, _) => Some(Family::V4),
+            (_, true) => Some(Family::V6),
+            _ => None,
+        };
+        knock::resolve(host, family)
     }
 
     fn options(&self) -> KnockOptions {
@@ -73,25 +90,25 @@ fn host_of(host: Option<String>, profile: Option<&Profile>) -> Result<String, Cl
         .ok_or_else(|| usage("give a HOST, or a --profile that names one"))
 }
 
-pub fn knock(host: Option<String>, ports: Vec<u16>, args: &ClientArgs) -> Result<(), ClientError> {
+pub fn knock(host: Option<String>, ports: Vec<FlowPort>, args: &ClientArgs) -> Result<(), ClientError> {
     let profile = args.profile()?;
     let host = host_of(host, profile.as_ref())?;
     let ports = match (&profile, ports.is_empty()) {
-        (_, false) => ports.into_iter().map(FlowPort::tcp).collect(),
+        (_, false) => ports,
         (Some(profile), true) => profile_sequence(profile),
         (None, true) => return Err(usage("give the ports to knock, or a --profile")),
     };
-    let addr = knock::resolve(&host)?;
+    let addr = args.resolve(&host)?;
     args.send(&host, addr, &ports)
 }
 
 pub struct Connect {
     pub host: Option<String>,
     pub port: Option<u16>,
-    pub knock: Vec<u16>,
+    pub knock: Vec<FlowPort>,
     pub close: bool,
     /// Overrides the profile's close port; implies `close`.
-    pub close_port: Option<u16>,
+    pub close_port: Option<FlowPort>,
     pub patience: Duration,
 }
 
@@ -103,18 +120,18 @@ pub fn connect(request: Connect, args: &ClientArgs) -> Result<(), ClientError> {
         .or_else(|| profile.as_ref().and_then(|p| p.port))
         .ok_or_else(|| usage("give a PORT, or a --profile with a port"))?;
     let close_port = match (request.close_port, request.close) {
-        (Some(port), _) => Some(FlowPort::tcp(port)),
+        (Some(port), _) => Some(port),
         (None, false) => None,
         (None, true) => Some(profile.as_ref().and_then(|p| p.close_port).ok_or_else(|| {
             usage("--close needs --close-port PORT, or a --profile with a close_port")
         })?),
     };
     let knock = match (&profile, request.knock.is_empty()) {
-        (_, false) => request.knock.into_iter().map(FlowPort::tcp).collect(),
+        (_, false) => request.knock,
         (Some(profile), true) => profile_sequence(profile),
         (None, true) => Vec::new(),
     };
-    let addr = knock::resolve(&host)?;
+    let addr = args.resolve(&host)?;
     args.send(&host, addr, &knock)?;
     let stream = relay::connect(addr, port, args.timeout, request.patience)?;
     if close_port.is_some() {

@@ -19,6 +19,7 @@ use crate::daemon;
 use crate::firewall::load::{self, Firewall};
 use crate::firewall::{Backend, Ruleset};
 use crate::loader;
+use crate::flow::FlowPort;
 
 const DEFAULT_CONFIG: &str = "/etc/knockq/knockq.toml";
 
@@ -125,13 +126,15 @@ enum Command {
         #[arg(long, short, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
-    /// Knock: one TCP SYN per port, in order, each after the last one's answer.
+    /// Knock, in order: one TCP SYN per port, each after the last one's
+    /// answer, or one datagram per UDP port (`2222/udp`), each followed by
+    /// the --delay.
     Knock {
         /// The gate's host name or address [default: the profile's].
         host: Option<String>,
-        /// The ports to knock [default: the profile's sequence].
-        #[arg(value_parser = clap::value_parser!(u16).range(1..))]
-        ports: Vec<u16>,
+        /// The ports to knock, as 1111 or 2222/udp [default: the profile's sequence].
+        #[arg(value_parser = FlowPort::parse)]
+        ports: Vec<FlowPort>,
         #[command(flatten)]
         client: client::ClientArgs,
     },
@@ -143,15 +146,15 @@ enum Command {
         /// The port to connect to [default: the profile's].
         #[arg(value_parser = clap::value_parser!(u16).range(1..))]
         port: Option<u16>,
-        /// Knock these ports first [default: the profile's sequence].
-        #[arg(long, value_delimiter = ',', value_name = "PORT,...")]
-        knock: Vec<u16>,
+        /// Knock these ports first, as 1111 or 2222/udp [default: the profile's sequence].
+        #[arg(long, value_delimiter = ',', value_name = "PORT,...", value_parser = FlowPort::parse)]
+        knock: Vec<FlowPort>,
         /// Knock the profile's close port when the connection ends.
         #[arg(long)]
         close: bool,
         /// Knock this port when the connection ends (no profile needed).
-        #[arg(long, value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
-        close_port: Option<u16>,
+        #[arg(long, value_name = "PORT", value_parser = FlowPort::parse)]
+        close_port: Option<FlowPort>,
         /// How long to keep trying to connect after knocking.
         #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
         wait: std::time::Duration,

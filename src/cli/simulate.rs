@@ -70,16 +70,16 @@ fn replay(
     Ok(match simulation.format {
         Format::Json => report::json(&report::Run {
             capture: path.display().to_string(),
-            frames_not_tcp: capture.not_tcp,
+            frames_skipped: capture.skipped,
             cut_at: capture.cut_at.as_ref().map(|(offset, _)| *offset),
             reports: &reports,
         }),
         Format::Csv => report::csv(&reports),
         Format::Text => format!(
-            "capture {}: {} TCP packets, {} frames that are not TCP over IP skipped\n{}",
+            "capture {}: {} TCP and UDP packets, {} frames that are neither skipped\n{}",
             path.display(),
             capture.packets.len(),
-            capture.not_tcp,
+            capture.skipped,
             report::text(&reports)
         ),
     })

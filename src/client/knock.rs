@@ -1,5 +1,7 @@
-//! Sending knocks: one TCP connection attempt per port, in order, each
-//! waiting for the gate's answer so the SYNs cannot overtake one another.
+//! Sending knocks: one TCP connection attempt per TCP port, in order, each
+//! waiting for the gate's answer so the SYNs cannot overtake one another;
+//! one datagram per UDP port, which the gate never answers, followed by the
+//! delay.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
@@ -9,7 +11,7 @@ use std::time::{Duration, Instant};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use super::ClientError;
-use crate::flow::FlowPort;
+use crate::flow::{FlowPort, Proto};
 
 /// How the gate answered one knock.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,6 +27,8 @@ pub enum Answer {
     Open,
     /// The attempt ended, not accepted, and the kernel kept no reason.
     Ended,
+    /// A UDP knock's datagram left; no answer is expected.
+    Sent,
 }
 
 impl Answer {
@@ -35,6 +39,7 @@ impl Answer {
             Answer::Silence => "no answer",
             Answer::Open => "open",
             Answer::Ended => "ended without a reason",
+            Answer::Sent => "sent",
         }
     }
 }
@@ -47,18 +52,35 @@ pub struct KnockOptions {
     pub delay: Duration,
 }
 
-/// The first address `host` resolves to.
-pub fn resolve(host: &str) -> Result<IpAddr, ClientError> {
+/// An address family to keep to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+/// The first address `host` resolves to, of `family` if given.
+pub fn resolve(host: &str, family: Option<Family>) -> Result<IpAddr, ClientError> {
     let resolve_error = |source| ClientError::Resolve {
         host: host.to_owned(),
         source,
     };
+    let wanted = |addr: &IpAddr| match family {
+        None => true,
+        Some(Family::V4) => addr.is_ipv4(),
+        Some(Family::V6) => addr.is_ipv6(),
+    };
+    let none = match family {
+        None => "no address",
+        Some(Family::V4) => "no IPv4 address",
+        Some(Family::V6) => "no IPv6 address",
+    };
     (host, 0)
         .to_socket_addrs()
         .map_err(resolve_error)?
-        .next()
         .map(|addr| addr.ip())
-        .ok_or_else(|| resolve_error(io::Error::other("no address")))
+        .find(wanted)
+        .ok_or_else(|| resolve_error(io::Error::other(none)))
 }
 
 /// Knocks each port of `ports` at `addr`, in order.
@@ -73,11 +95,25 @@ pub fn send(
             std::thread::sleep(options.delay);
         }
         let target = SocketAddr::new(addr, port.number());
-        let answer = attempt(target, options.timeout)
-            .map_err(|source| ClientError::Knock { target, source })?;
+        let answer = match port.proto() {
+            Proto::Tcp => attempt(target, options.timeout),
+            Proto::Udp => datagram(target),
+        }
+        .map_err(|source| ClientError::Knock { target, source })?;
         on_answer(port, answer);
     }
     Ok(())
+}
+
+/// One datagram to `target`, as knockd's client sends: a byte, from a
+/// fresh socket, so each knock is a new flow.
+fn datagram(target: SocketAddr) -> io::Result<Answer> {
+    let local: SocketAddr = match target {
+        SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
+        SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    std::net::UdpSocket::bind(local)?.send_to(&[0], target)?;
+    Ok(Answer::Sent)
 }
 
 /// One connection attempt to `target` and the gate's answer to it.

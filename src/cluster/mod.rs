@@ -22,7 +22,7 @@ use tokio::sync::mpsc;
 
 use crate::config::{ClusterConfig, Knock, Policy, Scope};
 use crate::engine::{Engine, Event, EventKind, RevokeReason, WallClock, GRANT_UNTIL_CLOSED};
-use crate::flow::FlowPort;
+use crate::flow::PortRange;
 use crate::listeners::{Clock, GrantListener, Nodes};
 pub use metrics::ClusterMetrics;
 use record::Subject;
@@ -45,7 +45,7 @@ enum Change {
     Grant {
         policy: String,
         subject: Subject,
-        ports: Vec<FlowPort>,
+        ports: Vec<PortRange>,
         /// Unix milliseconds; `None`: until the close knock.
         until: Option<u64>,
     },

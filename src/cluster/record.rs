@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::Scope;
 use crate::engine::{grant_ports, GrantError, GrantLeft, GrantRecord, Origin, Policies, PolicyKey};
-use crate::flow::FlowPort;
+use crate::flow::PortRange;
 
 /// Values past this size are not read: a grant's record takes a few
 /// hundred bytes.
@@ -64,7 +64,7 @@ pub enum Shared {
     Granted {
         node: String,
         /// The policy's open ports it opens.
-        ports: Vec<FlowPort>,
+        ports: Vec<PortRange>,
         /// When it ends, in Unix milliseconds; `None`: at the close knock.
         until: Option<u64>,
         /// When it was written, in Unix milliseconds: the propagation's start.
@@ -250,6 +250,7 @@ pub fn take(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::flow::FlowPort;
 
     #[test]
     fn grant_keys_read_back_as_their_policy_and_subject() {
@@ -273,7 +274,7 @@ mod tests {
     fn values_are_json_tagged_by_state() {
         let granted = Shared::Granted {
             node: "bastion-1".into(),
-            ports: vec![FlowPort::tcp(22), FlowPort::tcp(8080)],
+            ports: vec![PortRange::single(FlowPort::tcp(22)), PortRange::single(FlowPort::tcp(8080))],
             until: None,
             at: 1,
         };

@@ -15,7 +15,7 @@ use super::sections::{
     VerdictConfig,
 };
 use super::{ConfigError, Offline, Scope};
-use crate::flow::{FlowPort, PortRange};
+use crate::flow::{FlowPort, PortRange, Proto};
 use crate::rotating::{Rotating, Secret};
 
 #[derive(Deserialize)]
@@ -51,7 +51,7 @@ pub(crate) struct RawPolicy {
     pub(crate) script: Option<Spanned<RawScript>>,
     #[serde(default = "default_step_timeout", deserialize_with = "duration")]
     pub(crate) step_timeout: Duration,
-    pub(crate) open_ports: Spanned<Vec<FlowPort>>,
+    pub(crate) open_ports: Spanned<Vec<PortRange>>,
     pub(crate) close_port: Option<Spanned<FlowPort>>,
     #[serde(default, deserialize_with = "optional_duration")]
     pub(crate) grant_timeout: Option<Duration>,
@@ -70,7 +70,7 @@ pub(crate) struct RawPolicy {
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawScript {
     pub(crate) file: Spanned<PathBuf>,
-    pub(crate) knock_ports: Spanned<Vec<PortOrRange>>,
+    pub(crate) knock_ports: Spanned<Vec<PortRange>>,
     #[serde(default = "default_budget", deserialize_with = "duration")]
     pub(crate) budget: Duration,
     #[serde(default = "default_memory_mib")]
@@ -82,14 +82,6 @@ pub(crate) struct RawScript {
     #[serde(default = "default_min_prefix_v6")]
     pub(crate) min_prefix_v6: Spanned<u8>,
     pub(crate) secret_file: Option<Spanned<PathBuf>>,
-}
-
-/// A knock port, or a range of them as `"20000-20999"`.
-#[derive(Deserialize)]
-#[serde(untagged)]
-pub(crate) enum PortOrRange {
-    Port(FlowPort),
-    Range(String),
 }
 
 fn default_budget() -> Duration {
@@ -112,27 +104,6 @@ fn default_min_prefix_v6() -> Spanned<u8> {
     Spanned::new(0..0, 48)
 }
 
-impl RawScript {
-    /// The declared knock ports, as written.
-    pub(crate) fn knock_ports(
-        &self,
-        errors: &ErrorContext,
-        key: &dyn Fn(&str) -> String,
-    ) -> Result<Vec<PortRange>, ConfigError> {
-        self.knock_ports
-            .get_ref()
-            .iter()
-            .map(|entry| match entry {
-                PortOrRange::Port(port) => Ok(PortRange::single(*port)),
-                PortOrRange::Range(text) => parse_port_range(text),
-            })
-            .collect::<Result<Vec<_>, String>>()
-            .map_err(|message| {
-                errors.spanned(&self.knock_ports, key("script.knock_ports"), message)
-            })
-    }
-}
-
 /// `[policy.rotating]`, also a client profile's `rotating` table.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -143,6 +114,13 @@ pub(crate) struct RawRotating {
     #[serde(default = "default_period", deserialize_with = "duration")]
     pub(crate) period: Duration,
     pub(crate) ports: Spanned<String>,
+    /// The protocol of the range's ports.
+    #[serde(default = "default_proto")]
+    pub(crate) proto: Spanned<Proto>,
+}
+
+fn default_proto() -> Spanned<Proto> {
+    Spanned::new(0..0, Proto::Tcp)
 }
 
 fn default_rotating_length() -> Spanned<u8> {
@@ -160,8 +138,14 @@ impl RawRotating {
         errors: &ErrorContext,
         key: &dyn Fn(&str) -> String,
     ) -> Result<PortRange, ConfigError> {
-        parse_port_range(self.ports.get_ref())
-            .map_err(|message| errors.spanned(&self.ports, key("rotating.ports"), message))
+        let text = self.ports.get_ref();
+        let ports = match text.contains('/') {
+            true => Err(format!(
+                "\"{text}\" names a protocol: a rotating range takes it from rotating.proto"
+            )),
+            false => PortRange::parse(text).map(|range| range.with_proto(*self.proto.get_ref())),
+        };
+        ports.map_err(|message| errors.spanned(&self.ports, key("rotating.ports"), message))
     }
 
     /// The settings, with the secret read; a relative `secret_file` is taken
@@ -188,18 +172,6 @@ impl RawRotating {
             ports,
         })
     }
-}
-
-/// `20000-59999`, both ends included.
-pub(crate) fn parse_port_range(text: &str) -> Result<PortRange, String> {
-    let invalid = || format!("\"{text}\" is not a port range such as \"20000-59999\"");
-    let (first, last) = text.split_once('-').ok_or_else(invalid)?;
-    let (first, last) = (
-        FlowPort::parse(first).ok_or_else(invalid)?,
-        FlowPort::parse(last).ok_or_else(invalid)?,
-    );
-    PortRange::new(first, last)
-        .ok_or_else(|| format!("port range \"{text}\" ends before it starts"))
 }
 
 fn default_step_timeout() -> Duration {

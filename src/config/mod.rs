@@ -20,7 +20,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::flow::{FlowPort, PortRange};
+use crate::flow::{FlowPort, PortRange, Proto};
 use crate::rotating::{Rotating, Secret};
 pub use cluster::{ClusterConfig, Offline, Scope};
 pub(crate) use file::{ErrorContext, RawPolicy, RawRotating, RawScript};
@@ -53,6 +53,17 @@ impl Config {
         Duration::from_secs(longest.unwrap_or_default().as_secs_f64().ceil() as u64 + 1)
     }
 
+    /// The UDP ports whose new flows need a decision, and so the queue
+    /// rule sends to the daemon; other UDP traffic never enters the queue.
+    pub fn decided_udp_ports(&self) -> Vec<PortRange> {
+        let udp = self
+            .policies
+            .iter()
+            .flat_map(Policy::ports)
+            .filter(|range| range.proto() == Proto::Udp);
+        crate::flow::merge(udp.flat_map(PortRange::iter))
+    }
+
     /// The first setting a running daemon cannot take on without a restart,
     /// if `new` changes one.
     pub fn needs_restart_for(&self, new: &Config) -> Option<&'static str> {
@@ -73,6 +84,10 @@ impl Config {
             ("[hooks]", self.hooks != new.hooks),
             ("[cluster]", self.cluster != new.cluster),
             (
+                "the UDP ports (they live in the firewall rules)",
+                self.decided_udp_ports() != new.decided_udp_ports(),
+            ),
+            (
                 "the longest step_timeout, beyond the kernel's knocking set timeout ([rules] offload)",
                 self.rules.offload && new.knocking_window() > self.knocking_window(),
             ),
@@ -87,7 +102,7 @@ pub struct Policy {
     pub name: String,
     pub knock: Knock,
     pub step_timeout: Duration,
-    pub open_ports: Vec<FlowPort>,
+    pub open_ports: Vec<PortRange>,
     pub close_port: Option<FlowPort>,
     /// `None`: open until the close knock.
     pub grant_timeout: Option<Duration>,
@@ -95,6 +110,21 @@ pub struct Policy {
     pub hooks: PolicyHooks,
     pub scope: Scope,
     pub offline: Offline,
+}
+
+impl Policy {
+    /// Every port the policy gives a role: its knock, close and open ports.
+    pub fn ports(&self) -> impl Iterator<Item = PortRange> + '_ {
+        let knock: Vec<PortRange> = match &self.knock {
+            Knock::Fixed(sequence) => sequence.iter().copied().map(PortRange::single).collect(),
+            Knock::Rotating(rotating) => vec![rotating.ports],
+            Knock::Script(script) => script.knock_ports.clone(),
+        };
+        knock
+            .into_iter()
+            .chain(self.close_port.map(PortRange::single))
+            .chain(self.open_ports.iter().copied())
+    }
 }
 
 /// Commands run when a grant of the policy opens or ends: argument vectors,
@@ -183,7 +213,7 @@ pub struct Script {
     pub source: Arc<str>,
     pub knock_ports: Vec<PortRange>,
     /// The policy's open ports, which grants may name.
-    pub open_ports: Vec<FlowPort>,
+    pub open_ports: Vec<PortRange>,
     /// Most time one call may take.
     pub budget: Duration,
     /// Most memory one VM may hold, in bytes.

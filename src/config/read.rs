@@ -13,7 +13,7 @@ use super::{
     ClusterConfig, Config, ConfigError, Knock, Policy, PolicyHooks, Scope, Script,
     HOOK_PLACEHOLDERS,
 };
-use crate::flow::FlowPort;
+use crate::flow::PortRange;
 use crate::rotating::Secret;
 
 /// A configuration file read and its structure checked: what the engine
@@ -163,7 +163,7 @@ impl Document<'_> {
 /// A script policy's settings, with its text and secret read.
 fn read_script(
     raw: &RawScript,
-    open_ports: &[FlowPort],
+    open_ports: &[PortRange],
     errors: &ErrorContext,
     key: &dyn Fn(&str) -> String,
 ) -> Result<Script, ConfigError> {
@@ -186,7 +186,7 @@ fn read_script(
     Ok(Script {
         file,
         source: source.into(),
-        knock_ports: raw.knock_ports(errors, key)?,
+        knock_ports: raw.knock_ports.get_ref().clone(),
         open_ports: open_ports.to_vec(),
         budget: raw.budget,
         memory_limit: *raw.memory_mib.get_ref() as usize * 1024 * 1024,

@@ -342,7 +342,7 @@ fn rotating_settings_are_checked() {
     );
     assert_eq!(
         fixture.error(&OPS.replace("20000-59999", "high")),
-        "knockq.toml:7: policy[0].rotating.ports: \"high\" is not a port range such as \"20000-59999\""
+        "knockq.toml:7: policy[0].rotating.ports: \"high\" is not a port such as 22, 53/udp or 60000-61000/udp"
     );
     assert_eq!(
         with("period = \"0s\""),

@@ -15,6 +15,7 @@ use prometheus::{
 };
 
 use crate::engine::{Event, EventKind, Policies, PolicyKey, Reason, Reloaded, RevokeReason};
+use crate::flow::Proto;
 
 /// Knock outcomes, in label order.
 const KNOCK_OUTCOMES: [&str; 6] = [
@@ -27,6 +28,9 @@ const KNOCK_OUTCOMES: [&str; 6] = [
 ];
 /// Why grants end, in label order; `evicted` stays at zero, since grants are
 /// never evicted, but is exported so dashboards need no special case.
+/// The `proto` labels of verdicts, in the order of [`Proto`], and `other`
+/// for packets read as neither.
+const VERDICT_PROTOS: [&str; 3] = [Proto::Tcp.as_str(), Proto::Udp.as_str(), "other"];
 const REVOKE_REASONS: [&str; 5] = ["close_knock", "timeout", "evicted", "admin", "cluster"];
 
 pub struct Metrics {
@@ -93,14 +97,17 @@ impl Metrics {
         let verdicts_vec = IntCounterVec::new(
             Opts::new(
                 "knockq_verdicts_total",
-                "Verdicts given, by verdict and reason.",
+                "Verdicts given, by verdict, reason and protocol (other: neither TCP nor UDP).",
             ),
-            &["verdict", "reason"],
+            &["verdict", "reason", "proto"],
         )?;
         register(Box::new(verdicts_vec.clone()))?;
         let verdicts = Reason::ALL
             .iter()
-            .map(|r| verdicts_vec.with_label_values(&[r.verdict().as_str(), r.as_str()]))
+            .flat_map(|r| VERDICT_PROTOS.map(|proto| (r, proto)))
+            .map(|(r, proto)| {
+                verdicts_vec.with_label_values(&[r.verdict().as_str(), r.as_str(), proto])
+            })
             .collect();
 
         let verdict_duration = Histogram::with_opts(
@@ -215,9 +222,11 @@ impl Metrics {
             .store(std::sync::Arc::new(self.per_policy.handles(policies)));
     }
 
-    /// Counts one verdict; atomic adds only.
-    pub fn verdict(&self, reason: Reason, took: Duration) {
-        self.verdicts[reason as usize].inc();
+    /// Counts one verdict for a flow of `proto` (`None`: a packet neither
+    /// TCP nor UDP); atomic adds only.
+    pub fn verdict(&self, reason: Reason, proto: Option<Proto>, took: Duration) {
+        let proto = proto.map_or(VERDICT_PROTOS.len() - 1, |proto| proto as usize);
+        self.verdicts[reason as usize * VERDICT_PROTOS.len() + proto].inc();
         self.verdict_duration.observe(took.as_secs_f64());
     }
 
@@ -444,34 +453,42 @@ mod tests {
     #[test]
     fn verdicts_are_counted_by_verdict_and_reason_with_their_latency() {
         let metrics = metrics();
-        metrics.verdict(Reason::Granted, Duration::from_micros(3));
-        metrics.verdict(Reason::Knock, Duration::from_micros(5));
-        metrics.verdict(Reason::Knock, Duration::from_micros(500));
+        metrics.verdict(Reason::Granted, Some(Proto::Tcp), Duration::from_micros(3));
+        metrics.verdict(Reason::Knock, Some(Proto::Udp), Duration::from_micros(5));
+        metrics.verdict(Reason::Knock, Some(Proto::Udp), Duration::from_micros(500));
+        metrics.verdict(Reason::Unparsable, None, Duration::from_micros(5));
         let text = metrics.render(0);
         assert_eq!(
             value(
                 &text,
-                r#"knockq_verdicts_total{reason="granted",verdict="accept"}"#
+                r#"knockq_verdicts_total{proto="tcp",reason="granted",verdict="accept"}"#
             ),
             Some(1.0)
         );
         assert_eq!(
             value(
                 &text,
-                r#"knockq_verdicts_total{reason="knock",verdict="reject"}"#
+                r#"knockq_verdicts_total{proto="udp",reason="knock",verdict="reject"}"#
             ),
             Some(2.0)
         );
         assert_eq!(
             value(
                 &text,
-                r#"knockq_verdicts_total{reason="unparsable",verdict="reject"}"#
+                r#"knockq_verdicts_total{proto="tcp",reason="knock",verdict="reject"}"#
             ),
             Some(0.0)
         );
         assert_eq!(
+            value(
+                &text,
+                r#"knockq_verdicts_total{proto="other",reason="unparsable",verdict="reject"}"#
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
             value(&text, "knockq_verdict_duration_seconds_count"),
-            Some(3.0)
+            Some(4.0)
         );
         assert_eq!(
             value(
@@ -485,7 +502,7 @@ mod tests {
                 &text,
                 r#"knockq_verdict_duration_seconds_bucket{le="0.000008"}"#
             ),
-            Some(2.0)
+            Some(3.0)
         );
         assert!(text.contains(&format!(
             "knockq_build_info{{version=\"{}\"}} 1",

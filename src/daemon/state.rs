@@ -19,7 +19,7 @@ use crate::engine::{
     grant_ports, Engine, EventSink, GrantLeft, GrantRecord, Origin, Policies, PolicyKey, PortMask,
     Timestamp,
 };
-use crate::flow::FlowPort;
+use crate::flow::{FlowPort, PortRange};
 use crate::listeners::Nodes;
 
 const FORMAT_VERSION: u32 = 3;
@@ -46,7 +46,7 @@ struct SavedGrant {
     policy: String,
     /// As `Knock::describe` puts it.
     knock: String,
-    open_ports: Vec<FlowPort>,
+    open_ports: Vec<PortRange>,
     close_port: Option<FlowPort>,
     /// `None`: open until the close knock.
     seconds_left: Option<f64>,
@@ -55,7 +55,7 @@ struct SavedGrant {
     prefix: Option<u8>,
     /// The open ports the grant opens, when not all of them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    ports: Option<Vec<FlowPort>>,
+    ports: Option<Vec<PortRange>>,
     /// A script policy's stage for the source.
     #[serde(default, skip_serializing_if = "is_zero")]
     stage: u8,
@@ -373,7 +373,7 @@ fn restorable(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::{Event, NoScripts, Syn, Verdict};
+    use crate::engine::{Event, NoScripts, NewFlow, Verdict};
 
     fn engine(text: &str) -> Engine {
         Engine::new(&crate::loader::parse(text, Path::new("t.toml")).unwrap())
@@ -383,7 +383,7 @@ mod tests {
 
     fn knock(engine: &Engine, src: &str) {
         for port in [1111, 2222] {
-            let syn = Syn {
+            let syn = NewFlow {
                 src: src.parse().unwrap(),
                 dst_port: crate::flow::FlowPort::tcp(port),
             };
@@ -397,7 +397,7 @@ mod tests {
     }
 
     fn open(engine: &Engine, src: &str) -> bool {
-        let syn = Syn {
+        let syn = NewFlow {
             src: src.parse().unwrap(),
             dst_port: crate::flow::FlowPort::tcp(22),
         };
@@ -514,7 +514,7 @@ mod tests {
         .unwrap();
         let config = crate::loader::load(&path).unwrap();
         let syn = |engine: &Engine, src: &str, port| {
-            let syn = Syn {
+            let syn = NewFlow {
                 src: src.parse().unwrap(),
                 dst_port: crate::flow::FlowPort::tcp(port),
             };
@@ -576,7 +576,7 @@ mod tests {
             source: "10.0.0.2".parse().unwrap(),
             policy: policy.into(),
             knock: knock.into(),
-            open_ports: vec![FlowPort::tcp(22)],
+            open_ports: vec![PortRange::single(FlowPort::tcp(22))],
             close_port: None,
             seconds_left,
             prefix: None,

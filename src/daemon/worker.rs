@@ -17,7 +17,7 @@ use super::events::EventReport;
 use super::metrics::Metrics;
 use super::receive::{Receiver, MAX_BATCH};
 use super::verdicts::VerdictBatch;
-use crate::engine::{Decision, Engine, Event, PolicyKey, Reason, Syn, Timestamp};
+use crate::engine::{Decision, Engine, Event, PolicyKey, Reason, NewFlow, Timestamp};
 use crate::listeners::Clock;
 use crate::packet;
 use crate::script::{Failure, FailureKind, ScriptVms};
@@ -42,12 +42,12 @@ pub struct Worker {
 struct Parsed {
     id: u32,
     /// `None` if parsing failed with a panic.
-    syn: Option<Option<Syn>>,
+    syn: Option<Option<NewFlow>>,
 }
 
 /// A packet decided in this wake-up, counted once its verdict is out.
 struct Decided {
-    syn: Option<Syn>,
+    syn: Option<NewFlow>,
     decision: Decision,
 }
 
@@ -78,7 +78,7 @@ impl Worker {
                     // source's state: the loads from memory overlap instead
                     // of following one another.
                     parsed.extend(receiver.packets().map(|packet| {
-                        let syn = guarded(|| packet::parse_syn(packet.payload.unwrap_or_default()));
+                        let syn = guarded(|| packet::parse_new_flow(packet.payload.unwrap_or_default()));
                         if let Some(Some(syn)) = syn {
                             self.engine.prefetch(syn.src);
                         }
@@ -117,8 +117,9 @@ impl Worker {
             // Counted and logged after the verdicts are out: no I/O before.
             let answered_after = received.elapsed();
             for Decided { syn, decision } in decided.drain(..) {
-                self.metrics.verdict(decision.reason, answered_after);
-                if let Some(Syn { src, dst_port }) = syn {
+                let proto = syn.map(|flow| flow.dst_port.proto());
+                self.metrics.verdict(decision.reason, proto, answered_after);
+                if let Some(NewFlow { src, dst_port }) = syn {
                     debug!(queue = self.num, %src, %dst_port, verdict = %decision.verdict().as_str(), reason = %decision.reason.as_str());
                 }
                 unusual.note(self.num, decision.reason);
@@ -165,7 +166,7 @@ impl Worker {
 }
 
 /// The decision for a parsed packet: the engine's for a SYN, else reject.
-fn decide(parsed: Option<Option<Syn>>, engine: impl FnOnce(Syn) -> Decision) -> Decision {
+fn decide(parsed: Option<Option<NewFlow>>, engine: impl FnOnce(NewFlow) -> Decision) -> Decision {
     match parsed {
         Some(Some(syn)) => guarded(|| engine(syn)).unwrap_or(Decision::reject(Reason::Failed)),
         Some(None) => Decision::reject(Reason::Unparsable),
@@ -206,7 +207,7 @@ impl UnusualCounts {
         let (count, what) = match reason {
             Reason::Unparsable => (
                 &mut self.unparsable,
-                "packets that are not TCP over IPv4/IPv6 rejected",
+                "packets that are neither TCP nor UDP over IPv4/IPv6 rejected",
             ),
             Reason::Failed => (
                 &mut self.failed,
@@ -265,7 +266,7 @@ mod tests {
 
     #[test]
     fn a_panic_while_deciding_rejects_the_packet() {
-        let syn = Syn {
+        let syn = NewFlow {
             src: "10.0.0.1".parse().unwrap(),
             dst_port: crate::flow::FlowPort::tcp(22),
         };
@@ -281,7 +282,7 @@ mod tests {
 
     #[test]
     fn a_panic_while_parsing_rejects_the_packet() {
-        let parsed = guarded(|| -> Option<Syn> { panic!("a bug in the parser") });
+        let parsed = guarded(|| -> Option<NewFlow> { panic!("a bug in the parser") });
         assert_eq!(parsed, None);
         let decision = decide(parsed, |_| Decision::ACCEPT);
         assert_eq!(decision, Decision::reject(Reason::Failed));

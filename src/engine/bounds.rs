@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use super::{GrantError, GrantLeft, GrantRecord, PortMask};
 use crate::config::{Knock, Policy};
-use crate::flow::FlowPort;
+use crate::flow::PortRange;
 
 /// How far past the policy's longest grant a record's end may lie and be
 /// cut back to it rather than refused: the clocks of two nodes differ a
@@ -30,7 +30,7 @@ pub fn longest_grant(policy: &Policy) -> Option<Duration> {
 }
 
 /// The mask of `ports`, each one of the policy's open ports.
-pub fn grant_ports(policy: &Policy, ports: &[FlowPort]) -> Result<PortMask, GrantError> {
+pub fn grant_ports(policy: &Policy, ports: &[PortRange]) -> Result<PortMask, GrantError> {
     PortMask::of(&policy.open_ports, ports).map_err(GrantError::Port)
 }
 
@@ -76,6 +76,11 @@ mod tests {
 
     use super::*;
     use crate::engine::{Origin, PolicyKey};
+    use crate::flow::FlowPort;
+
+    fn single(port: u16) -> PortRange {
+        PortRange::single(FlowPort::tcp(port))
+    }
 
     /// The policies of `text`, read from `path` (the engine's own checks
     /// are not what these tests are about).
@@ -142,12 +147,12 @@ mod tests {
             "a little past the end, as another node's clock has it: cut to the longest"
         );
         assert_eq!(
-            grant_ports(fixed, &[FlowPort::tcp(8080)]),
-            PortMask::of(&fixed.open_ports, &[FlowPort::tcp(8080)]).map_err(GrantError::Port)
+            grant_ports(fixed, &[single(8080)]),
+            PortMask::of(&fixed.open_ports, &[single(8080)]).map_err(GrantError::Port)
         );
         assert_eq!(
-            grant_ports(fixed, &[FlowPort::tcp(22), FlowPort::tcp(23)]),
-            Err(GrantError::Port(FlowPort::tcp(23)))
+            grant_ports(fixed, &[single(22), single(23)]),
+            Err(GrantError::Port(single(23)))
         );
     }
 

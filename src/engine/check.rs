@@ -35,9 +35,17 @@ pub fn check(document: &Document) -> Result<(), ConfigError> {
     }
     // Open ports may be shared; every other role belongs to one policy.
     let mut roles = Roles::default();
-    for policy in policies {
-        for &port in policy.open_ports.get_ref() {
-            roles.open.entry(port).or_insert(policy.name.get_ref());
+    for (i, policy) in policies.iter().enumerate() {
+        let open_ports = policy.open_ports.get_ref();
+        for (entry, range) in open_ports.iter().enumerate() {
+            if let Some(earlier) = open_ports[..entry].iter().find(|r| r.overlaps(*range)) {
+                let message = format!("open port {range} overlaps {earlier}, given earlier");
+                let key = format!("policy[{i}].open_ports");
+                return Err(errors.spanned(&policy.open_ports, key, message));
+            }
+            for port in range.iter() {
+                roles.open.entry(port).or_insert(policy.name.get_ref());
+            }
         }
     }
     for (i, policy) in policies.iter().enumerate() {
@@ -128,7 +136,7 @@ fn check_script(
     errors: &ErrorContext,
     key: &dyn Fn(&str) -> String,
 ) -> Result<Vec<PortRange>, ConfigError> {
-    let knock_ports = script.knock_ports(errors, key)?;
+    let knock_ports = script.knock_ports.get_ref().clone();
     if knock_ports.is_empty() {
         let message = "knock_ports is empty: give the ports the script decides".to_owned();
         return Err(errors.spanned(&script.knock_ports, key("script.knock_ports"), message));
@@ -208,8 +216,12 @@ fn check_sequence(
     Ok(())
 }
 
-/// Whether the ports step by +1 or by -1 throughout (two or more ports).
+/// Whether the ports, all of one protocol, step by +1 or by -1 throughout
+/// (two or more ports): a scan of that protocol in order knocks them.
 fn is_consecutive(sequence: &[FlowPort]) -> bool {
+    if sequence.windows(2).any(|w| w[0].proto() != w[1].proto()) {
+        return false;
+    }
     let steps: Vec<i32> = sequence
         .windows(2)
         .map(|w| i32::from(w[1].number()) - i32::from(w[0].number()))

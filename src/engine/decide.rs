@@ -11,7 +11,7 @@ use super::rotation::SpentWindows;
 use super::source::{self, SourceState};
 use super::{
     Decision, Engine, Event, EventKind, EventSink, Origin, Policies, PolicyId, PolicySet, PortRole,
-    Reason, RevokeReason, ScriptAction, ScriptGrant, ScriptInput, ScriptRunner, Syn, Timestamp,
+    Reason, RevokeReason, ScriptAction, ScriptGrant, ScriptInput, ScriptRunner, NewFlow, Timestamp,
     WallClock,
 };
 use crate::config;
@@ -24,7 +24,7 @@ impl Engine {
     /// calling thread's own.
     pub fn decide(
         &self,
-        syn: Syn,
+        syn: NewFlow,
         now: Timestamp,
         events: &mut impl EventSink,
         scripts: &mut impl ScriptRunner,

@@ -13,7 +13,7 @@ use super::{
     source, Engine, Event, EventKind, EventSink, GrantLeft, GrantScope, Origin, PolicyKey,
     PortMask, RevokeReason, Timestamp,
 };
-use crate::flow::FlowPort;
+use crate::flow::{FlowPort, PortRange};
 
 /// The source table is at its cap and every tracked source holds a grant.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -190,7 +190,7 @@ impl Engine {
         // A mask of all ports opens the policy's open ports, not any port.
         let opens = |key: PolicyKey, ports: PortMask| {
             policies.get(key).is_some_and(|policy| {
-                policy.open_ports.contains(&port) && ports.opens(&policy.open_ports, port)
+                ports.opens(&policy.open_ports, port)
             })
         };
         match prefix {
@@ -246,7 +246,7 @@ pub enum GrantError {
     #[error("the network is wider than the policy's /{shortest}")]
     TooWide { shortest: u8 },
     #[error("port {0} is not one of the policy's open ports")]
-    Port(FlowPort),
+    Port(PortRange),
     #[error("it lasts until closed, and the policy's grants end")]
     UntilClosed,
     #[error("it lasts longer than the policy's longest grant, {}", humantime::format_duration(*longest))]

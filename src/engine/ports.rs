@@ -2,7 +2,7 @@
 
 use super::PolicyId;
 use crate::config::{Knock, Policy};
-use crate::flow::FlowPort;
+use crate::flow::{FlowPort, PortRange};
 
 /// A set of policies, as a bit mask; configurations hold at most
 /// [`PolicySet::CAPACITY`] policies.
@@ -35,33 +35,34 @@ impl PortMask {
     /// Open ports a script policy may have, so that any subset fits a mask.
     pub const MAX_PORTS: usize = 16;
 
-    /// The mask of `ports` among `open_ports`; `None` names the port that
-    /// is not one of them.
-    pub fn of(open_ports: &[FlowPort], ports: &[FlowPort]) -> Result<Self, FlowPort> {
+    /// The mask of the entries of `open_ports` that hold `ports`: a port
+    /// of a range opens the whole range. The error names a port that no
+    /// entry holds.
+    pub fn of(open_ports: &[PortRange], ports: &[PortRange]) -> Result<Self, PortRange> {
         let mut mask = 0u16;
         for &port in ports {
             let index = open_ports
                 .iter()
                 .take(Self::MAX_PORTS)
-                .position(|&p| p == port)
+                .position(|entry| entry.contains(port.first()) && entry.contains(port.last()))
                 .ok_or(port)?;
             mask |= 1 << index;
         }
         Ok(PortMask(mask))
     }
 
-    /// Whether the grant opens `port`, one of `open_ports`.
-    pub fn opens(self, open_ports: &[FlowPort], port: FlowPort) -> bool {
-        self == Self::ALL
-            || open_ports
-                .iter()
-                .take(Self::MAX_PORTS)
-                .position(|&p| p == port)
-                .is_some_and(|index| self.0 & (1 << index) != 0)
+    /// Whether the grant opens `port`.
+    pub fn opens(self, open_ports: &[PortRange], port: FlowPort) -> bool {
+        open_ports
+            .iter()
+            .position(|entry| entry.contains(port))
+            .is_some_and(|index| {
+                self == Self::ALL || (index < Self::MAX_PORTS && self.0 & (1 << index) != 0)
+            })
     }
 
-    /// The ports opened, in the order of `open_ports`.
-    pub fn ports(self, open_ports: &[FlowPort]) -> impl Iterator<Item = FlowPort> + '_ {
+    /// The entries opened, in the order of `open_ports`.
+    pub fn ports(self, open_ports: &[PortRange]) -> impl Iterator<Item = PortRange> + '_ {
         open_ports
             .iter()
             .enumerate()
@@ -110,7 +111,7 @@ impl PortMap {
         let mut roles = vec![PortRole::Unrelated; FlowPort::COUNT].into_boxed_slice();
         for (id, policy) in policies.iter().enumerate() {
             let id = PolicyId::try_from(id).expect("validated: at most 32 policies");
-            for &port in &policy.open_ports {
+            for port in policy.open_ports.iter().flat_map(|range| range.iter()) {
                 let role = &mut roles[port.index()];
                 let mut set = match *role {
                     PortRole::Open { policies } => policies,

@@ -47,7 +47,7 @@ impl Gate {
     }
 
     fn syn(&mut self, src: &str, dst_port: u16) -> Decision {
-        let syn = Syn {
+        let syn = NewFlow {
             src: ip(src),
             dst_port: FlowPort::tcp(dst_port),
         };
@@ -736,7 +736,7 @@ fn rotating_gate() -> Gate {
         name: "ops".into(),
         knock: config::Knock::Rotating(rotating_with(OPS_SECRET)),
         step_timeout: Duration::from_secs(10),
-        open_ports: vec![FlowPort::tcp(22)],
+        open_ports: vec![PortRange::single(FlowPort::tcp(22))],
         close_port: Some(FlowPort::tcp(3333)),
         grant_timeout: None,
         strict: true,

@@ -4,9 +4,10 @@ use std::net::IpAddr;
 
 use crate::flow::FlowPort;
 
-/// What the engine needs to know about a NEW TCP SYN.
+/// What the engine needs to know about a new flow: a TCP SYN, or a UDP
+/// datagram that conntrack sees as NEW.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Syn {
+pub struct NewFlow {
     pub src: IpAddr,
     pub dst_port: FlowPort,
 }
@@ -38,7 +39,8 @@ pub enum Reason {
     Close,
     /// Nothing opens this port for this source.
     NoGrant,
-    /// The packet was not TCP over IPv4/IPv6 (decided by the I/O shell).
+    /// The packet was neither TCP nor UDP over IPv4/IPv6, or its transport
+    /// header was cut short (decided by the I/O shell).
     Unparsable,
     /// Deciding panicked; the packet was rejected and the worker went on.
     Failed,

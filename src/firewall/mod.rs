@@ -1,10 +1,13 @@
 //! Firewall rules as data, rendered as iptables-restore or nft text. This
 //! module is pure; [`load`] hands the text to `nft` and `iptables-restore`.
 //!
-//! The verdict path needs three things from the rules: NEW TCP SYNs that the
-//! host did not accept already go to the queue; a packet the daemon marked
-//! with [`REJECT_MARK`] (and sent back with NF_REPEAT) is rejected by a rule
-//! placed before the queue rule; nothing marked ever reaches the queue again.
+//! The verdict path needs three things from the rules: new flows that the
+//! host did not accept already go to the queue (every TCP SYN, and UDP
+//! datagrams that start a flow to a port a policy uses); a packet the
+//! daemon marked with [`REJECT_MARK`] (and sent back with NF_REPEAT) is
+//! rejected by a rule placed before the queue rule, a UDP one with ICMP
+//! port unreachable as a closed port would answer; nothing marked ever
+//! reaches the queue again.
 
 pub mod load;
 pub mod sets;
@@ -12,6 +15,7 @@ pub mod sets;
 use ipnet::IpNet;
 
 use crate::config::{Config, QueueConfig, RejectWith};
+use crate::flow::{PortRange, Proto};
 use sets::{KernelSet, Offload, KERNEL_ACCEPT, KERNEL_REJECT, KNOCKING_FULL};
 use std::fmt::Write;
 
@@ -22,7 +26,7 @@ pub const ACCEPT_MARK: u32 = 0x6b71_0002;
 
 /// The iptables chain holding knockq's rules.
 pub const CHAIN: &str = "KNOCKQ";
-/// With offload, the iptables chains deciding NEW SYNs, and of those the
+/// With offload, the iptables chains deciding new flows, and of those the
 /// knocks.
 pub const SYN_CHAIN: &str = "KNOCKQ-SYN";
 pub const KNOCK_CHAIN: &str = "KNOCKQ-KNOCK";
@@ -60,6 +64,8 @@ pub struct Ruleset {
     queue: QueueConfig,
     reject_with: RejectWith,
     always_allow: Vec<IpNet>,
+    /// The UDP ports whose new flows are queued.
+    udp_ports: Vec<PortRange>,
     offload: Option<Offload>,
 }
 
@@ -83,6 +89,7 @@ impl Ruleset {
             queue: config.queue.clone(),
             reject_with: config.verdict.reject_with,
             always_allow: config.rules.always_allow.clone(),
+            udp_ports: config.decided_udp_ports(),
             offload: Offload::from_config(config),
         }
     }
@@ -115,8 +122,8 @@ impl Ruleset {
 
     fn header(&self, loader: &str) -> String {
         let failure = match self.queue.fail_open {
-            true => "fail open: SYNs pass while knockq is down or its queue is full",
-            false => "fail closed: SYNs are dropped while knockq is down",
+            true => "fail open: new flows pass while knockq is down or its queue is full",
+            false => "fail closed: new flows are dropped while knockq is down",
         };
         let offload = match self.offload {
             Some(_) => {
@@ -125,11 +132,25 @@ impl Ruleset {
             }
             None => "",
         };
+        let udp = match self.udp_ports.is_empty() {
+            true => String::new(),
+            false => format!(
+                "# New UDP flows queued to ports {}; rejected ones get ICMP port unreachable.\n",
+                self.udp_ports_list(",")
+            ),
+        };
         format!(
-            "# knockq rules for {loader}: {}, rejected SYNs get {}.\n# {failure}.\n{offload}",
+            "# knockq rules for {loader}: {}, rejected SYNs get {}.\n# {failure}.\n{udp}{offload}",
             self.queue,
             self.reject_with.as_str()
         )
+    }
+
+    /// The UDP ports as numbers and ranges, joined by `separator`, with
+    /// `-` written as `range` (`:` for iptables).
+    fn udp_ports_list(&self, separator: &str) -> String {
+        let ports: Vec<String> = self.udp_ports.iter().map(|r| r.numbers()).collect();
+        ports.join(separator)
     }
 
     /// The management networks of one family.
@@ -178,28 +199,38 @@ impl Ruleset {
         for net in self.allowed(family) {
             let _ = writeln!(out, "-A {CHAIN} -s {net} -j ACCEPT");
         }
-        let rejection = iptables_reject(self.reject_with, family);
-        if let Some((proto, with)) = rejection {
+        let rejections = iptables_rejects(self.reject_with, family);
+        for (proto, with) in &rejections {
             let _ = writeln!(
                 out,
                 "-A {CHAIN}{proto} {reject} -j REJECT --reject-with {with}"
             );
         }
         let _ = writeln!(out, "-A {CHAIN} {reject} -j DROP");
-        let new_syn = format!("-A {CHAIN} -p tcp --syn -m conntrack --ctstate NEW");
+        let new_flows = self.iptables_new_flows();
         let Some(offload) = &self.offload else {
-            let _ = writeln!(out, "{new_syn} -j NFQUEUE {queue}\nCOMMIT");
+            for new_flow in &new_flows {
+                let _ = writeln!(out, "{new_flow} -j NFQUEUE {queue}");
+            }
+            out.push_str("COMMIT\n");
             return out;
         };
         let set = |set: KernelSet| set.ipset();
-        let ports = format!("-m set --match-set {} dst", set(KernelSet::KnockPorts));
         let knocking = set(KernelSet::Knocking(family));
         let syn = format!("-A {SYN_CHAIN}");
         let knock = format!("-A {KNOCK_CHAIN}");
         let comment = |text: &str| format!("-m comment --comment {text}");
-        let _ = writeln!(out, "{new_syn} -j {SYN_CHAIN}");
+        for new_flow in &new_flows {
+            let _ = writeln!(out, "{new_flow} -j {SYN_CHAIN}");
+        }
         // One look at the knock ports; knocks go on in a chain of their own.
-        let _ = writeln!(out, "{syn} {ports} -j {KNOCK_CHAIN}");
+        for proto in Proto::ALL {
+            let _ = writeln!(
+                out,
+                "{syn} -p {proto} -m set --match-set {} dst -j {KNOCK_CHAIN}",
+                set(KernelSet::KnockPorts(proto))
+            );
+        }
         let _ = writeln!(
             out,
             "{syn} -m set --match-set {knocking} src -j NFQUEUE {queue}"
@@ -212,7 +243,7 @@ impl Ruleset {
                 comment(KERNEL_ACCEPT)
             );
         }
-        if let Some((proto, with)) = rejection {
+        for (proto, with) in &rejections {
             let _ = writeln!(
                 out,
                 "{syn}{proto} {} -j REJECT --reject-with {with}",
@@ -234,6 +265,28 @@ impl Ruleset {
         );
         let _ = writeln!(out, "{knock} -j NFQUEUE {queue}\nCOMMIT");
         out
+    }
+
+    /// The matches of new flows to decide: TCP SYNs, and UDP datagrams that
+    /// start a flow to a decided port, a rule per port or range.
+    fn iptables_new_flows(&self) -> Vec<String> {
+        let new = "-m conntrack --ctstate NEW";
+        let udp = self.udp_ports.iter().map(|range| {
+            let ports = range.numbers().replace('-', ":");
+            format!("-A {CHAIN} -p udp --dport {ports} {new}")
+        });
+        std::iter::once(format!("-A {CHAIN} -p tcp --syn {new}"))
+            .chain(udp)
+            .collect()
+    }
+
+    /// The matches of new flows to decide, as [`Ruleset::iptables_new_flows`].
+    fn nft_new_flows(&self) -> Vec<String> {
+        let new_syn = "tcp flags & (fin | syn | rst | ack) == syn ct state new".to_owned();
+        let udp = (!self.udp_ports.is_empty()).then(|| {
+            format!("udp dport {{ {} }} ct state new", self.udp_ports_list(", "))
+        });
+        std::iter::once(new_syn).chain(udp).collect()
     }
 
     fn nft(&self) -> String {
@@ -266,18 +319,26 @@ impl Ruleset {
             let _ = writeln!(out, "\t\t{mark} {rule}");
         }
         let _ = writeln!(out, "\t\t{mark} counter drop");
-        let new_syn = "tcp flags & (fin | syn | rst | ack) == syn ct state new";
+        let new_flows = self.nft_new_flows();
         if self.offload.is_none() {
-            let _ = writeln!(out, "\t\t{new_syn} counter queue num {queue}\n\t}}\n}}");
+            for new_flow in &new_flows {
+                let _ = writeln!(out, "\t\t{new_flow} counter queue num {queue}");
+            }
+            out.push_str("\t}\n}\n");
             return out;
         }
-        let _ = writeln!(out, "\t\t{new_syn} jump syn\n\t}}\n\tchain syn {{");
+        for new_flow in &new_flows {
+            let _ = writeln!(out, "\t\t{new_flow} jump syn");
+        }
+        out.push_str("\t}\n\tchain syn {\n");
         // One look at the knock ports; knocks go on in a chain of their own.
-        let _ = writeln!(
-            out,
-            "\t\ttcp dport @{} jump knock",
-            KernelSet::KnockPorts.nft()
-        );
+        for proto in Proto::ALL {
+            let _ = writeln!(
+                out,
+                "\t\t{proto} dport @{} jump knock",
+                KernelSet::KnockPorts(proto).nft()
+            );
+        }
         for (family, saddr) in [(Family::V4, "ip"), (Family::V6, "ip6")] {
             let knocking = KernelSet::Knocking(family).nft();
             let _ = writeln!(
@@ -289,7 +350,7 @@ impl Ruleset {
             for granted in [KernelSet::Granted(family), KernelSet::GrantedNets(family)] {
                 let _ = writeln!(
                     out,
-                    "\t\t{saddr} saddr . tcp dport @{} counter accept comment \"{KERNEL_ACCEPT}\"",
+                    "\t\t{saddr} saddr . meta l4proto . th dport @{} counter accept comment \"{KERNEL_ACCEPT}\"",
                     granted.nft()
                 );
             }
@@ -316,29 +377,33 @@ impl Ruleset {
     }
 }
 
-/// The protocol match and `--reject-with` value; `None` for plain drop.
-fn iptables_reject(
-    reject_with: RejectWith,
-    family: Family,
-) -> Option<(&'static str, &'static str)> {
+/// The protocol matches and `--reject-with` values, in order: UDP first,
+/// with port unreachable as a closed UDP port answers, then the configured
+/// one. None for plain drop.
+fn iptables_rejects(reject_with: RejectWith, family: Family) -> Vec<(&'static str, &'static str)> {
+    let udp = " -p udp";
+    let port_unreachable = match family {
+        Family::V4 => "icmp-port-unreachable",
+        Family::V6 => "icmp6-port-unreachable",
+    };
     let with = match (reject_with, family) {
-        (RejectWith::Drop, _) => return None,
-        (RejectWith::TcpReset, _) => return Some((" -p tcp", "tcp-reset")),
+        (RejectWith::Drop, _) => return vec![],
+        (RejectWith::TcpReset, _) => return vec![(udp, port_unreachable), (" -p tcp", "tcp-reset")],
+        (RejectWith::IcmpPortUnreachable, _) => port_unreachable,
         (RejectWith::IcmpHostProhibited, Family::V4) => "icmp-host-prohibited",
-        (RejectWith::IcmpPortUnreachable, Family::V4) => "icmp-port-unreachable",
         (RejectWith::IcmpAdminProhibited, Family::V4) => "icmp-admin-prohibited",
-        (RejectWith::IcmpPortUnreachable, Family::V6) => "icmp6-port-unreachable",
         // ICMPv6 has no host-prohibited: administratively prohibited is closest.
         (RejectWith::IcmpHostProhibited | RejectWith::IcmpAdminProhibited, Family::V6) => {
             "icmp6-adm-prohibited"
         }
     };
-    Some(("", with))
+    vec![(udp, port_unreachable), ("", with)]
 }
 
+/// The nft reject statements, in order, as [`iptables_rejects`].
 fn nft_rejects(reject_with: RejectWith) -> Vec<&'static str> {
-    match reject_with {
-        RejectWith::Drop => vec![],
+    let configured = match reject_with {
+        RejectWith::Drop => return vec![],
         RejectWith::TcpReset => vec!["meta l4proto tcp counter reject with tcp reset"],
         RejectWith::IcmpHostProhibited => vec![
             "meta nfproto ipv4 counter reject with icmp type host-prohibited",
@@ -352,7 +417,9 @@ fn nft_rejects(reject_with: RejectWith) -> Vec<&'static str> {
             "meta nfproto ipv4 counter reject with icmp type admin-prohibited",
             "meta nfproto ipv6 counter reject with icmpv6 type admin-prohibited",
         ],
-    }
+    };
+    let udp = "meta l4proto udp counter reject with icmpx type port-unreachable";
+    std::iter::once(udp).chain(configured).collect()
 }
 
 #[cfg(test)]

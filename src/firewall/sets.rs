@@ -3,11 +3,12 @@
 //! an address) let the kernel decide the SYNs that need no engine:
 //!
 //! - **knock ports**: every knock and close port, fixed, rotating ranges and
-//!   script-declared alike. A SYN to one always goes to the queue.
+//!   script-declared alike, a set per protocol. A new flow to one always
+//!   goes to the queue.
 //! - **knocking**: sources that knocked within the longest step window,
 //!   added and refreshed by the kernel itself; their every SYN is queued, so
 //!   progress, resets and close knocks are the engine's as without offload.
-//! - **granted** (source, port) pairs, accepted by the kernel: knockq adds
+//! - **granted** (source, protocol, port) triples, accepted by the kernel: knockq adds
 //!   them when a grant opens, with the time it has left, and deletes them
 //!   when it ends. Network grants live in an interval set of their own
 //!   (nft refuses overlapping intervals, and hosts inside a granted network
@@ -21,12 +22,13 @@ use super::load::Firewall;
 use super::{Family, NFT_TABLE};
 use crate::config::{Config, Policy};
 use crate::engine::{PortMap, PortRole};
-use crate::flow::{FlowPort, PortRange};
+use crate::flow::{FlowPort, PortRange, Proto};
 
 /// One of the kernel sets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KernelSet {
-    KnockPorts,
+    /// The knock and close ports of one protocol.
+    KnockPorts(Proto),
     Knocking(Family),
     /// (address, port) pairs of address grants.
     Granted(Family),
@@ -36,8 +38,9 @@ pub enum KernelSet {
 
 impl KernelSet {
     /// Every set, in the order they are created.
-    pub const ALL: [KernelSet; 7] = [
-        KernelSet::KnockPorts,
+    pub const ALL: [KernelSet; 8] = [
+        KernelSet::KnockPorts(Proto::Tcp),
+        KernelSet::KnockPorts(Proto::Udp),
         KernelSet::Knocking(Family::V4),
         KernelSet::Knocking(Family::V6),
         KernelSet::Granted(Family::V4),
@@ -55,7 +58,8 @@ impl KernelSet {
     /// The set's name in table inet knockq.
     pub fn nft(self) -> &'static str {
         match self {
-            KernelSet::KnockPorts => "knock_ports",
+            KernelSet::KnockPorts(Proto::Tcp) => "knock_ports",
+            KernelSet::KnockPorts(Proto::Udp) => "udp_knock_ports",
             KernelSet::Knocking(Family::V4) => "knocking4",
             KernelSet::Knocking(Family::V6) => "knocking6",
             KernelSet::Granted(Family::V4) => "granted4",
@@ -68,7 +72,8 @@ impl KernelSet {
     /// The ipset's name.
     pub fn ipset(self) -> &'static str {
         match self {
-            KernelSet::KnockPorts => "knockq-ports",
+            KernelSet::KnockPorts(Proto::Tcp) => "knockq-ports",
+            KernelSet::KnockPorts(Proto::Udp) => "knockq-udp-ports",
             KernelSet::Knocking(Family::V4) => "knockq-knocking4",
             KernelSet::Knocking(Family::V6) => "knockq-knocking6",
             KernelSet::Granted(Family::V4) => "knockq-granted4",
@@ -104,14 +109,14 @@ impl Offload {
         if !config.rules.offload {
             return None;
         }
-        let mut open: Vec<FlowPort> = config
-            .policies
-            .iter()
-            .flat_map(|p| p.open_ports.iter().copied())
-            .collect();
-        open.sort_unstable();
-        open.dedup();
-        let pairs = |grants: usize| grants.saturating_mul(open.len().max(1)).min(MAX_ELEMENTS);
+        let open = crate::flow::merge(
+            config
+                .policies
+                .iter()
+                .flat_map(|p| p.open_ports.iter().flat_map(|range| range.iter())),
+        );
+        let open_ports: usize = open.iter().map(|range| range.size() as usize).sum();
+        let pairs = |grants: usize| grants.saturating_mul(open_ports.max(1)).min(MAX_ELEMENTS);
         Some(Offload {
             knock_ports: knock_ports(&config.policies),
             knocking_window: config.knocking_window(),
@@ -121,24 +126,37 @@ impl Offload {
         })
     }
 
-    /// The knock ports as nft set elements: `1111, 20000-59999`.
+    /// The knock ports, as `1111, 20000-59999, 7000/udp`.
     pub fn knock_ports_list(&self) -> String {
         let ranges: Vec<String> = self.knock_ports.iter().map(PortRange::to_string).collect();
         ranges.join(", ")
     }
 
+    /// The knock ports of `proto`, as nft set elements: `1111, 20000-59999`.
+    fn knock_port_elements(&self, proto: Proto) -> Option<String> {
+        let ranges: Vec<String> = self
+            .knock_ports
+            .iter()
+            .filter(|range| range.proto() == proto)
+            .map(|range| range.numbers())
+            .collect();
+        (!ranges.is_empty()).then(|| ranges.join(", "))
+    }
+
     /// The nft declarations of the sets, for the table.
     pub fn nft_sets(&self) -> String {
         let mut out = String::new();
-        let elements = match self.knock_ports.is_empty() {
-            true => String::new(),
-            false => format!(" elements = {{ {} }};", self.knock_ports_list()),
-        };
-        let _ = writeln!(
-            out,
-            "\tset {} {{ type inet_service; flags interval;{elements} }}",
-            KernelSet::KnockPorts.nft()
-        );
+        for proto in Proto::ALL {
+            let elements = self
+                .knock_port_elements(proto)
+                .map(|list| format!(" elements = {{ {list} }};"))
+                .unwrap_or_default();
+            let _ = writeln!(
+                out,
+                "\tset {} {{ type inet_service; flags interval;{elements} }}",
+                KernelSet::KnockPorts(proto).nft()
+            );
+        }
         for family in [Family::V4, Family::V6] {
             let _ = writeln!(
                 out,
@@ -165,7 +183,7 @@ impl Offload {
             for family in [Family::V4, Family::V6] {
                 let _ = writeln!(
                     out,
-                    "\tset {} {{ type {} . inet_service; size {size}; flags {flags}; }}",
+                    "\tset {} {{ type {} . inet_proto . inet_service; size {size}; flags {flags}; }}",
                     set(family).nft(),
                     nft_address(family),
                 );
@@ -192,7 +210,7 @@ impl Offload {
             Family::V6 => "inet6",
         };
         match set {
-            KernelSet::KnockPorts => "bitmap:port range 1-65535".to_owned(),
+            KernelSet::KnockPorts(_) => "bitmap:port range 1-65535".to_owned(),
             KernelSet::Knocking(f) => format!(
                 "hash:ip family {} maxelem {} timeout {}",
                 family(f),
@@ -213,14 +231,18 @@ impl Offload {
         }
     }
 
-    /// Replaces the knock ports in one step: filled beside, then swapped.
+    /// Replaces the knock ports in one step per protocol: filled beside,
+    /// then swapped.
     pub fn ipset_knock_ports(&self) -> String {
         let mut out = String::new();
-        let ports = self
-            .knock_ports
-            .iter()
-            .map(|range| format!("{}-{}", range.first(), range.last()));
-        self.ipset_replace(KernelSet::KnockPorts, ports, &mut out);
+        for proto in Proto::ALL {
+            let ports = self
+                .knock_ports
+                .iter()
+                .filter(|range| range.proto() == proto)
+                .map(|range| format!("{}-{}", range.first().number(), range.last().number()));
+            self.ipset_replace(KernelSet::KnockPorts(proto), ports, &mut out);
+        }
         out
     }
 
@@ -248,14 +270,13 @@ impl Offload {
         let mut out = String::new();
         match firewall {
             Firewall::Nft => {
-                let ports = KernelSet::KnockPorts.nft();
-                let _ = writeln!(out, "flush set inet {NFT_TABLE} {ports}");
-                if !self.knock_ports.is_empty() {
-                    let _ = writeln!(
-                        out,
-                        "add element inet {NFT_TABLE} {ports} {{ {} }}",
-                        self.knock_ports_list()
-                    );
+                for proto in Proto::ALL {
+                    let ports = KernelSet::KnockPorts(proto).nft();
+                    let _ = writeln!(out, "flush set inet {NFT_TABLE} {ports}");
+                    if let Some(list) = self.knock_port_elements(proto) {
+                        let _ =
+                            writeln!(out, "add element inet {NFT_TABLE} {ports} {{ {list} }}");
+                    }
                 }
                 for set in KernelSet::GRANTED {
                     let _ = writeln!(out, "flush set inet {NFT_TABLE} {}", set.nft());
@@ -294,21 +315,10 @@ fn nft_address(family: Family) -> &'static str {
 /// scripts declare, as ranges.
 pub fn knock_ports(policies: &[Policy]) -> Vec<PortRange> {
     let map = PortMap::new(policies);
-    let mut ranges: Vec<PortRange> = Vec::new();
-    for port in FlowPort::all() {
-        if matches!(map.role(port), PortRole::Unrelated | PortRole::Open { .. }) {
-            continue;
-        }
-        let extended = ranges.last().and_then(|last| {
-            let next = last.last().number().checked_add(1)?;
-            (next == port.number()).then(|| PortRange::new(last.first(), port))?
-        });
-        match extended {
-            Some(longer) => *ranges.last_mut().expect("extended the last") = longer,
-            None => ranges.push(PortRange::single(port)),
-        }
-    }
-    ranges
+    crate::flow::merge(
+        FlowPort::all()
+            .filter(|&port| !matches!(map.role(port), PortRole::Unrelated | PortRole::Open { .. })),
+    )
 }
 
 /// One element of a granted set: a source (or network) and a port it may
@@ -335,7 +345,7 @@ impl GrantedPair {
         }
     }
 
-    /// `inet knockq granted4 { 10.0.0.2 . 22 timeout 5000ms }`; the time
+    /// `inet knockq granted4 { 10.0.0.2 . tcp . 22 timeout 5000ms }`; the time
     /// left in whole milliseconds, never past the grant's own end.
     fn nft_element(&self, left: Option<Duration>) -> String {
         let timeout = match left {
@@ -347,9 +357,10 @@ impl GrantedPair {
             None => self.src.to_string(),
         };
         format!(
-            "inet {NFT_TABLE} {} {{ {key} . {}{timeout} }}",
+            "inet {NFT_TABLE} {} {{ {key} . {} . {}{timeout} }}",
             self.set().nft(),
-            self.port
+            self.port.proto(),
+            self.port.number()
         )
     }
 
@@ -373,9 +384,9 @@ impl GrantedPair {
     }
 }
 
-/// A port as ipset's `hash:ip,port` writes it: `tcp:22`.
+/// A port as ipset's `hash:ip,port` writes it: `tcp:22`, `udp:53`.
 fn ipset_port(port: FlowPort) -> String {
-    format!("tcp:{port}")
+    format!("{}:{}", port.proto(), port.number())
 }
 
 /// A change to a granted set.
@@ -543,9 +554,9 @@ mod tests {
         let text = changes(Firewall::Nft, &[SetChange::Put(pair)]);
         assert_eq!(
             text,
-            "add element inet knockq granted4 { 10.0.0.2 . 22 timeout 1000ms }\n\
-             delete element inet knockq granted4 { 10.0.0.2 . 22 }\n\
-             add element inet knockq granted4 { 10.0.0.2 . 22 timeout 2500ms }\n"
+            "add element inet knockq granted4 { 10.0.0.2 . tcp . 22 timeout 1000ms }\n\
+             delete element inet knockq granted4 { 10.0.0.2 . tcp . 22 }\n\
+             add element inet knockq granted4 { 10.0.0.2 . tcp . 22 timeout 2500ms }\n"
         );
         let net = GrantedPair {
             src: "fd00::".parse().unwrap(),
@@ -556,8 +567,8 @@ mod tests {
         let text = changes(Firewall::Nft, &[SetChange::Remove(net)]);
         assert_eq!(
             text,
-            "add element inet knockq granted_nets6 { fd00::/56 . 22 timeout 1000ms }\n\
-             delete element inet knockq granted_nets6 { fd00::/56 . 22 }\n"
+            "add element inet knockq granted_nets6 { fd00::/56 . tcp . 22 timeout 1000ms }\n\
+             delete element inet knockq granted_nets6 { fd00::/56 . tcp . 22 }\n"
         );
     }
 
@@ -566,7 +577,7 @@ mod tests {
         let pair = pair("10.0.0.2", None, 22, None);
         assert_eq!(
             creations(Firewall::Nft, &[SetChange::Put(pair)]).unwrap(),
-            "create element inet knockq granted4 { 10.0.0.2 . 22 }\n"
+            "create element inet knockq granted4 { 10.0.0.2 . tcp . 22 }\n"
         );
         assert_eq!(
             creations(
@@ -622,11 +633,12 @@ mod tests {
             nft.starts_with(
                 "flush set inet knockq knock_ports\n\
                  add element inet knockq knock_ports { 1111-1112, 2222 }\n\
+                 flush set inet knockq udp_knock_ports\n\
                  flush set inet knockq granted4\n"
             ),
             "{nft}"
         );
-        assert!(nft.ends_with("add element inet knockq granted_nets4 { 10.0.0.0/24 . 8080 }\n"));
+        assert!(nft.ends_with("add element inet knockq granted_nets4 { 10.0.0.0/24 . tcp . 8080 }\n"));
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use super::*;
 use crate::config::Config;
 use crate::engine::{
-    Decision, Engine, Event, EventKind, GrantLeft, GrantRecord, Reason, Syn, Timestamp, WallClock,
+    Decision, Engine, Event, EventKind, GrantLeft, GrantRecord, Reason, NewFlow, Timestamp, WallClock,
 };
 use crate::flow::FlowPort;
 use crate::loader;
@@ -60,7 +60,7 @@ impl Gate {
     }
 
     fn syn(&mut self, src: &str, dst_port: u16) -> Decision {
-        let syn = Syn {
+        let syn = NewFlow {
             src: src.parse().unwrap(),
             dst_port: FlowPort::tcp(dst_port),
         };

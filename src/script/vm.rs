@@ -23,7 +23,7 @@ use super::budget::Budget;
 use super::FailureKind;
 use crate::config::Script;
 use crate::engine::{PortMask, ScriptAction, ScriptGrant, ScriptInput, ScriptOutput, Timestamp};
-use crate::flow::FlowPort;
+use crate::flow::{FlowPort, PortRange};
 
 /// Time the script's top level may take when it loads.
 const LOAD_BUDGET: Duration = Duration::from_secs(1);
@@ -461,6 +461,7 @@ fn knock_table(lua: &Lua, script: &Script, call: &Rc<Call>) -> mlua::Result<Tabl
         Ok(match &*key.as_bytes() {
             b"src" => Value::String(lua.create_string(input.src.to_string())?),
             b"family" => Value::Integer(if input.src.is_ipv4() { 4 } else { 6 }),
+            b"proto" => Value::String(lua.create_string(input.port.proto().as_str())?),
             b"now" => Value::Number(seconds(input.now)),
             b"wall" => Value::Number(input.unix_millis as f64 / 1000.0),
             b"last" => input.last.map_or(Value::Nil, |t| Value::Number(seconds(t))),
@@ -468,7 +469,7 @@ fn knock_table(lua: &Lua, script: &Script, call: &Rc<Call>) -> mlua::Result<Tabl
             b"knock" => Value::Boolean(input.knock_port),
             other => {
                 return Err(mlua::Error::runtime(format!(
-                    "the knock has no field \"{}\" (fields: port, stage, src, family, now, wall, last, granted, knock; methods: grant, revoke)",
+                    "the knock has no field \"{}\" (fields: port, proto, stage, src, family, now, wall, last, granted, knock; methods: grant, revoke)",
                     String::from_utf8_lossy(other)
                 )))
             }
@@ -487,7 +488,7 @@ fn knock_table(lua: &Lua, script: &Script, call: &Rc<Call>) -> mlua::Result<Tabl
 /// optional, checked against the policy.
 fn grant_options(
     options: Option<Table>,
-    open_ports: &[FlowPort],
+    open_ports: &[PortRange],
     (max_grant, min_v4, min_v6): (Duration, u8, u8),
     src: IpAddr,
 ) -> Result<ScriptGrant, String> {
@@ -516,15 +517,16 @@ fn grant_options(
         Value::Nil => PortMask::ALL,
         Value::Table(list) => {
             let ports = list
-                .sequence_values::<i64>()
+                .sequence_values::<Value>()
                 .map(|port| {
-                    let port = port
-                        .map_err(|_| "k:grant: ports must be a list of port numbers".to_owned())?;
-                    u16::try_from(port)
-                        .map(FlowPort::tcp)
-                        .map_err(|_| format!("k:grant: port {port} is outside 1..65535"))
+                    let text = match port {
+                        Ok(Value::Integer(n)) => n.to_string(),
+                        Ok(Value::String(s)) => s.to_string_lossy(),
+                        _ => return Err("k:grant: ports must be a list of ports such as 22 or \"53/udp\"".to_owned()),
+                    };
+                    PortRange::parse(&text).map_err(|e| format!("k:grant: {e}"))
                 })
-                .collect::<Result<Vec<FlowPort>, String>>()?;
+                .collect::<Result<Vec<PortRange>, String>>()?;
             if ports.is_empty() {
                 return Err("k:grant: ports is empty".to_owned());
             }

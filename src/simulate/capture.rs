@@ -1,4 +1,5 @@
-//! Reading pcap and pcapng captures into TCP header facts with timestamps.
+//! Reading pcap and pcapng captures into TCP and UDP header facts with
+//! timestamps.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -8,21 +9,22 @@ use pcap_file::pcapng::blocks::interface_description::InterfaceDescriptionOption
 use pcap_file::pcapng::{Block, PcapNgParser};
 use pcap_file::{DataLink, PcapError};
 
-use crate::packet::{self, Link, TcpFacts};
+use crate::packet::{self, FlowFacts, Link};
 
-/// One captured TCP packet.
+/// One captured TCP segment or UDP datagram.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Packet {
     /// Capture time, from the Unix epoch.
     pub time: Duration,
-    pub tcp: TcpFacts,
+    pub flow: FlowFacts,
 }
 
 #[derive(Debug, Default)]
 pub struct Capture {
     pub packets: Vec<Packet>,
-    /// Frames that are not TCP over IPv4/IPv6 (ARP, UDP, cut-off headers…).
-    pub not_tcp: u64,
+    /// Frames that are neither TCP nor UDP over IPv4/IPv6 (ARP, ICMP,
+    /// cut-off headers…).
+    pub skipped: u64,
     /// Where the file stops making sense, if it does before its end: the
     /// records before this byte offset were read.
     pub cut_at: Option<(usize, String)>,
@@ -76,8 +78,8 @@ fn link(datalink: DataLink, path: &Path) -> Result<Link, CaptureError> {
 impl Capture {
     fn add(&mut self, link: Link, time: Duration, frame: &[u8]) {
         match packet::parse_frame(link, frame) {
-            Some(tcp) => self.packets.push(Packet { time, tcp }),
-            None => self.not_tcp += 1,
+            Some(flow) => self.packets.push(Packet { time, flow }),
+            None => self.skipped += 1,
         }
     }
 
@@ -133,7 +135,7 @@ fn parse_pcapng(data: &[u8], path: &Path) -> Result<Capture, CaptureError> {
             continue;
         };
         let Some(interface) = parser.packet_interface(&packet) else {
-            capture.not_tcp += 1;
+            capture.skipped += 1;
             continue;
         };
         let link = link(interface.linktype, path)?;

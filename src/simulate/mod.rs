@@ -1,12 +1,13 @@
-//! `knockq simulate`: the daemon's engine, fed with captured SYNs and their
-//! capture timestamps as the clock, reporting what each policy would have
+//! `knockq simulate`: the daemon's engine, fed with the new flows of a
+//! capture (TCP SYNs, and UDP datagrams that start a flow to a port the
+//! rules queue) and their capture timestamps as the clock, reporting what each policy would have
 //! done: who got in, who almost did and why not, and the verdict totals.
 
 pub mod capture;
 pub mod report;
 pub mod sweep;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,8 +17,9 @@ use serde::Serialize;
 use crate::config::Config;
 use crate::engine::{
     Engine, Event, EventKind, Policies, PolicyKey, PortRole, Reason, TablePart, Timestamp,
+    Verdict,
 };
-use crate::flow::FlowPort;
+use crate::flow::{FlowPort, Proto};
 use crate::script::ScriptVms;
 use capture::Packet;
 
@@ -38,8 +40,8 @@ pub struct Options {
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
     pub config: String,
-    /// SYNs fed to the engine.
-    pub syns: u64,
+    /// New flows fed to the engine.
+    pub new_flows: u64,
     /// Verdicts by reason, as `verdict/reason`.
     pub verdicts: BTreeMap<String, u64>,
     pub policies: Vec<PolicyReport>,
@@ -147,20 +149,75 @@ pub fn simulate(config: &Config, name: &str, packets: &[Packet], options: &Optio
         next_expiry: None,
         report: Report {
             config: name.to_owned(),
-            syns: 0,
+            new_flows: 0,
             verdicts: Reason::ALL.iter().map(|&r| (verdict_key(r), 0)).collect(),
             policies: Vec::new(),
             timeline: Vec::new(),
             packets: Vec::new(),
         },
     };
-    let syns = packets
-        .iter()
-        .filter(|p| p.tcp.is_syn() && options.dst.is_none_or(|dst| dst == p.tcp.dst));
-    for packet in syns {
-        simulation.packet(packet);
+    let udp_ports = config.decided_udp_ports();
+    let mut udp_flows = UdpFlows::default();
+    for packet in packets {
+        let flow = &packet.flow;
+        let new = match flow.dst_port.proto() {
+            Proto::Tcp => flow.is_syn(),
+            Proto::Udp => {
+                udp_flows.is_new(packet)
+                    && udp_ports.iter().any(|range| range.contains(flow.dst_port))
+            }
+        };
+        if !new || options.dst.is_some_and(|dst| dst != flow.dst) {
+            continue;
+        }
+        let verdict = simulation.packet(packet);
+        if flow.dst_port.proto() == Proto::Udp && verdict == Verdict::Accept {
+            udp_flows.accepted(packet);
+        }
     }
     simulation.finish()
+}
+
+/// The UDP flows the gate accepted, as conntrack keeps them: the later
+/// datagrams of one, either way, are not new and never reach the queue.
+/// A rejected datagram leaves no entry, so its flow's next one is new.
+#[derive(Default)]
+struct UdpFlows {
+    /// (source, source port, destination, destination port) as first seen:
+    /// when last seen, and whether a reply was.
+    flows: HashMap<(IpAddr, u16, IpAddr, u16), (Duration, bool)>,
+}
+
+impl UdpFlows {
+    /// conntrack's defaults: `nf_conntrack_udp_timeout` and
+    /// `nf_conntrack_udp_timeout_stream`.
+    const UNREPLIED: Duration = Duration::from_secs(30);
+    const REPLIED: Duration = Duration::from_secs(120);
+
+    /// Whether `packet` starts a flow; a datagram of a live one refreshes it.
+    fn is_new(&mut self, packet: &Packet) -> bool {
+        let f = &packet.flow;
+        let forward = (f.src, f.src_port, f.dst, f.dst_port.number());
+        let reverse = (f.dst, f.dst_port.number(), f.src, f.src_port);
+        for (key, reply) in [(forward, false), (reverse, true)] {
+            if let Some((last, replied)) = self.flows.get_mut(&key) {
+                let timeout = if *replied { Self::REPLIED } else { Self::UNREPLIED };
+                if packet.time.saturating_sub(*last) <= timeout {
+                    *last = packet.time;
+                    *replied |= reply;
+                    return false;
+                }
+                self.flows.remove(&key);
+            }
+        }
+        true
+    }
+
+    fn accepted(&mut self, packet: &Packet) {
+        let f = &packet.flow;
+        let key = (f.src, f.src_port, f.dst, f.dst_port.number());
+        self.flows.insert(key, (packet.time, false));
+    }
 }
 
 fn verdict_key(reason: Reason) -> String {
@@ -183,7 +240,7 @@ struct Simulation<'a> {
 }
 
 impl Simulation<'_> {
-    fn packet(&mut self, packet: &Packet) {
+    fn packet(&mut self, packet: &Packet) -> Verdict {
         let at = packet.time.as_secs_f64();
         let now =
             Timestamp::from_millis(u64::try_from(packet.time.as_millis()).unwrap_or(u64::MAX));
@@ -193,11 +250,11 @@ impl Simulation<'_> {
             self.record(at, None);
             self.next_expiry = Some(now.saturating_add(EXPIRE_INTERVAL));
         }
-        let syn = packet.tcp.syn();
+        let syn = packet.flow.new_flow();
         let decision = self
             .engine
             .decide(syn, now, &mut self.events, &mut self.scripts);
-        self.report.syns += 1;
+        self.report.new_flows += 1;
         *self
             .report
             .verdicts
@@ -209,7 +266,7 @@ impl Simulation<'_> {
             self.tracks.entry((key, syn.src)).or_default().knocks += 1;
         }
         for (i, policy) in self.policies.list().iter().enumerate() {
-            if policy.open_ports.contains(&syn.dst_port) {
+            if policy.open_ports.iter().any(|r| r.contains(syn.dst_port)) {
                 match decision.reason {
                     Reason::Granted => self.open_ports[i].0 += 1,
                     _ => self.open_ports[i].1 += 1,
@@ -226,6 +283,7 @@ impl Simulation<'_> {
             });
         }
         self.record(at, Some((syn.dst_port, role)));
+        decision.verdict()
     }
 
     /// Folds the events of one packet (or one expiry) into the tracks.

@@ -12,7 +12,8 @@ use super::Report;
 #[derive(Serialize)]
 pub struct Run<'a> {
     pub capture: String,
-    pub frames_not_tcp: u64,
+    /// Frames neither TCP nor UDP over IP.
+    pub frames_skipped: u64,
     /// Byte offset where the capture was cut off, if it was.
     pub cut_at: Option<usize>,
     pub reports: &'a [Report],
@@ -30,7 +31,7 @@ fn time(at: f64) -> String {
 pub fn text(reports: &[Report]) -> String {
     let mut out = String::new();
     for report in reports {
-        let _ = writeln!(out, "{}: {} SYNs", report.config, report.syns);
+        let _ = writeln!(out, "{}: {} new flows", report.config, report.new_flows);
         let verdicts: Vec<String> = report
             .verdicts
             .iter()
@@ -179,7 +180,7 @@ fn rows(reports: &[Report]) -> Vec<(String, Vec<Option<u64>>)> {
 }
 
 fn measures_of(report: &Report) -> Vec<(String, u64)> {
-    let mut out = vec![("SYNs".to_owned(), report.syns)];
+    let mut out = vec![("new flows".to_owned(), report.new_flows)];
     out.extend(report.verdicts.iter().map(|(k, &v)| (k.clone(), v)));
     for p in &report.policies {
         let count =

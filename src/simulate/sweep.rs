@@ -7,7 +7,8 @@ use std::time::Duration;
 use super::capture::Packet;
 use super::{simulate, Options};
 use crate::config::Config;
-use crate::packet::TcpFacts;
+use crate::flow::FlowPort;
+use crate::packet::FlowFacts;
 
 /// A documentation address (RFC 5737): nothing real.
 const SCANNER: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1));
@@ -63,10 +64,11 @@ pub fn sweep(config: &Config, interval: Duration) -> Vec<SweepResult> {
             .enumerate()
             .map(|(i, dst_port)| Packet {
                 time: start + interval * u32::try_from(i).expect("65535 probes"),
-                tcp: TcpFacts {
+                flow: FlowFacts {
                     src: SCANNER,
                     dst: TARGET,
-                    dst_port,
+                    src_port: 40000,
+                    dst_port: FlowPort::tcp(dst_port),
                     syn: true,
                     ack: false,
                 },

@@ -191,7 +191,7 @@ fn ipv6_sources_and_syn_acks() {
         .unwrap();
     bytes.extend_from_slice(&writer.into_writer()[24..]);
     let report = run(SSH, &bytes, &Options::default());
-    assert_eq!(report.syns, 2);
+    assert_eq!(report.new_flows, 2);
     assert_eq!(report.policies[0].granted[0].source, ip("fd09::2"));
 }
 
