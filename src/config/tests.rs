@@ -477,3 +477,72 @@ fn cluster_settings_that_cannot_work_are_refused() {
         assert_eq!(error(&text), message);
     }
 }
+
+#[test]
+fn ports_may_name_their_protocol() {
+    let text = "[[policy]]\nname = \"wg\"\nsequence = [1111, \"2222/udp\", \"53/tcp\"]\n\
+                open_ports = [\"53/udp\", \"60000-61000/udp\", 22]\nclose_port = \"3333/udp\"\n";
+    let config = parse(text, Path::new("knockq.toml")).unwrap();
+    let policy = &config.policies[0];
+    assert_eq!(
+        policy.knock,
+        Knock::Fixed(vec![FlowPort::tcp(1111), FlowPort::udp(2222), FlowPort::tcp(53)])
+    );
+    assert_eq!(policy.close_port, Some(FlowPort::udp(3333)));
+    assert_eq!(policy.open_ports[1], PortRange::parse("60000-61000/udp").unwrap());
+    let udp: Vec<String> = config.decided_udp_ports().iter().map(|r| r.to_string()).collect();
+    assert_eq!(udp, ["53/udp", "2222/udp", "3333/udp", "60000-61000/udp"]);
+    assert!(parse(SSH, Path::new("knockq.toml")).unwrap().decided_udp_ports().is_empty());
+}
+
+#[test]
+fn bad_port_specs_and_roles_per_protocol_are_refused() {
+    let with = |sequence: &str, open: &str| {
+        error(&format!(
+            "[[policy]]\nname = \"wg\"\nsequence = {sequence}\nopen_ports = {open}\n"
+        ))
+    };
+    assert_eq!(
+        with("[\"70000/udp\", 2222]", "[22]"),
+        "knockq.toml:3: policy[0].sequence[0]: port 70000 is outside 1..65535"
+    );
+    assert_eq!(
+        with("[1111, 2222]", "[\"22/sctp\"]"),
+        "knockq.toml:4: policy[0].open_ports[0]: protocol \"sctp\" is neither tcp nor udp"
+    );
+    assert_eq!(
+        with("[1111, 2222]", "[\"5-3/udp\"]"),
+        "knockq.toml:4: policy[0].open_ports[0]: port range \"5-3/udp\" ends before it starts"
+    );
+    assert_eq!(
+        with("[1111, \"53/udp\"]", "[\"53/udp\"]"),
+        "knockq.toml:3: policy[0].sequence: knock port 53/udp is also an open port of policy \"wg\""
+    );
+    assert_eq!(
+        with("[1111, 2222]", "[\"50-60/udp\", \"55/udp\"]"),
+        "knockq.toml:4: policy[0].open_ports: open port 55/udp overlaps 50-60/udp, given earlier"
+    );
+    assert_eq!(
+        with("[\"1111/udp\", \"1112/udp\"]", "[22]"),
+        "knockq.toml:3: policy[0].sequence: the sequence 1111/udp, 1112/udp is consecutive ports: \
+         a port scan in order knocks it by itself; scatter the ports, or set allow_weak_sequence = true"
+    );
+    // TCP 53 and UDP 53 are different ports; so are 1111 and 1112/udp.
+    let fine = "[[policy]]\nname = \"dns\"\nsequence = [53, \"1111/udp\", 1112]\nopen_ports = [\"53/udp\"]\n";
+    parse(fine, Path::new("knockq.toml")).unwrap();
+}
+
+#[test]
+fn a_rotating_range_takes_its_protocol_from_proto() {
+    let fixture = RotatingFixture::new();
+    let config = fixture.parse(&format!("{OPS}proto = \"udp\"\n")).unwrap();
+    let Knock::Rotating(rotating) = &config.policies[0].knock else {
+        panic!("not rotating");
+    };
+    assert_eq!(rotating.ports.to_string(), "20000-59999/udp");
+    assert_eq!(
+        fixture.error(&OPS.replace("20000-59999", "20000-59999/udp")),
+        "knockq.toml:7: policy[0].rotating.ports: \"20000-59999/udp\" names a protocol: \
+         a rotating range takes it from rotating.proto"
+    );
+}

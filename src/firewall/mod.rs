@@ -557,4 +557,37 @@ mod tests {
             .contains("create knockq-granted4 hash:ip,port"));
         assert!(!ruleset("").render(Backend::Nft).contains("set "));
     }
+
+    #[test]
+    fn only_udp_ports_a_policy_uses_are_queued_and_rejected_udp_gets_port_unreachable() {
+        let text = "[[policy]]\nname = \"wg\"\nsequence = [1111, \"2222/udp\"]\n\
+                    open_ports = [22, \"51820/udp\", \"60000-61000/udp\"]\n";
+        let rules = Ruleset::from_config(&crate::loader::parse(text, Path::new("t.toml")).unwrap());
+        let v4 = rules.render(Backend::Iptables);
+        for rule in [
+            "-A KNOCKQ -p udp --dport 2222 -m conntrack --ctstate NEW -j NFQUEUE --queue-num 0\n",
+            "-A KNOCKQ -p udp --dport 51820 -m conntrack --ctstate NEW -j NFQUEUE --queue-num 0\n",
+            "-A KNOCKQ -p udp --dport 60000:61000 -m conntrack --ctstate NEW -j NFQUEUE --queue-num 0\n",
+            "-A KNOCKQ -p udp -m mark --mark 0x6b710001 -j REJECT --reject-with icmp-port-unreachable\n",
+        ] {
+            assert!(v4.contains(rule), "{rule} in {v4}");
+        }
+        assert_eq!(v4.matches("-p udp --dport").count(), 3, "{v4}");
+        let v6 = rules.render(Backend::Ip6tables);
+        assert!(v6.contains("-p udp -m mark --mark 0x6b710001 -j REJECT --reject-with icmp6-port-unreachable\n"), "{v6}");
+        let nft = rules.render(Backend::Nft);
+        assert!(
+            nft.contains("\t\tudp dport { 2222, 51820, 60000-61000 } ct state new counter queue num 0\n"),
+            "{nft}"
+        );
+        assert!(nft.contains("meta mark 0x6b710001 meta l4proto udp counter reject with icmpx type port-unreachable\n"));
+        // Under drop, a rejected datagram is dropped like a SYN.
+        let drop = text.replace("[[policy]]", "[verdict]\nreject_with = \"drop\"\n[[policy]]");
+        let rules = Ruleset::from_config(&crate::loader::parse(&drop, Path::new("t.toml")).unwrap());
+        assert!(!rules.render(Backend::Iptables).contains("REJECT"));
+        // Without UDP ports, no UDP rule at all.
+        let tcp_only = ruleset("").render(Backend::Iptables);
+        assert!(!tcp_only.contains("--dport"), "{tcp_only}");
+        assert!(!ruleset("").render(Backend::Nft).contains("udp dport"));
+    }
 }

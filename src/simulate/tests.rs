@@ -453,3 +453,72 @@ fn full_sweeps_never_walk_through_the_seed_script() {
         ]
     );
 }
+
+/// A UDP datagram of a test capture: seconds after T0, source and port,
+/// destination and port.
+struct Datagram(f64, &'static str, u16, &'static str, u16);
+
+fn udp_pcap(datagrams: &[Datagram]) -> Vec<u8> {
+    let header = PcapHeader {
+        datalink: DataLink::ETHERNET,
+        ..Default::default()
+    };
+    let mut writer = PcapWriter::with_header(Vec::new(), header).unwrap();
+    for &Datagram(at, src, src_port, dst, dst_port) in datagrams {
+        let (IpAddr::V4(s), IpAddr::V4(d)) = (ip(src), ip(dst)) else {
+            unreachable!("IPv4 only")
+        };
+        let builder = PacketBuilder::ethernet2([2; 6], [4; 6])
+            .ipv4(s.octets(), d.octets(), 64)
+            .udp(src_port, dst_port);
+        let mut data = Vec::new();
+        builder.write(&mut data, b"x").unwrap();
+        let time = Duration::from_secs_f64(T0 + at);
+        writer
+            .write_packet(&PcapPacket::new(time, data.len() as u32, &data))
+            .unwrap();
+    }
+    writer.into_writer()
+}
+
+#[test]
+fn udp_datagrams_are_decided_once_per_flow_as_conntrack_keeps_them() {
+    let wireguard = "[[policy]]\nname = \"wg\"\nsequence = [\"7000/udp\", \"8000/udp\"]\n\
+                     open_ports = [\"51820/udp\"]\n";
+    let capture = udp_pcap(&[
+        // A stranger's handshake, rejected: its retry is a new flow again.
+        Datagram(0.0, "10.9.0.3", 40000, GATE, 51820),
+        Datagram(1.0, "10.9.0.3", 40000, GATE, 51820),
+        // DNS and other UDP the rules never queue.
+        Datagram(1.5, "10.9.0.2", 40001, GATE, 53),
+        Datagram(2.0, "10.9.0.2", 40002, GATE, 7000),
+        Datagram(2.5, "10.9.0.2", 40003, GATE, 8000),
+        // Accepted: the reply and the later datagrams are not new.
+        Datagram(3.0, "10.9.0.2", 40004, GATE, 51820),
+        Datagram(3.1, GATE, 51820, "10.9.0.2", 40004),
+        Datagram(60.0, "10.9.0.2", 40004, GATE, 51820),
+        // Idle past the replied flow's 120 s: new again, still granted.
+        Datagram(200.0, "10.9.0.2", 40004, GATE, 51820),
+    ]);
+    let options = Options {
+        verdicts: true,
+        ..Options::default()
+    };
+    let report = run(wireguard, &capture, &options);
+    let verdicts: Vec<(String, FlowPort, &str)> = report
+        .packets
+        .iter()
+        .map(|p| (p.source.to_string(), p.dst_port, p.reason))
+        .collect();
+    let want = [
+        ("10.9.0.3", 51820, "no_grant"),
+        ("10.9.0.3", 51820, "no_grant"),
+        ("10.9.0.2", 7000, "knock"),
+        ("10.9.0.2", 8000, "knock"),
+        ("10.9.0.2", 51820, "granted"),
+        ("10.9.0.2", 51820, "granted"),
+    ]
+    .map(|(src, port, reason)| (src.to_owned(), FlowPort::udp(port), reason));
+    assert_eq!(verdicts, want);
+    assert_eq!(report.new_flows, 6);
+}
