@@ -12,5 +12,6 @@ mod resilience;
 mod rules;
 mod scripts;
 mod simulate;
+mod udp;
 mod util;
 mod vm;

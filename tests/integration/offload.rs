@@ -13,6 +13,7 @@ use crate::util::*;
 /// The end-to-end tests of the gate, run again with offload.
 const AGAIN_WITH_OFFLOAD: &[&str] = &[
     "gate::",
+    "udp::",
     "rules::",
     "scripts::",
     "simulate::",

@@ -13,13 +13,14 @@ use crate::util::*;
 /// which loads nft rules there.
 const FILTERS: &[&str] = &[
     "gate::",
+    "udp::",
     "rules::",
     "offload::",
     "deploy::packaged_unit_runs_under_systemd",
 ];
 
 /// The tests run a second time inside the VM, with `[rules] offload`.
-const WITH_OFFLOAD: &[&str] = &["gate::", "rules::"];
+const WITH_OFFLOAD: &[&str] = &["gate::", "udp::", "rules::"];
 
 /// Emulated without KVM, a client command takes hundreds of milliseconds:
 /// this test's one-second windows cannot hold there. It runs on the host.

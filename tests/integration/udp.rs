@@ -1,0 +1,146 @@
+//! UDP end to end: knocks by datagram from knockd's `knock`, nc and
+//! knockq's own client, and a real DNS server (Debian's dnsmasq) behind
+//! the gate, queried with dig.
+
+use std::fs;
+
+use crate::util::*;
+
+/// A DNS server opened by a UDP sequence and closed by a UDP knock, and a
+/// mixed sequence that opens ssh's TCP port.
+const POLICIES: &str = r#"[[policy]]
+name = "dns"
+sequence = ["7000/udp", "8000/udp"]
+open_ports = ["53/udp"]
+close_port = "9000/udp"
+
+[[policy]]
+name = "mixed"
+sequence = ["1111/udp", 2222]
+open_ports = [22]
+"#;
+
+const NAME: &str = "knockq.test";
+const ANSWER: &str = "10.9.0.77";
+
+/// dnsmasq on the gate's port 53, both families, answering one name and
+/// logging every query it receives to `dnsmasq.log`.
+fn start_dns(net: &mut Net) {
+    let addresses = [format!("--listen-address={GATE4}"), format!("--listen-address={GATE6}")];
+    let answer = format!("--address=/{NAME}/{ANSWER}");
+    let mut args = vec![
+        "--no-daemon",
+        "--conf-file=/dev/null",
+        "--no-resolv",
+        "--no-hosts",
+        "--bind-interfaces",
+        "--port=53",
+        "--user=root",
+        "--pid-file=",
+        "--log-queries",
+        "--log-facility=-",
+    ];
+    args.extend(addresses.iter().map(String::as_str));
+    args.push(&answer);
+    net.spawn_in_gate("dnsmasq", &args);
+    wait_for("dnsmasq", || {
+        let out = net.in_gate("ss -lunH");
+        text(&out.stdout).contains(&format!("{GATE4}:53 "))
+    });
+}
+
+/// What dig says when `src` asks the gate for [`NAME`]: the address, or
+/// its error.
+fn dig(net: &Net, src: &str) -> String {
+    dig_from(net, GATE4, &format!("-b {src}"))
+}
+
+/// The same, to `server`, with dig's `options`.
+fn dig_from(net: &Net, server: &str, options: &str) -> String {
+    let out = net.in_client(&format!("dig +time=2 +tries=1 +short {options} @{server} {NAME} A"));
+    format!("{}{}", text(&out.stdout), text(&out.stderr))
+}
+
+fn answered(reply: &str) -> bool {
+    reply.trim() == ANSWER
+}
+
+/// Refused at once by ICMP port unreachable, as a closed UDP port answers.
+fn refused(reply: &str) -> bool {
+    reply.contains("connection refused")
+}
+
+fn udp_knock_with_nc(net: &Net, src: &str, ports: &[u16]) {
+    for port in ports {
+        let dst = if src.contains(':') { GATE6 } else { GATE4 };
+        net.in_client(&format!("printf x | nc -u -w 1 -s {src} {dst} {port}"));
+    }
+}
+
+#[test]
+fn a_dns_server_behind_the_gate_answers_only_after_a_udp_knock() {
+    if !can_run("a_dns_server_behind_the_gate_answers_only_after_a_udp_knock", true, &["dnsmasq", "dig", "knock", "nc"]) {
+        return;
+    }
+    let mut net = Net::new();
+    start_dns(&mut net);
+    let gate = net.start_gate(POLICIES, DUAL_STACK_RULES);
+    let (knocker, stranger) = (CLIENTS4[0], CLIENTS4[1]);
+    let before = dig(&net, knocker);
+    assert!(refused(&before), "before the knock: {before}");
+
+    // knockd's client, UDP throughout.
+    let out = net.in_client(&format!("knock -u -d 100 {GATE4} 7000 8000"));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    gate.wait_for_log(&format!("event=grant src={knocker} policy=dns"));
+    let after = dig(&net, knocker);
+    assert!(answered(&after), "after the knock: {after}");
+    let again = dig(&net, knocker);
+    assert!(answered(&again), "a second query, a new flow: {again}");
+    let strangers = dig(&net, stranger);
+    assert!(refused(&strangers), "a stranger: {strangers}");
+
+    // The close knock, by nc.
+    udp_knock_with_nc(&net, knocker, &[9000]);
+    gate.wait_for_log(&format!("event=revoke src={knocker} policy=dns reason=close_knock"));
+    let closed = dig(&net, knocker);
+    assert!(refused(&closed), "after the close knock: {closed}");
+
+    // knockq's own client, over IPv6 by -6.
+    net.client_hosts(&format!("{GATE4} gate\n{GATE6} gate\n"));
+    let out = net.in_client(&format!("{} knock -6 gate 7000/udp 8000/udp --delay 100ms", env!("CARGO_BIN_EXE_knockq")));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // From the address the kernel picks, as knockq's client's knocks came.
+    let v6 = dig_from(&net, GATE6, "");
+    assert!(answered(&v6), "over IPv6 after knockq's knock -6: {v6}");
+    assert!(refused(&dig(&net, knocker)), "the IPv4 address knocked nothing");
+
+    // The server's own log: the stranger's queries never reached it.
+    let log = fs::read_to_string(net.dir.path().join("dnsmasq.log")).unwrap();
+    let queries = |src: &str| log.matches(&format!("query[A] {NAME} from {src}")).count();
+    assert_eq!(queries(knocker), 2, "{log}");
+    assert_eq!(queries(stranger), 0, "{log}");
+    assert_eq!(queries("fd09::"), 1, "{log}");
+    assert_eq!(net.pending_packets(), 0);
+}
+
+#[test]
+fn knockds_client_opens_a_mixed_sequence() {
+    if !can_run("knockds_client_opens_a_mixed_sequence", true, &["knock", "nc"]) {
+        return;
+    }
+    let mut net = Net::new();
+    net.listen(&[22]);
+    let gate = net.start_gate(POLICIES, IPV4_RULES);
+    let src = CLIENTS4[0];
+    assert!(net.connect(src, 22).is_rejected());
+    // Knocks in the wrong protocols do nothing.
+    let out = net.in_client(&format!("knock -d 100 {GATE4} 1111:tcp 2222:udp"));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(net.connect(src, 22).is_rejected(), "TCP 1111 and UDP 2222 are no knocks");
+    let out = net.in_client(&format!("knock -d 100 {GATE4} 1111:udp 2222:tcp"));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    gate.wait_for_log(&format!("event=grant src={src} policy=mixed"));
+    assert_eq!(net.connect(src, 22), Reply::Open);
+    assert_eq!(net.pending_packets(), 0);
+}
