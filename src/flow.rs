@@ -197,7 +197,10 @@ impl PortRange {
     pub fn parse(text: &str) -> Result<PortRange, String> {
         let (numbers, proto) = split_proto(text)?;
         let Some((first, last)) = numbers.split_once('-') else {
-            return Ok(PortRange::single(FlowPort::new(proto, port_number(numbers)?)));
+            return Ok(PortRange::single(FlowPort::new(
+                proto,
+                port_number(numbers)?,
+            )));
         };
         let (first, last) = (
             FlowPort::new(proto, port_number(first.trim())?),
@@ -338,7 +341,10 @@ mod tests {
             ("22/sctp", "protocol \"sctp\" is neither tcp nor udp"),
             ("ssh", "\"ssh\" is not a port"),
         ] {
-            assert!(FlowPort::parse(text).unwrap_err().contains(message), "{text}");
+            assert!(
+                FlowPort::parse(text).unwrap_err().contains(message),
+                "{text}"
+            );
         }
         assert_eq!(FlowPort::all().count(), 2 * 65535);
     }
@@ -374,7 +380,10 @@ mod tests {
 
     #[test]
     fn merging_joins_neighbours_of_one_protocol() {
-        let ports = [1, 2, 3, 7].map(FlowPort::tcp).into_iter().chain([FlowPort::udp(4), FlowPort::udp(3)]);
+        let ports = [1, 2, 3, 7]
+            .map(FlowPort::tcp)
+            .into_iter()
+            .chain([FlowPort::udp(4), FlowPort::udp(3)]);
         let merged: Vec<String> = merge(ports).iter().map(PortRange::to_string).collect();
         assert_eq!(merged, ["1-3", "7", "3-4/udp"]);
     }

@@ -102,7 +102,12 @@ impl KernelSets {
                 continue;
             };
             let left = left.duration();
-            for port in grant.status.ports.ports(&policy.open_ports).flat_map(PortRange::iter) {
+            for port in grant
+                .status
+                .ports
+                .ports(&policy.open_ports)
+                .flat_map(PortRange::iter)
+            {
                 let entry = longest
                     .entry((grant.src, grant.prefix, port))
                     .or_insert(left);

@@ -90,7 +90,11 @@ fn host_of(host: Option<String>, profile: Option<&Profile>) -> Result<String, Cl
         .ok_or_else(|| usage("give a HOST, or a --profile that names one"))
 }
 
-pub fn knock(host: Option<String>, ports: Vec<FlowPort>, args: &ClientArgs) -> Result<(), ClientError> {
+pub fn knock(
+    host: Option<String>,
+    ports: Vec<FlowPort>,
+    args: &ClientArgs,
+) -> Result<(), ClientError> {
     let profile = args.profile()?;
     let host = host_of(host, profile.as_ref())?;
     let ports = match (&profile, ports.is_empty()) {

@@ -18,8 +18,8 @@ use crate::config::DEFAULT_CONTROL_SOCKET;
 use crate::daemon;
 use crate::firewall::load::{self, Firewall};
 use crate::firewall::{Backend, Ruleset};
-use crate::loader;
 use crate::flow::FlowPort;
+use crate::loader;
 
 const DEFAULT_CONFIG: &str = "/etc/knockq/knockq.toml";
 

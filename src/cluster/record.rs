@@ -274,7 +274,10 @@ mod tests {
     fn values_are_json_tagged_by_state() {
         let granted = Shared::Granted {
             node: "bastion-1".into(),
-            ports: vec![PortRange::single(FlowPort::tcp(22)), PortRange::single(FlowPort::tcp(8080))],
+            ports: vec![
+                PortRange::single(FlowPort::tcp(22)),
+                PortRange::single(FlowPort::tcp(8080)),
+            ],
             until: None,
             at: 1,
         };

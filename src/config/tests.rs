@@ -49,6 +49,16 @@ fn the_example_configuration_is_valid() {
 }
 
 #[test]
+fn the_wireguard_example_is_valid() {
+    let text = include_str!("../../examples/wireguard.toml");
+    let config = parse(text, Path::new("wireguard.toml")).unwrap();
+    assert_eq!(
+        config.policies[0].open_ports[0],
+        PortRange::single(FlowPort::udp(51820))
+    );
+}
+
+#[test]
 fn unknown_keys_are_refused() {
     assert_eq!(
         error(&format!("{SSH}colour = \"blue\"\n")),
@@ -486,13 +496,27 @@ fn ports_may_name_their_protocol() {
     let policy = &config.policies[0];
     assert_eq!(
         policy.knock,
-        Knock::Fixed(vec![FlowPort::tcp(1111), FlowPort::udp(2222), FlowPort::tcp(53)])
+        Knock::Fixed(vec![
+            FlowPort::tcp(1111),
+            FlowPort::udp(2222),
+            FlowPort::tcp(53)
+        ])
     );
     assert_eq!(policy.close_port, Some(FlowPort::udp(3333)));
-    assert_eq!(policy.open_ports[1], PortRange::parse("60000-61000/udp").unwrap());
-    let udp: Vec<String> = config.decided_udp_ports().iter().map(|r| r.to_string()).collect();
+    assert_eq!(
+        policy.open_ports[1],
+        PortRange::parse("60000-61000/udp").unwrap()
+    );
+    let udp: Vec<String> = config
+        .decided_udp_ports()
+        .iter()
+        .map(|r| r.to_string())
+        .collect();
     assert_eq!(udp, ["53/udp", "2222/udp", "3333/udp", "60000-61000/udp"]);
-    assert!(parse(SSH, Path::new("knockq.toml")).unwrap().decided_udp_ports().is_empty());
+    assert!(parse(SSH, Path::new("knockq.toml"))
+        .unwrap()
+        .decided_udp_ports()
+        .is_empty());
 }
 
 #[test]

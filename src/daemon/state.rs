@@ -373,7 +373,7 @@ fn restorable(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::{Event, NoScripts, NewFlow, Verdict};
+    use crate::engine::{Event, NewFlow, NoScripts, Verdict};
 
     fn engine(text: &str) -> Engine {
         Engine::new(&crate::loader::parse(text, Path::new("t.toml")).unwrap())

@@ -17,7 +17,7 @@ use super::events::EventReport;
 use super::metrics::Metrics;
 use super::receive::{Receiver, MAX_BATCH};
 use super::verdicts::VerdictBatch;
-use crate::engine::{Decision, Engine, Event, PolicyKey, Reason, NewFlow, Timestamp};
+use crate::engine::{Decision, Engine, Event, NewFlow, PolicyKey, Reason, Timestamp};
 use crate::listeners::Clock;
 use crate::packet;
 use crate::script::{Failure, FailureKind, ScriptVms};
@@ -78,7 +78,8 @@ impl Worker {
                     // source's state: the loads from memory overlap instead
                     // of following one another.
                     parsed.extend(receiver.packets().map(|packet| {
-                        let syn = guarded(|| packet::parse_new_flow(packet.payload.unwrap_or_default()));
+                        let syn =
+                            guarded(|| packet::parse_new_flow(packet.payload.unwrap_or_default()));
                         if let Some(Some(syn)) = syn {
                             self.engine.prefetch(syn.src);
                         }

@@ -10,9 +10,9 @@ use super::prefixes::PrefixGrant;
 use super::rotation::SpentWindows;
 use super::source::{self, SourceState};
 use super::{
-    Decision, Engine, Event, EventKind, EventSink, Origin, Policies, PolicyId, PolicySet, PortRole,
-    Reason, RevokeReason, ScriptAction, ScriptGrant, ScriptInput, ScriptRunner, NewFlow, Timestamp,
-    WallClock,
+    Decision, Engine, Event, EventKind, EventSink, NewFlow, Origin, Policies, PolicyId, PolicySet,
+    PortRole, Reason, RevokeReason, ScriptAction, ScriptGrant, ScriptInput, ScriptRunner,
+    Timestamp, WallClock,
 };
 use crate::config;
 use crate::flow::FlowPort;

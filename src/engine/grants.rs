@@ -189,9 +189,9 @@ impl Engine {
         let policies = self.policies.load();
         // A mask of all ports opens the policy's open ports, not any port.
         let opens = |key: PolicyKey, ports: PortMask| {
-            policies.get(key).is_some_and(|policy| {
-                ports.opens(&policy.open_ports, port)
-            })
+            policies
+                .get(key)
+                .is_some_and(|policy| ports.opens(&policy.open_ports, port))
         };
         match prefix {
             Some(prefix) => {

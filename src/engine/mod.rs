@@ -58,7 +58,7 @@ pub use status::SourceStatus;
 use table::SourceTable;
 pub use table::TablePart;
 pub use time::{Timestamp, WallClock};
-pub use verdict::{Decision, Reason, NewFlow, Verdict};
+pub use verdict::{Decision, NewFlow, Reason, Verdict};
 
 /// Index of a policy in the list in force.
 pub type PolicyId = u8;

@@ -1062,16 +1062,27 @@ fn a_mixed_sequence_opens_udp_and_tcp_ports() {
     let mut gate = Gate::new(WIREGUARD);
     let src = "10.0.0.2";
     assert_eq!(gate.flow(src, FlowPort::udp(51820)), NO_GRANT);
-    for port in [FlowPort::udp(7000), FlowPort::tcp(8000), FlowPort::udp(9000)] {
+    for port in [
+        FlowPort::udp(7000),
+        FlowPort::tcp(8000),
+        FlowPort::udp(9000),
+    ] {
         assert_eq!(gate.flow(src, port), KNOCK, "knock on {port}");
     }
     assert_eq!(gate.flow(src, FlowPort::udp(51820)), ACCEPT);
-    assert_eq!(gate.flow(src, FlowPort::udp(60500)), ACCEPT, "inside the range");
+    assert_eq!(
+        gate.flow(src, FlowPort::udp(60500)),
+        ACCEPT,
+        "inside the range"
+    );
     assert_eq!(gate.flow(src, FlowPort::tcp(22)), ACCEPT);
     // The protocol is part of the port: TCP 51820 and UDP 22 stay closed.
     assert_eq!(gate.flow(src, FlowPort::tcp(51820)), NO_GRANT);
     assert_eq!(gate.flow(src, FlowPort::udp(22)), NO_GRANT);
-    assert_eq!(gate.flow(src, FlowPort::udp(7001)), Decision::reject(Reason::Close));
+    assert_eq!(
+        gate.flow(src, FlowPort::udp(7001)),
+        Decision::reject(Reason::Close)
+    );
     assert_eq!(gate.flow(src, FlowPort::udp(51820)), NO_GRANT);
 }
 
@@ -1083,10 +1094,17 @@ fn the_same_number_of_the_other_protocol_is_not_a_knock() {
     // TCP 8000 is the second step; TCP 7000 and UDP 8000 are not knocks, and
     // a strict policy resets on them.
     assert_eq!(gate.flow(src, FlowPort::udp(8000)), NO_GRANT);
-    assert_eq!(gate.kinds(src), [EventKind::Advanced { stage: 1 }, EventKind::Reset]);
+    assert_eq!(
+        gate.kinds(src),
+        [EventKind::Advanced { stage: 1 }, EventKind::Reset]
+    );
     assert_eq!(gate.flow(src, FlowPort::udp(7000)), KNOCK);
     assert_eq!(gate.flow(src, FlowPort::tcp(7000)), NO_GRANT);
-    assert_eq!(gate.flow(src, FlowPort::tcp(8000)), KNOCK, "reset: no longer the second step");
+    assert_eq!(
+        gate.flow(src, FlowPort::tcp(8000)),
+        KNOCK,
+        "reset: no longer the second step"
+    );
     assert_eq!(gate.flow(src, FlowPort::udp(9000)), KNOCK);
     assert_eq!(gate.flow(src, FlowPort::udp(51820)), NO_GRANT);
 }

@@ -146,6 +146,20 @@ impl Ruleset {
         )
     }
 
+    /// Whether any UDP flow is queued: without, the rules are those of TCP
+    /// alone.
+    fn queues_udp(&self) -> bool {
+        !self.udp_ports.is_empty()
+    }
+
+    /// The protocols whose new flows are queued.
+    fn protos(&self) -> impl Iterator<Item = Proto> {
+        let udp = self.queues_udp();
+        Proto::ALL
+            .into_iter()
+            .filter(move |&proto| proto == Proto::Tcp || udp)
+    }
+
     /// The UDP ports as numbers and ranges, joined by `separator`, with
     /// `-` written as `range` (`:` for iptables).
     fn udp_ports_list(&self, separator: &str) -> String {
@@ -199,7 +213,7 @@ impl Ruleset {
         for net in self.allowed(family) {
             let _ = writeln!(out, "-A {CHAIN} -s {net} -j ACCEPT");
         }
-        let rejections = iptables_rejects(self.reject_with, family);
+        let rejections = iptables_rejects(self.reject_with, family, self.queues_udp());
         for (proto, with) in &rejections {
             let _ = writeln!(
                 out,
@@ -224,7 +238,7 @@ impl Ruleset {
             let _ = writeln!(out, "{new_flow} -j {SYN_CHAIN}");
         }
         // One look at the knock ports; knocks go on in a chain of their own.
-        for proto in Proto::ALL {
+        for proto in self.protos() {
             let _ = writeln!(
                 out,
                 "{syn} -p {proto} -m set --match-set {} dst -j {KNOCK_CHAIN}",
@@ -283,9 +297,8 @@ impl Ruleset {
     /// The matches of new flows to decide, as [`Ruleset::iptables_new_flows`].
     fn nft_new_flows(&self) -> Vec<String> {
         let new_syn = "tcp flags & (fin | syn | rst | ack) == syn ct state new".to_owned();
-        let udp = (!self.udp_ports.is_empty()).then(|| {
-            format!("udp dport {{ {} }} ct state new", self.udp_ports_list(", "))
-        });
+        let udp = (!self.udp_ports.is_empty())
+            .then(|| format!("udp dport {{ {} }} ct state new", self.udp_ports_list(", ")));
         std::iter::once(new_syn).chain(udp).collect()
     }
 
@@ -315,7 +328,7 @@ impl Ruleset {
                 let _ = writeln!(out, "\t\t{match_} saddr {net} accept");
             }
         }
-        for rule in nft_rejects(self.reject_with) {
+        for rule in nft_rejects(self.reject_with, self.queues_udp()) {
             let _ = writeln!(out, "\t\t{mark} {rule}");
         }
         let _ = writeln!(out, "\t\t{mark} counter drop");
@@ -332,7 +345,7 @@ impl Ruleset {
         }
         out.push_str("\t}\n\tchain syn {\n");
         // One look at the knock ports; knocks go on in a chain of their own.
-        for proto in Proto::ALL {
+        for proto in self.protos() {
             let _ = writeln!(
                 out,
                 "\t\t{proto} dport @{} jump knock",
@@ -355,7 +368,7 @@ impl Ruleset {
                 );
             }
         }
-        for rule in nft_rejects(self.reject_with) {
+        for rule in nft_rejects(self.reject_with, self.queues_udp()) {
             let _ = writeln!(out, "\t\t{rule} comment \"{KERNEL_REJECT}\"");
         }
         let _ = writeln!(
@@ -377,31 +390,35 @@ impl Ruleset {
     }
 }
 
-/// The protocol matches and `--reject-with` values, in order: UDP first,
-/// with port unreachable as a closed UDP port answers, then the configured
-/// one. None for plain drop.
-fn iptables_rejects(reject_with: RejectWith, family: Family) -> Vec<(&'static str, &'static str)> {
-    let udp = " -p udp";
+/// The protocol matches and `--reject-with` values, in order: UDP first
+/// (when `udp` flows are queued), with port unreachable as a closed UDP
+/// port answers, then the configured one. None for plain drop.
+fn iptables_rejects(
+    reject_with: RejectWith,
+    family: Family,
+    udp: bool,
+) -> Vec<(&'static str, &'static str)> {
     let port_unreachable = match family {
         Family::V4 => "icmp-port-unreachable",
         Family::V6 => "icmp6-port-unreachable",
     };
-    let with = match (reject_with, family) {
+    let udp = udp.then_some((" -p udp", port_unreachable));
+    let configured = match (reject_with, family) {
         (RejectWith::Drop, _) => return vec![],
-        (RejectWith::TcpReset, _) => return vec![(udp, port_unreachable), (" -p tcp", "tcp-reset")],
-        (RejectWith::IcmpPortUnreachable, _) => port_unreachable,
-        (RejectWith::IcmpHostProhibited, Family::V4) => "icmp-host-prohibited",
-        (RejectWith::IcmpAdminProhibited, Family::V4) => "icmp-admin-prohibited",
+        (RejectWith::TcpReset, _) => (" -p tcp", "tcp-reset"),
+        (RejectWith::IcmpPortUnreachable, _) => ("", port_unreachable),
+        (RejectWith::IcmpHostProhibited, Family::V4) => ("", "icmp-host-prohibited"),
+        (RejectWith::IcmpAdminProhibited, Family::V4) => ("", "icmp-admin-prohibited"),
         // ICMPv6 has no host-prohibited: administratively prohibited is closest.
         (RejectWith::IcmpHostProhibited | RejectWith::IcmpAdminProhibited, Family::V6) => {
-            "icmp6-adm-prohibited"
+            ("", "icmp6-adm-prohibited")
         }
     };
-    vec![(udp, port_unreachable), ("", with)]
+    udp.into_iter().chain([configured]).collect()
 }
 
 /// The nft reject statements, in order, as [`iptables_rejects`].
-fn nft_rejects(reject_with: RejectWith) -> Vec<&'static str> {
+fn nft_rejects(reject_with: RejectWith, udp: bool) -> Vec<&'static str> {
     let configured = match reject_with {
         RejectWith::Drop => return vec![],
         RejectWith::TcpReset => vec!["meta l4proto tcp counter reject with tcp reset"],
@@ -418,8 +435,8 @@ fn nft_rejects(reject_with: RejectWith) -> Vec<&'static str> {
             "meta nfproto ipv6 counter reject with icmpv6 type admin-prohibited",
         ],
     };
-    let udp = "meta l4proto udp counter reject with icmpx type port-unreachable";
-    std::iter::once(udp).chain(configured).collect()
+    let udp = udp.then_some("meta l4proto udp counter reject with icmpx type port-unreachable");
+    udp.into_iter().chain(configured).collect()
 }
 
 #[cfg(test)]
@@ -574,20 +591,36 @@ mod tests {
         }
         assert_eq!(v4.matches("-p udp --dport").count(), 3, "{v4}");
         let v6 = rules.render(Backend::Ip6tables);
-        assert!(v6.contains("-p udp -m mark --mark 0x6b710001 -j REJECT --reject-with icmp6-port-unreachable\n"), "{v6}");
+        assert!(
+            v6.contains(
+                "-p udp -m mark --mark 0x6b710001 -j REJECT --reject-with icmp6-port-unreachable\n"
+            ),
+            "{v6}"
+        );
         let nft = rules.render(Backend::Nft);
         assert!(
-            nft.contains("\t\tudp dport { 2222, 51820, 60000-61000 } ct state new counter queue num 0\n"),
+            nft.contains(
+                "\t\tudp dport { 2222, 51820, 60000-61000 } ct state new counter queue num 0\n"
+            ),
             "{nft}"
         );
         assert!(nft.contains("meta mark 0x6b710001 meta l4proto udp counter reject with icmpx type port-unreachable\n"));
         // Under drop, a rejected datagram is dropped like a SYN.
-        let drop = text.replace("[[policy]]", "[verdict]\nreject_with = \"drop\"\n[[policy]]");
-        let rules = Ruleset::from_config(&crate::loader::parse(&drop, Path::new("t.toml")).unwrap());
+        let drop = text.replace(
+            "[[policy]]",
+            "[verdict]\nreject_with = \"drop\"\n[[policy]]",
+        );
+        let rules =
+            Ruleset::from_config(&crate::loader::parse(&drop, Path::new("t.toml")).unwrap());
         assert!(!rules.render(Backend::Iptables).contains("REJECT"));
         // Without UDP ports, no UDP rule at all.
-        let tcp_only = ruleset("").render(Backend::Iptables);
-        assert!(!tcp_only.contains("--dport"), "{tcp_only}");
-        assert!(!ruleset("").render(Backend::Nft).contains("udp dport"));
+        for offload in ["", "[rules]\noffload = true"] {
+            for backend in [Backend::Iptables, Backend::Nft] {
+                let tcp_only = ruleset(offload).render(backend);
+                for udp_rule in ["-p udp", "udp dport", "l4proto udp"] {
+                    assert!(!tcp_only.contains(udp_rule), "{tcp_only}");
+                }
+            }
+        }
     }
 }

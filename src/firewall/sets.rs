@@ -274,8 +274,7 @@ impl Offload {
                     let ports = KernelSet::KnockPorts(proto).nft();
                     let _ = writeln!(out, "flush set inet {NFT_TABLE} {ports}");
                     if let Some(list) = self.knock_port_elements(proto) {
-                        let _ =
-                            writeln!(out, "add element inet {NFT_TABLE} {ports} {{ {list} }}");
+                        let _ = writeln!(out, "add element inet {NFT_TABLE} {ports} {{ {list} }}");
                     }
                 }
                 for set in KernelSet::GRANTED {
@@ -638,7 +637,9 @@ mod tests {
             ),
             "{nft}"
         );
-        assert!(nft.ends_with("add element inet knockq granted_nets4 { 10.0.0.0/24 . tcp . 8080 }\n"));
+        assert!(
+            nft.ends_with("add element inet knockq granted_nets4 { 10.0.0.0/24 . tcp . 8080 }\n")
+        );
     }
 
     #[test]

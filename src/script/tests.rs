@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 use super::*;
 use crate::config::Config;
 use crate::engine::{
-    Decision, Engine, Event, EventKind, GrantLeft, GrantRecord, Reason, NewFlow, Timestamp, WallClock,
+    Decision, Engine, Event, EventKind, GrantLeft, GrantRecord, NewFlow, Reason, Timestamp,
+    WallClock,
 };
 use crate::flow::FlowPort;
 use crate::loader;

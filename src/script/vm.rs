@@ -516,17 +516,20 @@ fn grant_options(
     let ports = match field("ports") {
         Value::Nil => PortMask::ALL,
         Value::Table(list) => {
-            let ports = list
-                .sequence_values::<Value>()
-                .map(|port| {
-                    let text = match port {
-                        Ok(Value::Integer(n)) => n.to_string(),
-                        Ok(Value::String(s)) => s.to_string_lossy(),
-                        _ => return Err("k:grant: ports must be a list of ports such as 22 or \"53/udp\"".to_owned()),
-                    };
-                    PortRange::parse(&text).map_err(|e| format!("k:grant: {e}"))
-                })
-                .collect::<Result<Vec<PortRange>, String>>()?;
+            let ports =
+                list.sequence_values::<Value>()
+                    .map(|port| {
+                        let text = match port {
+                            Ok(Value::Integer(n)) => n.to_string(),
+                            Ok(Value::String(s)) => s.to_string_lossy(),
+                            _ => return Err(
+                                "k:grant: ports must be a list of ports such as 22 or \"53/udp\""
+                                    .to_owned(),
+                            ),
+                        };
+                        PortRange::parse(&text).map_err(|e| format!("k:grant: {e}"))
+                    })
+                    .collect::<Result<Vec<PortRange>, String>>()?;
             if ports.is_empty() {
                 return Err("k:grant: ports is empty".to_owned());
             }

@@ -16,8 +16,7 @@ use serde::Serialize;
 
 use crate::config::Config;
 use crate::engine::{
-    Engine, Event, EventKind, Policies, PolicyKey, PortRole, Reason, TablePart, Timestamp,
-    Verdict,
+    Engine, Event, EventKind, Policies, PolicyKey, PortRole, Reason, TablePart, Timestamp, Verdict,
 };
 use crate::flow::{FlowPort, Proto};
 use crate::script::ScriptVms;
@@ -201,7 +200,11 @@ impl UdpFlows {
         let reverse = (f.dst, f.dst_port.number(), f.src, f.src_port);
         for (key, reply) in [(forward, false), (reverse, true)] {
             if let Some((last, replied)) = self.flows.get_mut(&key) {
-                let timeout = if *replied { Self::REPLIED } else { Self::UNREPLIED };
+                let timeout = if *replied {
+                    Self::REPLIED
+                } else {
+                    Self::UNREPLIED
+                };
                 if packet.time.saturating_sub(*last) <= timeout {
                     *last = packet.time;
                     *replied |= reply;

@@ -268,10 +268,13 @@ fn unparsable_packet_is_rejected() {
     let gate = net.start_gate(EXAMPLE_CONFIG, IPV4_RULES);
     // Only new TCP and UDP flows reach the queue through knockq's rules;
     // queue an ICMP echo too.
-    let out = net.in_gate("iptables -A KNOCKQ -p icmp --icmp-type echo-request -j NFQUEUE --queue-num 0");
+    let out =
+        net.in_gate("iptables -A KNOCKQ -p icmp --icmp-type echo-request -j NFQUEUE --queue-num 0");
     assert!(out.status.success());
     net.in_client(&format!("ping -c 1 -W 1 -I {} {GATE4}", CLIENTS4[0]));
-    gate.wait_for_log("packets that are neither TCP nor UDP over IPv4/IPv6 rejected queue=0 count=1");
+    gate.wait_for_log(
+        "packets that are neither TCP nor UDP over IPv4/IPv6 rejected queue=0 count=1",
+    );
     let rules = String::from_utf8(net.in_gate("iptables -nvxL KNOCKQ").stdout).unwrap();
     let reject = rules
         .lines()

@@ -49,23 +49,23 @@ fn scrape_after_a_knock_has_exact_values_and_passes_promtool() {
     }
     let expect = [
         (
-            r#"knockq_verdicts_total{reason="granted",verdict="accept"}"#,
+            r#"knockq_verdicts_total{proto="tcp",reason="granted",verdict="accept"}"#,
             1.0,
         ),
         (
-            r#"knockq_verdicts_total{reason="knock",verdict="reject"}"#,
+            r#"knockq_verdicts_total{proto="tcp",reason="knock",verdict="reject"}"#,
             2.0,
         ),
         (
-            r#"knockq_verdicts_total{reason="close",verdict="reject"}"#,
+            r#"knockq_verdicts_total{proto="tcp",reason="close",verdict="reject"}"#,
             1.0,
         ),
         (
-            r#"knockq_verdicts_total{reason="no_grant",verdict="reject"}"#,
+            r#"knockq_verdicts_total{proto="tcp",reason="no_grant",verdict="reject"}"#,
             1.0 - by_kernel,
         ),
         (
-            r#"knockq_verdicts_total{reason="unparsable",verdict="reject"}"#,
+            r#"knockq_verdicts_total{proto="other",reason="unparsable",verdict="reject"}"#,
             0.0,
         ),
         (

@@ -239,7 +239,7 @@ fn a_spoofed_syn_flood_neither_overflows_state_nor_locks_users_out() {
     }
     let decided = metric(
         &net,
-        "knockq_verdicts_total{reason=\"knock\",verdict=\"reject\"}",
+        "knockq_verdicts_total{proto=\"tcp\",reason=\"knock\",verdict=\"reject\"}",
     );
     assert!(
         decided > 10_000.0,

@@ -241,7 +241,7 @@ fn a_hostile_script_holds_up_only_its_own_packet() {
     assert_eq!(
         sample(
             &metrics,
-            "knockq_verdicts_total{reason=\"failed\",verdict=\"reject\"}"
+            "knockq_verdicts_total{proto=\"tcp\",reason=\"failed\",verdict=\"reject\"}"
         ),
         Some(failures),
         "every failed call rejected its packet, and only that one"

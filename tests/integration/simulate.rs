@@ -64,7 +64,7 @@ fn a_cut_off_capture_is_simulated_up_to_the_cut_with_a_warning() {
     );
     let report = String::from_utf8_lossy(&out.stdout);
     assert!(
-        report.contains("examples/knockq.toml: 2 SYNs\n"),
+        report.contains("examples/knockq.toml: 2 new flows\n"),
         "{report}"
     );
     assert!(

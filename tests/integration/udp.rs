@@ -26,7 +26,10 @@ const ANSWER: &str = "10.9.0.77";
 /// dnsmasq on the gate's port 53, both families, answering one name and
 /// logging every query it receives to `dnsmasq.log`.
 fn start_dns(net: &mut Net) {
-    let addresses = [format!("--listen-address={GATE4}"), format!("--listen-address={GATE6}")];
+    let addresses = [
+        format!("--listen-address={GATE4}"),
+        format!("--listen-address={GATE6}"),
+    ];
     let answer = format!("--address=/{NAME}/{ANSWER}");
     let mut args = vec![
         "--no-daemon",
@@ -57,7 +60,9 @@ fn dig(net: &Net, src: &str) -> String {
 
 /// The same, to `server`, with dig's `options`.
 fn dig_from(net: &Net, server: &str, options: &str) -> String {
-    let out = net.in_client(&format!("dig +time=2 +tries=1 +short {options} @{server} {NAME} A"));
+    let out = net.in_client(&format!(
+        "dig +time=2 +tries=1 +short {options} @{server} {NAME} A"
+    ));
     format!("{}{}", text(&out.stdout), text(&out.stderr))
 }
 
@@ -79,7 +84,11 @@ fn udp_knock_with_nc(net: &Net, src: &str, ports: &[u16]) {
 
 #[test]
 fn a_dns_server_behind_the_gate_answers_only_after_a_udp_knock() {
-    if !can_run("a_dns_server_behind_the_gate_answers_only_after_a_udp_knock", true, &["dnsmasq", "dig", "knock", "nc"]) {
+    if !can_run(
+        "a_dns_server_behind_the_gate_answers_only_after_a_udp_knock",
+        true,
+        &["dnsmasq", "dig", "knock", "nc"],
+    ) {
         return;
     }
     let mut net = Net::new();
@@ -102,18 +111,26 @@ fn a_dns_server_behind_the_gate_answers_only_after_a_udp_knock() {
 
     // The close knock, by nc.
     udp_knock_with_nc(&net, knocker, &[9000]);
-    gate.wait_for_log(&format!("event=revoke src={knocker} policy=dns reason=close_knock"));
+    gate.wait_for_log(&format!(
+        "event=revoke src={knocker} policy=dns reason=close_knock"
+    ));
     let closed = dig(&net, knocker);
     assert!(refused(&closed), "after the close knock: {closed}");
 
     // knockq's own client, over IPv6 by -6.
     net.client_hosts(&format!("{GATE4} gate\n{GATE6} gate\n"));
-    let out = net.in_client(&format!("{} knock -6 gate 7000/udp 8000/udp --delay 100ms", env!("CARGO_BIN_EXE_knockq")));
+    let out = net.in_client(&format!(
+        "{} knock -6 gate 7000/udp 8000/udp --delay 100ms",
+        env!("CARGO_BIN_EXE_knockq")
+    ));
     assert!(out.status.success(), "{}", text(&out.stderr));
     // From the address the kernel picks, as knockq's client's knocks came.
     let v6 = dig_from(&net, GATE6, "");
     assert!(answered(&v6), "over IPv6 after knockq's knock -6: {v6}");
-    assert!(refused(&dig(&net, knocker)), "the IPv4 address knocked nothing");
+    assert!(
+        refused(&dig(&net, knocker)),
+        "the IPv4 address knocked nothing"
+    );
 
     // The server's own log: the stranger's queries never reached it.
     let log = fs::read_to_string(net.dir.path().join("dnsmasq.log")).unwrap();
@@ -126,7 +143,11 @@ fn a_dns_server_behind_the_gate_answers_only_after_a_udp_knock() {
 
 #[test]
 fn knockds_client_opens_a_mixed_sequence() {
-    if !can_run("knockds_client_opens_a_mixed_sequence", true, &["knock", "nc"]) {
+    if !can_run(
+        "knockds_client_opens_a_mixed_sequence",
+        true,
+        &["knock", "nc"],
+    ) {
         return;
     }
     let mut net = Net::new();
@@ -137,10 +158,121 @@ fn knockds_client_opens_a_mixed_sequence() {
     // Knocks in the wrong protocols do nothing.
     let out = net.in_client(&format!("knock -d 100 {GATE4} 1111:tcp 2222:udp"));
     assert!(out.status.success(), "{}", text(&out.stderr));
-    assert!(net.connect(src, 22).is_rejected(), "TCP 1111 and UDP 2222 are no knocks");
+    assert!(
+        net.connect(src, 22).is_rejected(),
+        "TCP 1111 and UDP 2222 are no knocks"
+    );
     let out = net.in_client(&format!("knock -d 100 {GATE4} 1111:udp 2222:tcp"));
     assert!(out.status.success(), "{}", text(&out.stderr));
     gate.wait_for_log(&format!("event=grant src={src} policy=mixed"));
     assert_eq!(net.connect(src, 22), Reply::Open);
     assert_eq!(net.pending_packets(), 0);
+}
+
+/// Whether this kernel has WireGuard, tried in a throwaway namespace.
+fn kernel_has_wireguard() -> bool {
+    let net = Net::new();
+    net.in_gate("ip link add wgprobe type wireguard")
+        .status
+        .success()
+}
+
+/// A WireGuard interface `wg0` in `ns` at `address`, with a new key; its
+/// public key.
+fn wireguard(net: &Net, ns: &str, name: &str, address: &str, port: u16) -> String {
+    let key = net.dir.path().join(format!("{name}.key"));
+    let script = format!(
+        "umask 077; wg genkey > {key} && ip link add wg0 type wireguard && \
+         wg set wg0 private-key {key} listen-port {port} && \
+         ip address add {address}/24 dev wg0 && ip link set wg0 up && wg pubkey < {key}",
+        key = key.display()
+    );
+    let out = in_namespace(ns, &script);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    text(&out.stdout).trim().to_owned()
+}
+
+fn handshakes(net: &Net) -> String {
+    text(&net.in_client("wg show wg0 latest-handshakes").stdout)
+}
+
+/// A WireGuard tunnel through the gate: its handshake, a new UDP flow to
+/// 51820, passes only for a source that knocked. Runs where the kernel has
+/// WireGuard: in the Debian-kernel VM (`vm::gate_tests_on_debians_stock_kernel`),
+/// whose kernel must.
+#[test]
+fn a_wireguard_tunnel_passes_only_after_the_knock() {
+    let test = "a_wireguard_tunnel_passes_only_after_the_knock";
+    if !can_run(test, true, &["wg", "ping"]) {
+        return;
+    }
+    if !kernel_has_wireguard() {
+        assert!(
+            !in_emulated_vm(),
+            "{test}: the VM's kernel has no WireGuard"
+        );
+        let _ = std::io::Write::write_all(
+            &mut std::io::stderr(),
+            format!(
+                "\n########## {test}: NOT RUN on this kernel, which has no WireGuard; \
+                 vm::gate_tests_on_debians_stock_kernel runs it on Debian's ##########\n\n"
+            )
+            .as_bytes(),
+        );
+        return;
+    }
+    let net = Net::new();
+    let policy = "[[policy]]\nname = \"wireguard\"\nsequence = [\"7000/udp\", \"8000/udp\"]\n\
+                  open_ports = [\"51820/udp\"]\nclose_port = \"9000/udp\"\n";
+    let gate = net.start_gate(policy, IPV4_RULES);
+    let gate_key = wireguard(&net, &net.gate, "gate", "10.99.0.1", 51820);
+    let peer = |name: &str, port: u16| {
+        let key = wireguard(&net, &net.client, name, "10.99.0.2", port);
+        let out = net.in_gate(&format!("wg set wg0 peer {key} allowed-ips 10.99.0.2/32"));
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let out = net.in_client(&format!(
+            "wg set wg0 peer {gate_key} endpoint {GATE4}:51820 allowed-ips 10.99.0.1/32"
+        ));
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        key
+    };
+    let ping = |seconds: u32| {
+        net.in_client(&format!("ping -c 1 -W {seconds} 10.99.0.1"))
+            .status
+            .success()
+    };
+    let first = peer("client", 40001);
+    assert!(!ping(2), "a ping through the tunnel before the knock");
+    let none = format!("{gate_key}\t0\n");
+    assert_eq!(handshakes(&net), none, "no handshake before the knock");
+
+    let knock = net.in_client(&format!(
+        "{} knock {GATE4} 7000/udp 8000/udp",
+        env!("CARGO_BIN_EXE_knockq")
+    ));
+    assert!(knock.status.success(), "{}", text(&knock.stderr));
+    gate.wait_for_log(&format!("event=grant src={} policy=wireguard", CLIENTS4[0]));
+    // WireGuard tries a handshake again 5 s after the last one.
+    assert!(ping(10), "a ping through the tunnel after the knock");
+    assert_ne!(handshakes(&net), none);
+
+    let close = net.in_client(&format!(
+        "{} knock {GATE4} 9000/udp",
+        env!("CARGO_BIN_EXE_knockq")
+    ));
+    assert!(close.status.success(), "{}", text(&close.stderr));
+    gate.wait_for_log(&format!(
+        "event=revoke src={} policy=wireguard reason=close_knock",
+        CLIENTS4[0]
+    ));
+    // A new peer, from a new port: a new flow, without a grant.
+    net.in_client("ip link del wg0");
+    net.in_gate(&format!("wg set wg0 peer {first} remove"));
+    peer("client2", 40002);
+    assert!(!ping(7), "a new peer's ping after the close knock");
+    assert_eq!(
+        handshakes(&net),
+        none,
+        "no handshake for a new peer after the close knock"
+    );
 }
