@@ -19,9 +19,12 @@ namespaces joined by a veth pair, against the same SYN flood from trafgen
   baseline   with KNOCKQ_BENCH_BASELINE=PATH, another knockq build (an
              earlier commit, say) with the same configuration as knockq.
 
-Two floods, each with its own table: random sources to the first knock port
+Four floods, each with its own table: random sources to the first knock port
 (1111), and random sources to an open port (22), which is what scans and SYN
-floods send; KNOCKQ_BENCH_FLOODS=knock or =open runs one of them.
+floods send; and the same as UDP datagrams, to a UDP knock port (1111/udp)
+and a UDP open port (51820/udp), with a UDP policy beside the example's
+(and the recipe's chains again with -p udp). KNOCKQ_BENCH_FLOODS=knock,open,
+udp-knock,udp-open picks among them.
 
 For each gate it measures the SYNs decided per second and the kernel's queue
 drops during the flood (and how many of them because the gate's socket
@@ -50,7 +53,16 @@ BASELINE = os.environ.get("KNOCKQ_BENCH_BASELINE")
 # SYNs per second of the flood; unset: as fast as trafgen goes on one core.
 RATE = os.environ.get("KNOCKQ_BENCH_RATE")
 RECIPE = ROOT / "tests/testdata/recent-recipe.iptables"
+UDP_RECIPE = ROOT / "tests/testdata/recent-recipe-udp.iptables"
 CONFIG = ROOT / "examples/knockq.toml"
+# Beside the example's policy under UDP floods: the same knock, by datagram.
+UDP_POLICY = """
+[[policy]]
+name = "wireguard"
+sequence = ["1111/udp", "2222/udp"]
+open_ports = ["51820/udp"]
+close_port = "3333/udp"
+"""
 SCRIPT_CONFIG = ROOT / "examples/policies/seed.toml"
 GATE, CLIENT, FLOODER = "10.9.0.1", "10.9.0.2", "10.9.0.3"
 ROUNDS = int(os.environ.get("KNOCKQ_BENCH_ROUNDS", "3"))
@@ -167,10 +179,10 @@ def knock(net, src):
 
 
 class Gate:
-    def __init__(self, kind, net, workdir):
-        self.kind, self.net, self.process = kind, net, None
+    def __init__(self, kind, net, workdir, udp):
+        self.kind, self.net, self.process, self.udp = kind, net, None, udp
         if kind == "kernel":
-            net.run(net.gate, f"iptables-restore {RECIPE}")
+            net.run(net.gate, f"iptables-restore {UDP_RECIPE if udp else RECIPE}")
             return
         config = workdir / "knockq.toml"
         queues = 2 if kind == "knockq-2q" else 1
@@ -179,6 +191,8 @@ class Gate:
             source = SCRIPT_CONFIG
             (workdir / "seed.lua").write_text((SCRIPT_CONFIG.parent / "seed.lua").read_text())
         text = source.read_text().replace("count = 1", f"count = {queues}")
+        if udp:
+            text += UDP_POLICY
         if kind == "knockq-offload":
             text = "[rules]\noffload = true\n\n" + text
         config.write_text(text)
@@ -228,8 +242,9 @@ class Gate:
         for the queue gates; the recipe's dispatch rule for the kernel."""
         table = self.net.run(self.net.gate, "iptables -nvxL").stdout
         decided = None
+        dispatch = "UDP_DISPATCH" if self.udp else "KNOCK_DISPATCH"
         for line in table.splitlines():
-            if self.kind == "kernel" and "KNOCK_DISPATCH" in line and line.split()[2] == "KNOCK_DISPATCH":
+            if self.kind == "kernel" and dispatch in line and line.split()[2] == dispatch:
                 return int(line.split()[0])
             if self.kind != "kernel" and "REJECT" in line and ("mark match" in line or "knockq-kernel-reject" in line):
                 decided = (decided or 0) + int(line.split()[0])
@@ -256,14 +271,14 @@ def percentile(values, p):
     return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
 
 
-def measure(kind, flood_port, round_number):
+def measure(kind, flood_port, proto, round_number):
     workdir = Path(tempfile.mkdtemp(prefix="knockq-bench-"))
     net = Net(f"kqb{round_number}{kind[:2]}{kind[-2:]}")
     gate = None
     try:
-        gate = Gate(kind, net, workdir)
+        gate = Gate(kind, net, workdir, proto == "udp")
         grant_knock = None
-        if kind in ("knockq", "knockq-offload") and flood_port == 1111:
+        if kind in ("knockq", "knockq-offload") and flood_port == 1111 and proto == "tcp":
             # Every knock is answered with an ICMP error: lift the kernel's
             # rate limit on them for the probe, so none waits for a timeout.
             limits = "net.ipv4.icmp_ratelimit net.ipv4.icmp_msgs_per_sec"
@@ -278,10 +293,13 @@ def measure(kind, flood_port, round_number):
         if kind != "floor" and outcomes.count("open") != len(outcomes):
             raise RuntimeError(f"{kind}: granted source refused: {set(outcomes)}")
         config = workdir / "flood.cfg"
+        transport = {
+            "tcp": "tcp(sp=drnd(), dp=%d, seq=drnd(), syn, window=64240)" % flood_port,
+            "udp": "udp(sp=drnd(), dp=%d),\n  fill(0x00, 8)" % flood_port,
+        }[proto]
         config.write_text(
-            "{\n  eth(da=%s, sa=%s),\n  ipv4(saddr=drnd(), daddr=%s, ttl=64),\n"
-            "  tcp(sp=drnd(), dp=%d, seq=drnd(), syn, window=64240),\n}\n"
-            % (net.mac(net.gate, "veth0"), net.mac(net.client, "veth1"), GATE, flood_port))
+            "{\n  eth(da=%s, sa=%s),\n  ipv4(saddr=drnd(), daddr=%s, ttl=64),\n  %s,\n}\n"
+            % (net.mac(net.gate, "veth0"), net.mac(net.client, "veth1"), GATE, transport))
         decided_before, drops_before, cpu_before = gate.decided(), net.queue_drops(), gate.cpu_seconds()
         rate = ["--rate", f"{RATE}pps"] if RATE else []
         flood = net.spawn(net.client, ["trafgen", "--cpus", "1", "-q", "-o", "veth1", "-i", config, *rate],
@@ -333,8 +351,10 @@ def cell(value, digits=1):
 # The gates measured under each flood: under the flood to an open port the
 # others behave as knockq does.
 FLOODS = {
-    "knock": (1111, ["knockq", "floor", "kernel", "knockq-2q", "knockq-script", "knockq-offload"]),
-    "open": (22, ["knockq", "kernel", "knockq-offload"]),
+    "knock": (1111, "tcp", ["knockq", "floor", "kernel", "knockq-2q", "knockq-script", "knockq-offload"]),
+    "open": (22, "tcp", ["knockq", "kernel", "knockq-offload"]),
+    "udp-knock": (1111, "udp", ["knockq", "kernel", "knockq-offload"]),
+    "udp-open": (51820, "udp", ["knockq", "kernel", "knockq-offload"]),
 }
 
 
@@ -350,32 +370,41 @@ def main():
     for binary in (KNOCKQ, FLOOR):
         if not binary.exists():
             sys.exit(f"{binary} is missing: run `make bench`, which builds it")
-    floods = os.environ.get("KNOCKQ_BENCH_FLOODS", "knock,open").split(",")
+    floods = os.environ.get("KNOCKQ_BENCH_FLOODS", "knock,open,udp-knock,udp-open").split(",")
     cpu = Path("/proc/cpuinfo").read_text().split("model name")[1].split("\n")[0].strip(" :\t")
     print(f"Machine: {os.cpu_count()} CPUs, {cpu}; kernel {os.uname().release}")
+    tables = {}
     for flood in floods:
-        port, gates = FLOODS[flood]
-        gates = gates + (["baseline"] if BASELINE else [])
+        port, proto, gates = FLOODS[flood]
+        # An earlier build may not read UDP ports.
+        gates = gates + (["baseline"] if BASELINE and proto == "tcp" else [])
         if os.environ.get("KNOCKQ_BENCH_GATES"):
             gates = [g for g in os.environ["KNOCKQ_BENCH_GATES"].split(",") if g in gates]
-        report(flood, port, gates)
+        tables[flood] = report(flood, port, proto, gates)
+    # The same path by datagram and by SYN: a knock port, an open port.
+    for udp, tcp in (("udp-knock", "knock"), ("udp-open", "open")):
+        for gate in ("knockq", "knockq-offload"):
+            u, t = tables.get(udp, {}).get(gate), tables.get(tcp, {}).get(gate)
+            if u and t:
+                print(f"{gate}, {udp} / {tcp} flood: CPU per datagram / per SYN {ratio(u, t, 'cpu_us_per_packet')}, "
+                      f"decided per second {ratio(u, t, 'decided_pps')}")
 
 
-def report(flood, port, gates):
+def report(flood, port, proto, gates):
     results = {gate: [] for gate in gates}
     for round_number in range(ROUNDS):
         order = gates[round_number % len(gates):] + gates[:round_number % len(gates)]
         for gate in order:
             print(f"{flood} flood, round {round_number + 1}/{ROUNDS}: {gate}", file=sys.stderr, flush=True)
-            results[gate].append(measure(gate, port, round_number))
+            results[gate].append(measure(gate, port, proto, round_number))
     keys = ["decided_pps", "drop_share", "buffer_drop_share", "cpu_us_per_packet", "kernel_us_per_packet",
             "light_p50_us", "light_p99_us",
             "flood_p50_us", "flood_p99_us", "flood_unanswered", "grant_knock_p50_us", "grant_knock_p99_us"]
     table = {gate: {key: median(results[gate], key) for key in keys} for gate in gates}
     speed = f"at {RATE} SYNs/s" if RATE else "as fast as it goes"
-    print(f"\nFlood: trafgen on one core, {speed}, random sources to port {port}, {FLOOD_SECONDS} s; "
+    print(f"\nFlood: trafgen on one core, {speed}, random sources to port {port}/{proto}, {FLOOD_SECONDS} s; "
           f"{PROBES} connects per latency measurement; medians of {ROUNDS} rounds.\n")
-    print("| gate | SYNs decided/s | kernel queue drops (of which socket buffer) | CPU µs per SYN "
+    print("| gate | new flows decided/s | kernel queue drops (of which socket buffer) | CPU µs per new flow "
           "(of which kernel) | answer p50 light (µs) "
           "| p99 light (µs) | p50 under flood (µs) | p99 under flood (µs) | unanswered in 3 s under flood |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -415,10 +444,11 @@ def report(flood, port, gates):
         sc = table["knockq-script"]
         print(f"script policy / built-in policy: CPU per SYN "
               f"{ratio(sc, k, 'cpu_us_per_packet')}, SYNs decided per second {ratio(sc, k, 'decided_pps')}")
-    if k and BASELINE:
+    if k and "baseline" in table:
         b = table["baseline"]
         print(f"knockq / baseline ({BASELINE}): CPU per SYN "
               f"{ratio(k, b, 'cpu_us_per_packet')}, SYNs decided per second {ratio(k, b, 'decided_pps')}")
+    return table
 
 
 if __name__ == "__main__":

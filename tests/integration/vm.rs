@@ -46,6 +46,7 @@ const MUST_PASS: &[&str] = &[
     "rules::auto_picks_nft_exactly_where_the_kernel_can_queue_from_it",
     "rules::apply_and_remove_keep_the_hosts_own_nft_tables",
     "deploy::packaged_unit_runs_under_systemd",
+    "udp::a_wireguard_tunnel_passes_only_after_the_knock",
 ];
 
 /// Debian's newest stock kernel image in /boot.
