@@ -177,9 +177,11 @@ pub fn simulate(config: &Config, name: &str, packets: &[Packet], options: &Optio
     simulation.finish()
 }
 
-/// The UDP flows the gate accepted, as conntrack keeps them: the later
-/// datagrams of one, either way, are not new and never reach the queue.
-/// A rejected datagram leaves no entry, so its flow's next one is new.
+/// The UDP flows the gate accepted, as conntrack keeps them. Until its
+/// service replies, a flow's next datagram is NEW again and the gate
+/// decides it again; after a reply its datagrams, either way, are
+/// ESTABLISHED and never reach the queue. A rejected datagram leaves no
+/// entry.
 #[derive(Default)]
 struct UdpFlows {
     /// (source, source port, destination, destination port) as first seen:
@@ -193,24 +195,28 @@ impl UdpFlows {
     const UNREPLIED: Duration = Duration::from_secs(30);
     const REPLIED: Duration = Duration::from_secs(120);
 
-    /// Whether `packet` starts a flow; a datagram of a live one refreshes it.
+    /// Whether `packet` is NEW to conntrack; a reply marks its flow replied.
     fn is_new(&mut self, packet: &Packet) -> bool {
         let f = &packet.flow;
         let forward = (f.src, f.src_port, f.dst, f.dst_port.number());
         let reverse = (f.dst, f.dst_port.number(), f.src, f.src_port);
         for (key, reply) in [(forward, false), (reverse, true)] {
-            if let Some((last, replied)) = self.flows.get_mut(&key) {
-                let timeout = if *replied {
-                    Self::REPLIED
-                } else {
-                    Self::UNREPLIED
-                };
-                if packet.time.saturating_sub(*last) <= timeout {
-                    *last = packet.time;
-                    *replied |= reply;
-                    return false;
-                }
+            let Some((last, replied)) = self.flows.get_mut(&key) else {
+                continue;
+            };
+            let timeout = if *replied {
+                Self::REPLIED
+            } else {
+                Self::UNREPLIED
+            };
+            if packet.time.saturating_sub(*last) > timeout {
                 self.flows.remove(&key);
+                continue;
+            }
+            *replied |= reply;
+            if *replied {
+                *last = packet.time;
+                return false;
             }
         }
         true
@@ -219,7 +225,10 @@ impl UdpFlows {
     fn accepted(&mut self, packet: &Packet) {
         let f = &packet.flow;
         let key = (f.src, f.src_port, f.dst, f.dst_port.number());
-        self.flows.insert(key, (packet.time, false));
+        self.flows
+            .entry(key)
+            .and_modify(|(last, _)| *last = packet.time)
+            .or_insert((packet.time, false));
     }
 }
 

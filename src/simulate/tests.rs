@@ -493,8 +493,10 @@ fn udp_datagrams_are_decided_once_per_flow_as_conntrack_keeps_them() {
         Datagram(1.5, "10.9.0.2", 40001, GATE, 53),
         Datagram(2.0, "10.9.0.2", 40002, GATE, 7000),
         Datagram(2.5, "10.9.0.2", 40003, GATE, 8000),
-        // Accepted: the reply and the later datagrams are not new.
+        // Accepted, without a reply yet: the next datagram is new again.
         Datagram(3.0, "10.9.0.2", 40004, GATE, 51820),
+        Datagram(3.05, "10.9.0.2", 40004, GATE, 51820),
+        // The reply: the later datagrams are not new.
         Datagram(3.1, GATE, 51820, "10.9.0.2", 40004),
         Datagram(60.0, "10.9.0.2", 40004, GATE, 51820),
         // Idle past the replied flow's 120 s: new again, still granted.
@@ -517,8 +519,9 @@ fn udp_datagrams_are_decided_once_per_flow_as_conntrack_keeps_them() {
         ("10.9.0.2", 8000, "knock"),
         ("10.9.0.2", 51820, "granted"),
         ("10.9.0.2", 51820, "granted"),
+        ("10.9.0.2", 51820, "granted"),
     ]
     .map(|(src, port, reason)| (src.to_owned(), FlowPort::udp(port), reason));
     assert_eq!(verdicts, want);
-    assert_eq!(report.new_flows, 6);
+    assert_eq!(report.new_flows, 7);
 }

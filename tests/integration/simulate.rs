@@ -118,7 +118,7 @@ fn sweeps_report_whether_a_scan_walks_through() {
 
 /// The verdicts the daemon logged at debug level, in order:
 /// (source, port, verdict, reason).
-fn live_verdicts(log: &str) -> Vec<(String, u16, String, String)> {
+fn live_verdicts(log: &str) -> Vec<(String, String, String, String)> {
     log.lines()
         .filter(|line| line.contains(" verdict="))
         .map(|line| {
@@ -130,7 +130,7 @@ fn live_verdicts(log: &str) -> Vec<(String, u16, String, String)> {
             };
             (
                 field("src"),
-                field("dst_port").parse().unwrap(),
+                field("dst_port"),
                 field("verdict"),
                 field("reason"),
             )
@@ -146,7 +146,9 @@ fn a_recorded_capture_simulates_to_the_live_verdicts() {
     }
     let mut net = Net::new();
     net.listen(&[22, 80]);
-    let config = net.config(EXAMPLE_CONFIG);
+    let udp = "\n[[policy]]\nname = \"udp\"\nsequence = [\"7000/udp\", \"8000/udp\"]\n\
+               open_ports = [\"5353/udp\"]\n";
+    let config = net.config(&format!("{EXAMPLE_CONFIG}{udp}"));
     for backend in DUAL_STACK_RULES {
         net.load_rules(&config, backend);
     }
@@ -167,7 +169,7 @@ fn a_recorded_capture_simulates_to_the_live_verdicts() {
             "-w",
         ])
         .arg(&capture)
-        .arg("tcp")
+        .args(["tcp", "or", "udp"])
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&tcpdump_log).unwrap())
         .spawn()
@@ -190,6 +192,11 @@ fn a_recorded_capture_simulates_to_the_live_verdicts() {
     assert!(net.connect(a, 22).is_rejected());
     net.knock(CLIENTS6[0], &[1111, 2222]);
     assert_eq!(net.connect(CLIENTS6[0], 22), Reply::Open);
+    // By datagram: to the UDP open port before and after the UDP knock.
+    let c = CLIENTS4[2];
+    for port in [5353, 7000, 8000, 5353] {
+        net.in_client(&format!("printf x | nc -u -w 1 -s {c} {GATE4} {port}"));
+    }
 
     // SAFETY: kill has no memory preconditions; the pid is our child's.
     unsafe { libc::kill(tcpdump.id() as libc::pid_t, libc::SIGINT) };
@@ -206,21 +213,27 @@ fn a_recorded_capture_simulates_to_the_live_verdicts() {
         String::from_utf8_lossy(&out.stderr)
     );
     let run: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let simulated: Vec<(String, u16, String, String)> = run["reports"][0]["packets"]
+    let simulated: Vec<(String, String, String, String)> = run["reports"][0]["packets"]
         .as_array()
         .unwrap_or_else(|| panic!("no packets in {run:#}"))
         .iter()
         .map(|p| {
             (
                 p["source"].as_str().unwrap().to_owned(),
-                p["dst_port"].as_u64().unwrap() as u16,
+                p["dst_port"].to_string().trim_matches('"').to_owned(),
                 p["verdict"].as_str().unwrap().to_owned(),
                 p["reason"].as_str().unwrap().to_owned(),
             )
         })
         .collect();
     let live = live_verdicts(&gate.log());
-    assert_eq!(simulated.len(), 13, "{simulated:?}");
+    assert_eq!(simulated.len(), 17, "{simulated:?}");
+    let udp_verdicts: Vec<&str> = simulated
+        .iter()
+        .filter(|p| p.1.ends_with("/udp"))
+        .map(|p| p.3.as_str())
+        .collect();
+    assert_eq!(udp_verdicts, ["no_grant", "knock", "knock", "granted"]);
     // The daemon decided the simulated packets in order; with offload the
     // kernel decided the others, unlogged, and its rule counters count
     // them, each with the verdict simulate gave it.
