@@ -208,7 +208,7 @@ fn a_restart_puts_exactly_the_restored_grants_in_the_kernel() {
         .status
         .success();
     let plant = match nft {
-        true => format!("nft add element inet knockq granted4 {{ {planted} . 22 }}"),
+        true => format!("nft add element inet knockq granted4 {{ {planted} . tcp . 22 }}"),
         false => format!("ipset add knockq-granted4 {planted},tcp:22"),
     };
     succeeded(net.in_gate(&plant), "plant");

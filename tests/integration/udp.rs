@@ -282,3 +282,55 @@ fn a_wireguard_tunnel_passes_only_after_the_knock() {
         "no handshake for a new peer after the close knock"
     );
 }
+
+/// Sends malformed UDP to a port from a source: a header cut short, a
+/// length of 0, a length beyond the packet, a first fragment whose rest
+/// never comes, and a later fragment alone.
+const MALFORMED_UDP: &str = r#"
+import socket, struct, sys
+src, dst, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+def ip(payload, ident, frag=0):
+    header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(payload), ident, frag, 64, 17, 0,
+                         socket.inet_aton(src), socket.inet_aton(dst))
+    return header + payload
+def udp(length, data):
+    return struct.pack("!HHHH", 40000, port, length, 0) + data
+for packet in [
+    ip(struct.pack("!HH", 40000, port), 1),
+    ip(udp(0, b"x"), 2),
+    ip(udp(100, b"x"), 3),
+    ip(udp(24, b"12345678"), 4, frag=0x2000),
+    ip(b"87654321", 5, frag=2),
+]:
+    s.sendto(packet, (dst, 0))
+"#;
+
+/// Malformed UDP to the second knock port, between the knocks of a
+/// sequence: conntrack finds it invalid (or never completes the fragments),
+/// so it never reaches the queue, and the sequence goes on as if it had not
+/// been sent.
+#[test]
+fn malformed_udp_changes_nothing() {
+    if !can_run("malformed_udp_changes_nothing", true, &["nc", "python3"]) {
+        return;
+    }
+    let net = Net::new();
+    let gate = net.start_gate(POLICIES, IPV4_RULES);
+    let src = CLIENTS4[0];
+    udp_knock_with_nc(&net, src, &[7000]);
+    gate.wait_for_log(&format!("event=knock src={src} policy=dns stage=1"));
+    let sent = net.in_client(&format!("python3 -c '{MALFORMED_UDP}' {src} {GATE4} 8000"));
+    assert!(sent.status.success(), "{}", text(&sent.stderr));
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let log = gate.log();
+    assert!(
+        !log.contains("dst_port=8000/udp"),
+        "decided by the daemon:\n{log}"
+    );
+    assert!(!log.contains("event=grant"), "{log}");
+    assert_eq!(net.pending_packets(), 0);
+    // The sequence was neither advanced nor reset by them.
+    udp_knock_with_nc(&net, src, &[8000]);
+    gate.wait_for_log(&format!("event=grant src={src} policy=dns"));
+}
