@@ -7,6 +7,7 @@
 //!
 //! - [`flow`]: the port a new flow is for, the one type every layer names.
 //! - [`rotating`]: rotating knock sequences derived from a shared secret.
+//! - [`spa`]: single packet authorization in fwknop's wire format.
 //! - [`config`]: the TOML configuration: what the file says.
 //! - [`engine`]: the pure state machine (no I/O; the clock is an argument),
 //!   and what a configuration's policies mean.
@@ -43,3 +44,4 @@ pub mod packet;
 pub mod rotating;
 pub mod script;
 pub mod simulate;
+pub mod spa;

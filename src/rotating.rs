@@ -88,6 +88,11 @@ impl Secret {
         mac.finalize().into_bytes().into()
     }
 
+    /// The secret's bytes, for keys kept in other forms (SPA's base64).
+    pub fn bytes(&self) -> &[u8] {
+        &self.0
+    }
+
     #[cfg(test)]
     pub(crate) fn from_bytes(bytes: &[u8]) -> Self {
         Secret(bytes.to_vec())
@@ -101,6 +106,12 @@ pub fn keygen(path: &Path) -> Result<(), SecretError> {
     getrandom::fill(&mut random).map_err(|e| SecretError::Random(e.to_string()))?;
     let mut text: String = random.iter().map(|b| format!("{b:02x}")).collect();
     text.push('\n');
+    write_new_secret(path, &text)
+}
+
+/// Writes `text` to a new file at `path`, mode 0600, refusing to replace
+/// one.
+pub fn write_new_secret(path: &Path, text: &str) -> Result<(), SecretError> {
     let io_error = |error| SecretError::Io {
         path: path.to_owned(),
         error,
