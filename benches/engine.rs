@@ -120,6 +120,7 @@ fn decide(engine: &Engine, src: IpAddr, dst_port: u16, thread: &mut Thread) {
             src,
             dst_port: FlowPort::tcp(dst_port),
         },
+        &[],
         Timestamp::from_millis(1),
         &mut thread.events,
         &mut thread.scripts,

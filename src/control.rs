@@ -289,6 +289,7 @@ mod tests {
             engine
                 .decide(
                     syn,
+                    &[],
                     Timestamp::from_millis(1),
                     &mut Vec::new(),
                     &mut crate::engine::NoScripts

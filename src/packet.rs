@@ -59,6 +59,28 @@ pub enum Link {
 /// Reads a captured frame. `None` when it is not TCP or UDP over IPv4 or
 /// IPv6.
 pub fn parse_frame(link: Link, frame: &[u8]) -> Option<FlowFacts> {
+    flow_facts(slice_frame(link, frame)?)
+}
+
+/// The data a UDP datagram carries, from a packet that starts at the IP
+/// header (an SPA port reads it); empty for anything else.
+pub fn datagram_payload(packet: &[u8]) -> &[u8] {
+    LaxSlicedPacket::from_ip(packet).map_or(&[], udp_data)
+}
+
+/// The data a captured UDP datagram carries; empty for anything else.
+pub fn frame_payload(link: Link, frame: &[u8]) -> &[u8] {
+    slice_frame(link, frame).map_or(&[], udp_data)
+}
+
+fn udp_data(sliced: LaxSlicedPacket<'_>) -> &[u8] {
+    match sliced.transport {
+        Some(TransportSlice::Udp(udp)) => udp.payload(),
+        _ => &[],
+    }
+}
+
+fn slice_frame(link: Link, frame: &[u8]) -> Option<LaxSlicedPacket<'_>> {
     let ether_type = |at: usize| {
         Some(EtherType(u16::from_be_bytes(
             frame.get(at..at + 2)?.try_into().ok()?,
@@ -70,7 +92,7 @@ pub fn parse_frame(link: Link, frame: &[u8]) -> Option<FlowFacts> {
         Link::LinuxSll2 => LaxSlicedPacket::from_ether_type(ether_type(0)?, frame.get(20..)?),
         Link::RawIp => LaxSlicedPacket::from_ip(frame).ok()?,
     };
-    flow_facts(sliced)
+    Some(sliced)
 }
 
 fn flow_facts(sliced: LaxSlicedPacket) -> Option<FlowFacts> {

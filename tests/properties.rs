@@ -68,7 +68,7 @@ proptest! {
         for (source, dst_port, gap) in syns {
             now += gap;
             let src = IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + source));
-            let _ = engine.decide(NewFlow { src, dst_port: knockq::flow::FlowPort::tcp(dst_port) }, Timestamp::from_millis(now), &mut events, &mut knockq::engine::NoScripts);
+            let _ = engine.decide(NewFlow { src, dst_port: knockq::flow::FlowPort::tcp(dst_port) }, &[], Timestamp::from_millis(now), &mut events, &mut knockq::engine::NoScripts);
             prop_assert!(engine.tracked_sources() <= 16);
             if now % 7 == 0 {
                 engine.expire(Timestamp::from_millis(now), TablePart::WHOLE, &mut events);

@@ -50,7 +50,9 @@ pub fn profile_sequence(profile: &Profile) -> Vec<FlowPort> {
     let rotating = match &profile.knock {
         Knock::Fixed(sequence) => return sequence.clone(),
         Knock::Rotating(rotating) => rotating,
-        Knock::Script(_) => unreachable!("client profiles have no script knock"),
+        Knock::Script(_) | Knock::Spa(_) => {
+            unreachable!("client profiles have no script or SPA knock")
+        }
     };
     let used = UsedWindows::for_profile(&profile.name);
     let pick = windows::pick(rotating, &used.load(), unix_millis());

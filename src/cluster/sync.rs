@@ -520,6 +520,7 @@ impl Sync {
                 ports: PortMask::ALL,
                 until: GRANT_UNTIL_CLOSED,
                 origin: Origin::LOCAL,
+                user: None,
             },
         });
         (self.report)(&self.engine, &mut self.events);

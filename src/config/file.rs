@@ -49,6 +49,7 @@ pub(crate) struct RawPolicy {
     pub(crate) sequence: Option<Spanned<Vec<FlowPort>>>,
     pub(crate) rotating: Option<Spanned<RawRotating>>,
     pub(crate) script: Option<Spanned<RawScript>>,
+    pub(crate) spa: Option<Spanned<super::RawSpa>>,
     #[serde(default = "default_step_timeout", deserialize_with = "duration")]
     pub(crate) step_timeout: Duration,
     pub(crate) open_ports: Spanned<Vec<PortRange>>,

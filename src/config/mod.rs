@@ -14,6 +14,7 @@ mod cluster;
 mod file;
 mod read;
 mod sections;
+mod spa;
 
 use std::fmt;
 use std::path::PathBuf;
@@ -26,6 +27,8 @@ pub use cluster::{ClusterConfig, Offline, Scope};
 pub(crate) use file::{ErrorContext, RawPolicy, RawRotating, RawScript};
 pub use read::{read, Document};
 pub use sections::*;
+pub(crate) use spa::RawSpa;
+pub use spa::{Spa, SpaUser};
 
 /// A configuration, as its file says it: read, its structure checked and
 /// the files it names read (see `crate::loader` for the whole check).
@@ -119,6 +122,7 @@ impl Policy {
             Knock::Fixed(sequence) => sequence.iter().copied().map(PortRange::single).collect(),
             Knock::Rotating(rotating) => vec![rotating.ports],
             Knock::Script(script) => script.knock_ports.clone(),
+            Knock::Spa(spa) => vec![PortRange::single(FlowPort::udp(spa.port))],
         };
         knock
             .into_iter()
@@ -150,6 +154,8 @@ pub enum Knock {
     Rotating(Rotating),
     /// Whatever a script decides, on the ports it declares.
     Script(Script),
+    /// One encrypted, authenticated datagram per grant, one key per user.
+    Spa(Spa),
 }
 
 impl Knock {
@@ -158,8 +164,8 @@ impl Knock {
         match self {
             Knock::Fixed(sequence) => sequence.len(),
             Knock::Rotating(rotating) => usize::from(rotating.length),
-            // A script's stages have no fixed end.
-            Knock::Script(_) => 0,
+            // A script's stages have no fixed end; one packet is all of SPA.
+            Knock::Script(_) | Knock::Spa(_) => 0,
         }
     }
 
@@ -177,6 +183,7 @@ impl Knock {
     pub fn in_progress(&self, stage: u8) -> bool {
         match self {
             Knock::Script(_) => stage > 0,
+            Knock::Spa(_) => false,
             _ => stage > 0 && usize::from(stage) < self.sequence_len(),
         }
     }
@@ -199,6 +206,7 @@ impl Knock {
                 script.file.display(),
                 script.describe_ports()
             ),
+            Knock::Spa(spa) => format!("spa on {}", FlowPort::udp(spa.port)),
         }
     }
 }

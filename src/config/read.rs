@@ -72,21 +72,24 @@ pub fn read<'a>(text: &'a str, path: &'a Path) -> Result<Document<'a>, ConfigErr
             let message = "open_ports is empty: give at least one port to open".to_owned();
             return Err(errors.spanned(&policy.open_ports, key("open_ports"), message));
         }
-        match (&policy.sequence, &policy.rotating, &policy.script) {
-            (Some(_), None, None) | (None, Some(_), None) | (None, None, Some(_)) => {}
-            (Some(sequence), _, _) => {
+        let knocks = [
+            policy.sequence.as_ref().map(|s| ("sequence", s.span())),
+            policy.rotating.as_ref().map(|r| ("rotating", r.span())),
+            policy.script.as_ref().map(|s| ("script", s.span())),
+            policy.spa.as_ref().map(|s| ("spa", s.span())),
+        ];
+        let mut given = knocks.iter().flatten();
+        match (given.next(), given.next()) {
+            (Some(_), None) => {}
+            (Some(_), Some((field, span))) => {
                 let message =
-                    "give one of sequence, [policy.rotating] or [policy.script]".to_owned();
-                return Err(errors.spanned(sequence, key("sequence"), message));
+                    "give one of sequence, [policy.rotating], [policy.script] or [policy.spa]";
+                return Err(errors.at(Some(span.clone()), key(field), message));
             }
-            (None, Some(rotating), Some(_)) => {
-                let message = "give one of [policy.rotating] or [policy.script]".to_owned();
-                return Err(errors.spanned(rotating, key("rotating"), message));
-            }
-            (None, None, None) => {
+            (None, _) => {
                 let message =
-                    "no knock: give a sequence of ports, a [policy.rotating] or a [policy.script] table".to_owned();
-                return Err(errors.spanned(&policy.name, key("sequence"), message));
+                    "no knock: give a sequence of ports, a [policy.rotating], a [policy.script] or a [policy.spa] table";
+                return Err(errors.spanned(&policy.name, key("sequence"), message.to_owned()));
             }
         }
         for (hook, name) in [
@@ -119,15 +122,25 @@ impl Document<'_> {
         for (i, policy) in raw.policies.into_iter().enumerate() {
             let key = |field: &str| format!("policy[{i}].{field}");
             let open_ports = policy.open_ports.into_inner();
-            let knock = match (policy.sequence, &policy.rotating, &policy.script) {
-                (Some(sequence), _, _) => Knock::Fixed(sequence.into_inner()),
-                (None, Some(rotating), _) => {
+            let knock = match (
+                policy.sequence,
+                &policy.rotating,
+                &policy.script,
+                &policy.spa,
+            ) {
+                (Some(sequence), ..) => Knock::Fixed(sequence.into_inner()),
+                (None, Some(rotating), ..) => {
                     Knock::Rotating(rotating.get_ref().read(&errors, &key)?)
                 }
-                (None, None, Some(script)) => {
+                (None, None, Some(script), _) => {
                     Knock::Script(read_script(script.get_ref(), &open_ports, &errors, &key)?)
                 }
-                (None, None, None) => unreachable!("read() refuses a policy without a knock"),
+                (None, None, None, Some(spa)) => {
+                    Knock::Spa(spa.get_ref().read(&open_ports, &errors, &key)?)
+                }
+                (None, None, None, None) => {
+                    unreachable!("read() refuses a policy without a knock")
+                }
             };
             policies.push(Policy {
                 name: policy.name.into_inner(),

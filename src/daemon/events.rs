@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
 
 use super::metrics::Metrics;
-use crate::engine::{Engine, Event, EventKind, Policies};
+use crate::engine::{Engine, Event, EventKind, Policies, SpaOutcome};
 use crate::listeners::{GrantListener, GrantPorts, Nodes, Subject, TokenBucket};
 
 /// How often a summary of suppressed lines may be logged.
@@ -121,7 +121,19 @@ impl EventReport {
             EventKind::Claim { window } => {
                 return debug!(event = %"claim", %src, policy = %name, window);
             }
+            EventKind::Spa { outcome, untried } => {
+                // A grant says so on its own line.
+                if outcome != SpaOutcome::Granted {
+                    debug!(event = %"spa_refused", %src, policy = %name, reason = %outcome.as_str(), untried);
+                }
+                return;
+            }
         };
+        // An SPA grant names its user; a removed user's name is gone.
+        let user = grant
+            .user
+            .and_then(|user| policies.user_name(event.policy, user))
+            .unwrap_or("");
         if !bucket.take(now) {
             self.suppressed += 1;
             return;
@@ -134,9 +146,10 @@ impl EventReport {
                     _ => "restore",
                 };
                 let ports = GrantPorts(policy, grant);
-                match origin {
-                    "" => info!(event = %event, %src, policy = %name, %ports),
-                    _ => info!(event = %event, %src, policy = %name, %ports, %origin),
+                match (origin, user) {
+                    ("", "") => info!(event = %event, %src, policy = %name, %ports),
+                    ("", user) => info!(event = %event, %src, policy = %name, %ports, %user),
+                    (origin, _) => info!(event = %event, %src, policy = %name, %ports, %origin),
                 }
             }
             EventKind::Revoked(reason) => {
@@ -192,6 +205,7 @@ mod tests {
                 ports: crate::engine::PortMask::ALL,
                 until: crate::engine::GRANT_UNTIL_CLOSED,
                 origin: crate::engine::Origin::LOCAL,
+                user: None,
             },
         };
         let mut events: Vec<Event> = (0..1000).map(reset).collect();

@@ -14,7 +14,10 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use crate::engine::{Event, EventKind, Policies, PolicyKey, Reason, Reloaded, RevokeReason};
+use crate::config::Knock;
+use crate::engine::{
+    Event, EventKind, Policies, PolicyKey, Reason, Reloaded, RevokeReason, SpaOutcome,
+};
 use crate::flow::Proto;
 
 /// Knock outcomes, in label order.
@@ -31,7 +34,14 @@ const KNOCK_OUTCOMES: [&str; 6] = [
 /// The `proto` labels of verdicts, in the order of [`Proto`], and `other`
 /// for packets read as neither.
 const VERDICT_PROTOS: [&str; 3] = [Proto::Tcp.as_str(), Proto::Udp.as_str(), "other"];
-const REVOKE_REASONS: [&str; 5] = ["close_knock", "timeout", "evicted", "admin", "cluster"];
+const REVOKE_REASONS: [&str; 6] = [
+    "close_knock",
+    "timeout",
+    "evicted",
+    "admin",
+    "cluster",
+    "user_removed",
+];
 
 pub struct Metrics {
     registry: Registry,
@@ -53,6 +63,8 @@ struct PolicyFamilies {
     grants: IntCounterVec,
     revoked: IntCounterVec,
     active: IntGaugeVec,
+    spa_packets: IntCounterVec,
+    spa_untried: IntCounterVec,
 }
 
 /// One policy's series, resolved once.
@@ -63,6 +75,9 @@ struct PolicyHandles {
     /// Indexed like [`REVOKE_REASONS`].
     revoked: Vec<IntCounter>,
     active: IntGauge,
+    /// Indexed like [`SpaOutcome::ALL`]; empty but for SPA policies.
+    spa_packets: Vec<IntCounter>,
+    spa_untried: Option<IntCounter>,
 }
 
 impl PolicyFamilies {
@@ -82,6 +97,15 @@ impl PolicyFamilies {
                         .map(|r| self.revoked.with_label_values(&[name, r]))
                         .collect(),
                     active: self.active.with_label_values(&[name]),
+                    spa_packets: match policy.knock {
+                        Knock::Spa(_) => SpaOutcome::ALL
+                            .iter()
+                            .map(|o| self.spa_packets.with_label_values(&[name, o.as_str()]))
+                            .collect(),
+                        _ => Vec::new(),
+                    },
+                    spa_untried: matches!(policy.knock, Knock::Spa(_))
+                        .then(|| self.spa_untried.with_label_values(&[name])),
                 };
                 (key, handles)
             })
@@ -143,6 +167,16 @@ impl Metrics {
             )?,
             active: IntGaugeVec::new(
                 Opts::new("knockq_active_grants", "Grants open now, by policy."),
+                &["policy"],
+            )?,
+            spa_packets: counters(
+                "knockq_spa_packets_total",
+                "Single packet authorization datagrams, by policy and what became of them.",
+                &["policy", "outcome"],
+            )?,
+            spa_untried: counters(
+                "knockq_spa_candidates_untried_total",
+                "Users an SPA datagram's source may send for whose key the candidate cap left untried.",
                 &["policy"],
             )?,
         };
@@ -260,11 +294,20 @@ impl Metrics {
                         RevokeReason::Timeout => 1,
                         RevokeReason::Admin => 3,
                         RevokeReason::Cluster => 4,
+                        RevokeReason::UserRemoved => 5,
                     };
                     policy.revoked[index].inc();
                     policy.active.dec();
                 }
                 // Counted by the cluster when it claims the window.
+                EventKind::Spa { outcome, untried } => {
+                    if let Some(counter) = policy.spa_packets.get(outcome as usize) {
+                        counter.inc();
+                    }
+                    if let Some(counter) = &policy.spa_untried {
+                        counter.inc_by(u64::from(untried));
+                    }
+                }
                 EventKind::Refreshed | EventKind::Evicted | EventKind::Claim { .. } => {}
             }
         }
@@ -398,6 +441,7 @@ mod tests {
                 ports: crate::engine::PortMask::ALL,
                 until: crate::engine::GRANT_UNTIL_CLOSED,
                 origin: crate::engine::Origin::LOCAL,
+                user: None,
             },
         };
         metrics.events(&[

@@ -13,8 +13,11 @@ use super::verdicts::{self, VerdictBatch, NFNL_SUBSYS_QUEUE, NLM_F_REQUEST};
 use super::worker::RECEIVE_TIMEOUT;
 use crate::engine::Verdict;
 
-/// Bytes of each packet copied to the daemon: the IP and TCP headers.
-const COPY_RANGE: u16 = 128;
+/// Bytes of each packet copied to the daemon at most: the headers of a SYN,
+/// and all of an SPA datagram (up to 1500 bytes of data behind an IPv6 and
+/// a UDP header). A SYN costs what it did: the kernel copies a packet's
+/// length, not the range.
+pub const COPY_RANGE: u16 = 1600;
 /// Packets the kernel holds for this queue before it drops new ones.
 const QUEUE_MAX_LEN: u32 = 8192;
 /// Room for bursts of queued packets waiting to be received.

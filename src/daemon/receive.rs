@@ -8,9 +8,9 @@ use std::os::fd::RawFd;
 
 /// Datagrams received per call at most.
 pub const MAX_BATCH: usize = 64;
-/// Room per datagram: one queued packet's message with its first 128 bytes
-/// is about 250 bytes.
-const DATAGRAM_BYTES: usize = 1024;
+/// Room per datagram: one queued packet's message with up to
+/// [`super::queue::COPY_RANGE`] bytes of the packet and its attributes.
+const DATAGRAM_BYTES: usize = 2048;
 
 const NLMSG_HEADER: usize = 16;
 const NFGENMSG: usize = 4;

@@ -389,6 +389,7 @@ mod tests {
             };
             engine.decide(
                 syn,
+                &[],
                 Timestamp::from_millis(0),
                 &mut Vec::new(),
                 &mut NoScripts,
@@ -404,6 +405,7 @@ mod tests {
         engine
             .decide(
                 syn,
+                &[],
                 Timestamp::from_millis(5),
                 &mut Vec::new(),
                 &mut NoScripts,
@@ -522,6 +524,7 @@ mod tests {
             engine
                 .decide(
                     syn,
+                    &[],
                     Timestamp::from_millis(5),
                     &mut Vec::new(),
                     &mut scripts,

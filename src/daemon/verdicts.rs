@@ -14,6 +14,7 @@ const NFQNL_MSG_VERDICT_BATCH: u16 = 3;
 const NFQA_VERDICT_HDR: u16 = 2;
 const NFQA_MARK: u16 = 3;
 pub const NLM_F_REQUEST: u16 = 1;
+const NF_DROP: u32 = 0;
 const NF_ACCEPT: u32 = 1;
 const NF_REPEAT: u32 = 4;
 /// nlmsghdr (16) + nfgenmsg (4) + verdict attribute (4 + 8) + mark (4 + 4).
@@ -26,6 +27,7 @@ pub fn encode(queue: u16, last_id: u32, verdict: Verdict) -> [u8; MESSAGE_LEN] {
         Verdict::Accept => (NF_ACCEPT, ACCEPT_MARK),
         // The reject rule ahead of the queue rule catches the mark.
         Verdict::Reject => (NF_REPEAT, REJECT_MARK),
+        Verdict::Drop => (NF_DROP, 0),
     };
     let mut message = [0u8; MESSAGE_LEN];
     // Netlink header, host byte order.

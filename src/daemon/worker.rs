@@ -18,6 +18,7 @@ use super::metrics::Metrics;
 use super::receive::{Receiver, MAX_BATCH};
 use super::verdicts::VerdictBatch;
 use crate::engine::{Decision, Engine, Event, NewFlow, PolicyKey, Reason, Timestamp};
+use crate::flow::Proto;
 use crate::listeners::Clock;
 use crate::packet;
 use crate::script::{Failure, FailureKind, ScriptVms};
@@ -86,9 +87,11 @@ impl Worker {
                         Parsed { id: packet.id, syn }
                     }));
                     let now = self.clock.at(received);
-                    for packet in parsed.drain(..) {
+                    // Parsing took the packets in this same order.
+                    for (packet, queued) in parsed.drain(..).zip(receiver.packets()) {
                         self.take(
                             packet,
+                            queued.payload.unwrap_or_default(),
                             now,
                             &mut verdicts,
                             &mut decided,
@@ -140,9 +143,11 @@ impl Worker {
     /// Decides one packet and adds its verdict to the batch. The state change
     /// lands before the next packet is decided; a grant change reaches the
     /// listeners that need it before the verdict (rare: one per grant).
+    #[allow(clippy::too_many_arguments)]
     fn take(
         &mut self,
         packet: Parsed,
+        bytes: &[u8],
         now: Timestamp,
         verdicts: &mut VerdictBatch,
         decided: &mut Vec<Decided>,
@@ -151,7 +156,12 @@ impl Worker {
     ) {
         let before = events.len();
         let decision = decide(packet.syn, |syn| {
-            self.engine.decide(syn, now, events, scripts)
+            // Only a UDP datagram's data is read (by an SPA port).
+            let payload = match syn.dst_port.proto() {
+                Proto::Udp => packet::datagram_payload(bytes),
+                Proto::Tcp => &[],
+            };
+            self.engine.decide(syn, payload, now, events, scripts)
         });
         if events[before..].iter().any(|e| e.kind.changes_grant())
             && self.report.publishes_before_verdict()

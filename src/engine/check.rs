@@ -91,6 +91,18 @@ pub fn check(document: &Document) -> Result<(), ConfigError> {
                 roles.claimed.insert(port, PortUse::Knock(name));
             }
         }
+        if let Some(spa) = &policy.spa {
+            if policy.open_ports.get_ref().len() > PortMask::MAX_PORTS {
+                let message = format!("an SPA policy opens at most {} ports", PortMask::MAX_PORTS);
+                return Err(errors.spanned(&policy.open_ports, key("open_ports"), message));
+            }
+            let port = FlowPort::udp(*spa.get_ref().port.get_ref());
+            if let Some(conflict) = roles.role_of(port) {
+                let message = format!("SPA port {port} is also {conflict}");
+                return Err(errors.spanned(&spa.get_ref().port, key("spa.port"), message));
+            }
+            roles.claimed.insert(port, PortUse::Knock(name));
+        }
         if let Some(close) = &policy.close_port {
             let port = *close.get_ref();
             // Its own knock ports were checked against it above.

@@ -18,13 +18,15 @@ use crate::config;
 use crate::flow::FlowPort;
 
 impl Engine {
-    /// Decides one NEW SYN at time `now`. The state change caused by the
+    /// Decides one new flow at time `now`; `payload` is what a UDP datagram
+    /// carries (an SPA port reads it). The state change caused by the
     /// packet is complete when this returns, so the next packet from the same
     /// source already sees it. Script policies run through `scripts`, the
     /// calling thread's own.
     pub fn decide(
         &self,
         syn: NewFlow,
+        payload: &[u8],
         now: Timestamp,
         events: &mut impl EventSink,
         scripts: &mut impl ScriptRunner,
@@ -32,6 +34,9 @@ impl Engine {
         let policies = self.policies.load();
         let wall = self.wall_clock();
         let role = policies.role(syn.dst_port, now, wall);
+        if let PortRole::Spa { policy } = role {
+            return self.decide_spa(&policies, policy, syn.src, payload, now, events);
+        }
         // Only the first port of a sequence starts tracking a stranger; a
         // script's knock does once the script says so.
         let starts = match role {
@@ -96,6 +101,7 @@ impl Engine {
         match role {
             PortRole::Knock { .. } | PortRole::Script { .. } => Decision::reject(Reason::Knock),
             PortRole::Close { .. } => Decision::reject(Reason::Close),
+            PortRole::Spa { .. } => unreachable!("decided above"),
             PortRole::Open { .. } | PortRole::Unrelated | PortRole::Rotating { .. } => {
                 Decision::reject(Reason::NoGrant)
             }

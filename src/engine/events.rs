@@ -27,7 +27,13 @@ pub struct GrantScope {
     /// When it ends; [`GRANT_UNTIL_CLOSED`] for grants without a timeout.
     pub until: Timestamp,
     pub origin: Origin,
+    /// The SPA user the grant is for.
+    pub user: Option<UserKey>,
 }
+
+/// Names an SPA user of a policy across reloads, by the user's name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct UserKey(pub std::num::NonZeroU32);
 
 /// The node of a cluster a grant was made on: [`Origin::LOCAL`] for this
 /// one. Other nodes are numbered as they are first heard of; the numbers
@@ -78,6 +84,72 @@ pub enum EventKind {
     Revoked(RevokeReason),
     /// Dropped to make room in a full table.
     Evicted,
+    /// A single packet authorization datagram, and what became of it;
+    /// `untried`: users of the port the candidate cap left out.
+    Spa {
+        outcome: SpaOutcome,
+        untried: u16,
+    },
+}
+
+/// What became of an SPA datagram; a small fixed set, fit for labels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SpaOutcome {
+    Granted,
+    /// No candidate user's HMAC key authenticates it (forged, cut, a wrong
+    /// key, or a mode knockq does not take: GPG, legacy without HMAC).
+    BadHmac,
+    Replayed,
+    /// Its timestamp is farther from the gate's clock than `max_age`.
+    TooOld,
+    /// The user name inside is not the user whose key opened it.
+    UnknownUser,
+    /// A command or NAT message.
+    RefusedType,
+    /// It names an address other than its source.
+    RefusedAddress,
+    /// No user may send from this source.
+    RefusedSource,
+    /// None of the ports it asks for is one the user may open.
+    RefusedPort,
+    ExpiredUser,
+    Malformed,
+    /// The replay cache is full of packets still young enough to pass.
+    CacheFull,
+}
+
+impl SpaOutcome {
+    pub const ALL: [SpaOutcome; 12] = [
+        SpaOutcome::Granted,
+        SpaOutcome::BadHmac,
+        SpaOutcome::Replayed,
+        SpaOutcome::TooOld,
+        SpaOutcome::UnknownUser,
+        SpaOutcome::RefusedType,
+        SpaOutcome::RefusedAddress,
+        SpaOutcome::RefusedSource,
+        SpaOutcome::RefusedPort,
+        SpaOutcome::ExpiredUser,
+        SpaOutcome::Malformed,
+        SpaOutcome::CacheFull,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SpaOutcome::Granted => "granted",
+            SpaOutcome::BadHmac => "bad_hmac",
+            SpaOutcome::Replayed => "replayed",
+            SpaOutcome::TooOld => "too_old",
+            SpaOutcome::UnknownUser => "unknown_user",
+            SpaOutcome::RefusedType => "refused_type",
+            SpaOutcome::RefusedAddress => "refused_address",
+            SpaOutcome::RefusedSource => "refused_source",
+            SpaOutcome::RefusedPort => "refused_port",
+            SpaOutcome::ExpiredUser => "expired_user",
+            SpaOutcome::Malformed => "malformed",
+            SpaOutcome::CacheFull => "cache_full",
+        }
+    }
 }
 
 impl EventKind {
@@ -98,14 +170,17 @@ pub enum RevokeReason {
     Admin,
     /// Revoked on another node of the cluster, by any of the above.
     Cluster,
+    /// The SPA user was removed by a reload, or reached `expires`.
+    UserRemoved,
 }
 
 impl RevokeReason {
-    pub const ALL: [RevokeReason; 4] = [
+    pub const ALL: [RevokeReason; 5] = [
         RevokeReason::CloseKnock,
         RevokeReason::Timeout,
         RevokeReason::Admin,
         RevokeReason::Cluster,
+        RevokeReason::UserRemoved,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -114,6 +189,7 @@ impl RevokeReason {
             RevokeReason::Timeout => "timeout",
             RevokeReason::Admin => "admin",
             RevokeReason::Cluster => "cluster",
+            RevokeReason::UserRemoved => "user_removed",
         }
     }
 }

@@ -24,6 +24,7 @@ mod prefixes;
 mod rotation;
 mod script;
 mod source;
+mod spa;
 mod status;
 mod table;
 mod time;
@@ -38,14 +39,15 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
-use crate::config::{Config, Policy};
+use crate::config::{Config, Knock, Policy};
 use crate::flow::FlowPort;
 
 pub use bounds::{grant_ports, longest_grant, CLOCK_SKEW};
 pub(crate) use check::check_rotating;
 pub use check::{check, MAX_SEQUENCE_LEN, MIN_ROTATING_PORTS};
 pub use events::{
-    Event, EventKind, EventSink, GrantScope, Origin, RevokeReason, GRANT_UNTIL_CLOSED,
+    Event, EventKind, EventSink, GrantScope, Origin, RevokeReason, SpaOutcome, UserKey,
+    GRANT_UNTIL_CLOSED,
 };
 pub use grants::{GrantError, GrantRecord, TableFull};
 pub use policies::{Policies, PolicyKey};
@@ -81,6 +83,7 @@ pub struct Engine {
     sources: SourceTable,
     prefixes: PrefixGrants,
     spent: SpentWindows,
+    replays: spa::Replays,
     wall_offset: AtomicI64,
     next_key: AtomicU32,
 }
@@ -93,6 +96,7 @@ impl Engine {
             sources: SourceTable::new(config.limits.max_sources),
             prefixes: PrefixGrants::new(config.limits.max_prefix_grants),
             spent: SpentWindows::default(),
+            replays: spa::Replays::default(),
             wall_offset: AtomicI64::new(0),
             next_key,
         }
@@ -171,25 +175,36 @@ impl Engine {
     pub fn expire(&self, now: Timestamp, part: TablePart, events: &mut impl EventSink) {
         let policies = self.policies.load();
         let wall = self.wall_clock();
+        let unix_secs = wall.unix_millis(now) / 1000;
         self.sources.retain(part, |src, source| {
             for slot in source.slots_mut() {
                 let key = slot.policy;
-                match policies.get(key) {
-                    Some(policy) => slot.settle(policy, now, &mut |kind, grant| {
-                        events.event(Event {
-                            src,
-                            policy: key,
-                            kind,
-                            grant,
-                        })
-                    }),
-                    None => slot.forget(),
+                let Some((id, policy)) = policies.find(key) else {
+                    slot.forget();
+                    continue;
+                };
+                let mut emit = |kind, grant| {
+                    events.event(Event {
+                        src,
+                        policy: key,
+                        kind,
+                        grant,
+                    })
+                };
+                slot.settle(policy, now, &mut emit);
+                if let (Some(user), Knock::Spa(spa)) = (slot.user(), &policy.knock) {
+                    let index = policies.user_keys(id).iter().position(|&u| u == user);
+                    if index.is_none_or(|i| spa.users[i].expired(unix_secs)) {
+                        slot.revoke(RevokeReason::UserRemoved, &mut emit);
+                    }
                 }
             }
             source.remove_empty_slots();
         });
         self.prefixes
             .expire(now, |key| policies.get(key).is_some(), events);
+        self.replays
+            .prune(unix_secs, |key| policies.get(key).is_some());
         self.spent.prune(|key, window| {
             policies.find(key).is_some_and(|(id, _)| {
                 policies

@@ -5,7 +5,7 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use super::rotation::{rotating_role, Accepted, ScheduleCache, SpentWindows};
-use super::{PolicyId, PortMap, PortRole, Timestamp, WallClock};
+use super::{PolicyId, PortMap, PortRole, Timestamp, UserKey, WallClock};
 
 use crate::config::{Knock, Policy};
 use crate::flow::FlowPort;
@@ -20,6 +20,8 @@ pub struct Policies {
     keys: Vec<PolicyKey>,
     ports: PortMap,
     schedule: ScheduleCache,
+    /// Per policy, the keys of its SPA users, in the order of its list.
+    users: Vec<Vec<UserKey>>,
 }
 
 /// Whether two policies are the same knock for the same ports: the state of
@@ -28,6 +30,8 @@ pub struct Policies {
 fn same_knock(a: &Policy, b: &Policy) -> bool {
     let knock = match (&a.knock, &b.knock) {
         (Knock::Script(_), Knock::Script(_)) => a.knock.identity() == b.knock.identity(),
+        // Users come and go by reload; each user's grants follow the user.
+        (Knock::Spa(a), Knock::Spa(b)) => a.port == b.port,
         (a, b) => a == b,
     };
     a.name == b.name && knock && a.open_ports == b.open_ports && a.close_port == b.close_port
@@ -49,10 +53,42 @@ impl Policies {
                     })
                     .unwrap_or_else(|| PolicyKey(next_key.fetch_add(1, Ordering::Relaxed)))
             })
+            .collect::<Vec<PolicyKey>>();
+        let users = list
+            .iter()
+            .zip(&keys)
+            .map(|(policy, &key)| {
+                let Knock::Spa(spa) = &policy.knock else {
+                    return Vec::new();
+                };
+                let earlier = previous.and_then(|old| old.find(key).map(|(id, p)| (id, p, old)));
+                spa.users
+                    .iter()
+                    .map(|user| {
+                        earlier
+                            .and_then(|(id, p, old)| match &p.knock {
+                                Knock::Spa(s) => s
+                                    .users
+                                    .iter()
+                                    .position(|u| u.name == user.name)
+                                    .map(|i| old.users[usize::from(id)][i]),
+                                _ => None,
+                            })
+                            .unwrap_or_else(|| {
+                                let n = next_key.fetch_add(1, Ordering::Relaxed);
+                                UserKey(
+                                    std::num::NonZeroU32::new(n.wrapping_add(1).max(1))
+                                        .expect("at least 1"),
+                                )
+                            })
+                    })
+                    .collect()
+            })
             .collect();
         Policies {
             list: list.to_vec(),
             keys,
+            users,
             ports: PortMap::new(list),
             schedule: ScheduleCache::new(),
         }
@@ -89,9 +125,25 @@ impl Policies {
                 let schedule = self.schedule.at(&self.list, wall.unix_millis(now));
                 Accepted::rotating(rotating, schedule, id, spent, key, wall)
             }
-            // Scripts keep their own sequences, if any: none is accepted here.
-            Knock::Script(_) => Accepted::fixed(&[], spent, key, wall),
+            // Scripts keep their own sequences, if any, and SPA has none:
+            // none is accepted here.
+            Knock::Script(_) | Knock::Spa(_) => Accepted::fixed(&[], spent, key, wall),
         }
+    }
+
+    /// The keys of policy `id`'s SPA users, in the order of its list.
+    pub fn user_keys(&self, id: PolicyId) -> &[UserKey] {
+        &self.users[usize::from(id)]
+    }
+
+    /// The name of the SPA user `user` of policy `key`, if still in force.
+    pub fn user_name(&self, key: PolicyKey, user: UserKey) -> Option<&str> {
+        let (id, policy) = self.find(key)?;
+        let Knock::Spa(spa) = &policy.knock else {
+            return None;
+        };
+        let index = self.user_keys(id).iter().position(|&u| u == user)?;
+        Some(spa.users[index].name.as_str())
     }
 
     pub fn key(&self, id: PolicyId) -> PolicyKey {

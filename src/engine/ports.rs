@@ -94,6 +94,10 @@ pub enum PortRole {
     Script {
         policy: PolicyId,
     },
+    /// The port single packet authorization datagrams of `policy` come to.
+    Spa {
+        policy: PolicyId,
+    },
     /// Opened by a grant of any of these policies.
     Open {
         policies: PolicySet,
@@ -141,6 +145,9 @@ impl PortMap {
                     for port in script.knock_ports.iter().flat_map(|range| range.iter()) {
                         roles[port.index()] = PortRole::Script { policy: id };
                     }
+                }
+                Knock::Spa(spa) => {
+                    roles[FlowPort::udp(spa.port).index()] = PortRole::Spa { policy: id };
                 }
             }
         }

@@ -34,6 +34,7 @@ impl PrefixGrant {
                 ports: self.ports,
                 until: self.until,
                 origin: self.origin,
+                user: None,
             },
         }
     }

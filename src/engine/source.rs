@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use super::rotation::Accepted;
 use super::script::ScriptOutput;
-use super::{EventKind, GrantScope, Origin, PolicyKey, PortMask, RevokeReason, Timestamp};
+use super::{EventKind, GrantScope, Origin, PolicyKey, PortMask, RevokeReason, Timestamp, UserKey};
 use crate::config::{Knock, Policy, Scope};
 use crate::flow::FlowPort;
 
@@ -140,6 +140,8 @@ pub struct PolicyState {
     grant_until: Timestamp,
     /// The node the grant was made on.
     origin: Origin,
+    /// The SPA user the grant is for; fits in what would be padding.
+    user: Option<UserKey>,
 }
 
 /// `grant_until` without a grant: no grant ends at the clock's origin.
@@ -155,6 +157,7 @@ impl PolicyState {
             knocked_at: now,
             grant_until: NO_GRANT,
             origin: Origin::LOCAL,
+            user: None,
         }
     }
 
@@ -175,6 +178,7 @@ impl PolicyState {
             ports: self.ports,
             until: self.grant_until,
             origin: self.origin,
+            user: self.user,
         }
     }
 
@@ -184,6 +188,10 @@ impl PolicyState {
 
     pub fn origin(&self) -> Origin {
         self.origin
+    }
+
+    pub fn user(&self) -> Option<UserKey> {
+        self.user
     }
 
     /// The time of the last change of stage, while there is progress.
@@ -326,6 +334,18 @@ impl PolicyState {
             false => EventKind::Granted,
         };
         emit(kind, self.scope());
+    }
+
+    /// Opens (or restarts) an SPA grant of `ports` for `user` until `end`.
+    pub fn spa_grant(
+        &mut self,
+        end: Timestamp,
+        ports: PortMask,
+        user: UserKey,
+        emit: &mut impl FnMut(EventKind, GrantScope),
+    ) {
+        self.user = Some(user);
+        self.grant(end, ports, emit);
     }
 
     /// Puts a grant in place as it stands, saved before a restart or made

@@ -164,6 +164,7 @@ impl SourceTable {
                     ports: PortMask::ALL,
                     until: GRANT_UNTIL_CLOSED,
                     origin: Origin::LOCAL,
+                    user: None,
                 },
             });
         }

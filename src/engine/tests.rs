@@ -58,6 +58,7 @@ impl Gate {
         };
         self.engine.decide(
             syn,
+            &[],
             Timestamp::from_millis(self.now),
             &mut self.events,
             &mut NoScripts,
@@ -1107,4 +1108,338 @@ fn the_same_number_of_the_other_protocol_is_not_a_knock() {
     );
     assert_eq!(gate.flow(src, FlowPort::udp(9000)), KNOCK);
     assert_eq!(gate.flow(src, FlowPort::udp(51820)), NO_GRANT);
+}
+
+/// Single packet authorization: packets sealed as fwknop's client seals
+/// them, on the gate's injected clock.
+mod spa {
+    use super::*;
+    use crate::spa::{seal, Access, Keys, Message};
+
+    /// Unix time at the test clock's origin.
+    const EPOCH_SECS: u64 = 1_796_653_647;
+
+    struct SpaGate {
+        gate: Gate,
+        dir: tempfile::TempDir,
+        keys: Vec<(String, Keys)>,
+    }
+
+    /// Writes a user's two key files into `dir`; their config lines.
+    fn user(dir: &Path, name: &str, extra: &str) -> (String, Keys) {
+        use std::os::unix::fs::PermissionsExt;
+        let cipher = [name.len() as u8; 32];
+        let hmac = [name.as_bytes()[0]; 64];
+        for (file, bytes) in [("key", &cipher[..]), ("hmac", &hmac[..])] {
+            let path = dir.join(format!("{name}.{file}"));
+            std::fs::write(&path, crate::spa::base64_encode(bytes)).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
+        let d = dir.display();
+        let text = format!(
+            "[[policy.spa.user]]\nname = \"{name}\"\nkey_file = \"{d}/{name}.key\"\nhmac_key_file = \"{d}/{name}.hmac\"\n{extra}\n"
+        );
+        (text, Keys::new(&cipher, &hmac))
+    }
+
+    /// A gate with an SPA policy opening 22 and 53/udp for `users` (name,
+    /// extra settings), and `spa` settings.
+    fn spa_gate(spa: &str, users: &[(&str, &str)]) -> SpaGate {
+        let dir = tempfile::tempdir().unwrap();
+        let mut text = format!(
+            "[[policy]]\nname = \"spa\"\nopen_ports = [22, \"53/udp\", 8080]\ngrant_timeout = \"30s\"\n[policy.spa]\n{spa}\n"
+        );
+        let mut keys = Vec::new();
+        for (name, extra) in users {
+            let (lines, user_keys) = user(dir.path(), name, extra);
+            text.push_str(&lines);
+            keys.push((name.to_string(), user_keys));
+        }
+        let gate = Gate::new(&text);
+        gate.engine.set_wall_clock(WallClock {
+            offset_millis: (EPOCH_SECS * 1000) as i64,
+        });
+        SpaGate { gate, dir, keys }
+    }
+
+    fn message(user: &str, addr: &str, ports: &[FlowPort], timestamp: u64) -> Message {
+        Message {
+            random: "1234567890123456".into(),
+            user: user.into(),
+            timestamp,
+            version: "3.0.0".into(),
+            access: Access {
+                addr: addr.parse().unwrap(),
+                ports: ports.to_vec(),
+            },
+            timeout: None,
+        }
+    }
+
+    impl SpaGate {
+        fn keys(&self, user: &str) -> &Keys {
+            &self.keys.iter().find(|(name, _)| name == user).unwrap().1
+        }
+
+        /// Unix time now on the gate's clock.
+        fn unix(&self) -> u64 {
+            EPOCH_SECS + self.gate.now / 1000
+        }
+
+        /// The datagram `user` sends asking for `ports` for `addr`, now.
+        fn packet(&self, user: &str, addr: &str, ports: &[FlowPort]) -> Vec<u8> {
+            let message = message(user, addr, ports, self.unix());
+            seal(&message, self.keys(user), [3; 8]).into_bytes()
+        }
+
+        /// Sends `datagram` from `src`; what became of it.
+        fn send(&mut self, src: &str, datagram: &[u8]) -> SpaOutcome {
+            let flow = NewFlow {
+                src: ip(src),
+                dst_port: FlowPort::udp(crate::spa::DEFAULT_PORT),
+            };
+            let decision = self.gate.engine.decide(
+                flow,
+                datagram,
+                Timestamp::from_millis(self.gate.now),
+                &mut self.gate.events,
+                &mut NoScripts,
+            );
+            assert_eq!(
+                decision.verdict(),
+                Verdict::Drop,
+                "SPA datagrams are dropped"
+            );
+            let outcomes: Vec<SpaOutcome> = self
+                .gate
+                .events
+                .drain(..)
+                .filter_map(|e| match e.kind {
+                    EventKind::Spa { outcome, .. } => Some(outcome),
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(outcomes.len(), 1, "one outcome per datagram");
+            outcomes[0]
+        }
+    }
+
+    const TCP22: FlowPort = FlowPort::tcp(22);
+
+    #[test]
+    fn a_packet_grants_its_source_at_once_and_a_replay_gains_nothing() {
+        let mut g = spa_gate("", &[("alice", "")]);
+        let packet = g.packet("alice", "10.0.0.2", &[TCP22]);
+        assert_eq!(g.gate.syn("10.0.0.2", 22), NO_GRANT);
+        assert_eq!(g.send("10.0.0.2", &packet), SpaOutcome::Granted);
+        assert_eq!(g.gate.syn("10.0.0.2", 22), ACCEPT, "the very next SYN");
+        assert_eq!(g.gate.syn("10.0.0.2", 8080), NO_GRANT, "not asked for");
+        assert_eq!(g.send("10.0.0.2", &packet), SpaOutcome::Replayed);
+        assert_eq!(g.send("10.0.0.9", &packet), SpaOutcome::RefusedAddress);
+        assert_eq!(g.gate.syn("10.0.0.9", 22), NO_GRANT);
+        g.gate.now += 31_000;
+        g.gate.expire();
+        assert_eq!(g.gate.syn("10.0.0.2", 22), NO_GRANT, "grant_timeout");
+    }
+
+    #[test]
+    fn any_source_packets_grant_their_sender_and_replay_from_elsewhere_fails() {
+        let mut g = spa_gate(
+            "",
+            &[("alice", ""), ("bob", "require_source_address = true")],
+        );
+        let packet = g.packet("alice", "0.0.0.0", &[TCP22]);
+        assert_eq!(g.send("10.0.0.3", &packet), SpaOutcome::Granted);
+        assert_eq!(g.send("10.0.0.4", &packet), SpaOutcome::Replayed);
+        assert_eq!(g.gate.syn("10.0.0.4", 22), NO_GRANT);
+        let packet = g.packet("bob", "0.0.0.0", &[TCP22]);
+        assert_eq!(g.send("10.0.0.5", &packet), SpaOutcome::RefusedAddress);
+    }
+
+    #[test]
+    fn packets_too_old_or_from_the_future_are_refused() {
+        let mut g = spa_gate("max_age = \"120s\"", &[("alice", "")]);
+        g.gate.now = 1_000_000;
+        let old = message("alice", "10.0.0.2", &[TCP22], g.unix() - 600);
+        let old = seal(&old, g.keys("alice"), [1; 8]);
+        assert_eq!(g.send("10.0.0.2", old.as_bytes()), SpaOutcome::TooOld);
+        let ahead = message("alice", "10.0.0.2", &[TCP22], g.unix() + 121);
+        let ahead = seal(&ahead, g.keys("alice"), [1; 8]);
+        assert_eq!(g.send("10.0.0.2", ahead.as_bytes()), SpaOutcome::TooOld);
+        let skewed = message("alice", "10.0.0.2", &[TCP22], g.unix() - 119);
+        let skewed = seal(&skewed, g.keys("alice"), [1; 8]);
+        assert_eq!(g.send("10.0.0.2", skewed.as_bytes()), SpaOutcome::Granted);
+    }
+
+    #[test]
+    fn each_refusal_has_its_outcome_and_grants_nothing() {
+        let mut g = spa_gate(
+            "",
+            &[
+                ("alice", "sources = [\"10.0.0.0/24\"]\nopen_ports = [22]"),
+                ("carol", "expires = \"2020-01-01\""),
+            ],
+        );
+        let forged = Keys::new(&[9; 32], &[9; 64]);
+        let message_for = |user: &str, g: &SpaGate| message(user, "10.0.0.2", &[TCP22], g.unix());
+        let wrong_keys = seal(&message_for("alice", &g), &forged, [1; 8]);
+        assert_eq!(
+            g.send("10.0.0.2", wrong_keys.as_bytes()),
+            SpaOutcome::BadHmac
+        );
+        assert_eq!(g.send("10.0.0.2", &[b'A'; 1500]), SpaOutcome::BadHmac);
+        let other_name = seal(&message_for("mallory", &g), g.keys("alice"), [1; 8]);
+        assert_eq!(
+            g.send("10.0.0.2", other_name.as_bytes()),
+            SpaOutcome::UnknownUser
+        );
+        let expired = g.packet("carol", "10.0.0.2", &[TCP22]);
+        assert_eq!(g.send("10.0.0.2", &expired), SpaOutcome::ExpiredUser);
+        let not_hers = g.packet("alice", "10.0.0.2", &[FlowPort::tcp(8080)]);
+        assert_eq!(g.send("10.0.0.2", &not_hers), SpaOutcome::RefusedPort);
+        let not_the_policys = g.packet("alice", "10.0.0.2", &[FlowPort::tcp(23)]);
+        assert_eq!(
+            g.send("10.0.0.2", &not_the_policys),
+            SpaOutcome::RefusedPort
+        );
+        // Outside alice's sources, only carol's key is tried.
+        let outside = g.packet("alice", "192.0.2.1", &[TCP22]);
+        assert_eq!(g.send("192.0.2.1", &outside), SpaOutcome::BadHmac);
+        let mut cut = g.packet("alice", "10.0.0.2", &[TCP22]);
+        cut.truncate(cut.len() - 5);
+        assert_eq!(g.send("10.0.0.2", &cut), SpaOutcome::BadHmac);
+        for src in ["10.0.0.2", "192.0.2.1"] {
+            assert_eq!(g.gate.syn(src, 22), NO_GRANT, "{src}");
+        }
+        let asked_both = g.packet("alice", "10.0.0.2", &[TCP22, FlowPort::tcp(8080)]);
+        assert_eq!(g.send("10.0.0.2", &asked_both), SpaOutcome::Granted);
+        assert_eq!(g.gate.syn("10.0.0.2", 22), ACCEPT);
+        assert_eq!(g.gate.syn("10.0.0.2", 8080), NO_GRANT, "only her own ports");
+    }
+
+    #[test]
+    fn a_source_no_user_may_send_from_is_refused_without_any_hmac() {
+        let mut g = spa_gate("", &[("alice", "sources = [\"10.0.0.0/24\"]")]);
+        let packet = g.packet("alice", "192.0.2.1", &[TCP22]);
+        assert_eq!(g.send("192.0.2.1", &packet), SpaOutcome::RefusedSource);
+    }
+
+    #[test]
+    fn the_client_timeout_is_kept_within_the_users_max_timeout() {
+        let mut g = spa_gate("", &[("alice", "max_timeout = \"10s\"")]);
+        let mut asked = message("alice", "10.0.0.2", &[TCP22], g.unix());
+        asked.timeout = Some(5);
+        let packet = seal(&asked, g.keys("alice"), [1; 8]);
+        assert_eq!(g.send("10.0.0.2", packet.as_bytes()), SpaOutcome::Granted);
+        g.gate.now += 4_000;
+        assert_eq!(g.gate.syn("10.0.0.2", 22), ACCEPT);
+        g.gate.now += 2_000;
+        assert_eq!(g.gate.syn("10.0.0.2", 22), NO_GRANT, "5 s asked");
+        asked.timeout = Some(3600);
+        let packet = seal(&asked, g.keys("alice"), [2; 8]);
+        assert_eq!(g.send("10.0.0.2", packet.as_bytes()), SpaOutcome::Granted);
+        g.gate.now += 11_000;
+        assert_eq!(g.gate.syn("10.0.0.2", 22), NO_GRANT, "10 s at most");
+    }
+
+    #[test]
+    fn the_candidate_cap_counts_the_users_left_untried() {
+        let mut g = spa_gate(
+            "max_candidates = 1",
+            &[("alice", ""), ("bob", ""), ("carol", "")],
+        );
+        let packet = g.packet("carol", "10.0.0.2", &[TCP22]);
+        let flow = NewFlow {
+            src: ip("10.0.0.2"),
+            dst_port: FlowPort::udp(crate::spa::DEFAULT_PORT),
+        };
+        g.gate.engine.decide(
+            flow,
+            &packet,
+            Timestamp::from_millis(0),
+            &mut g.gate.events,
+            &mut NoScripts,
+        );
+        let untried: Vec<(SpaOutcome, u16)> = g
+            .gate
+            .events
+            .iter()
+            .filter_map(|e| match e.kind {
+                EventKind::Spa { outcome, untried } => Some((outcome, untried)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(untried, vec![(SpaOutcome::BadHmac, 2)]);
+    }
+
+    #[test]
+    fn a_full_replay_cache_refuses_new_packets_until_old_ones_age_out() {
+        let mut g = spa_gate("replay_cache = 16\nmax_age = \"60s\"", &[("alice", "")]);
+        for i in 0..16u8 {
+            let mut m = message("alice", "10.0.0.2", &[TCP22], g.unix());
+            m.random = format!("{:016}", i);
+            let packet = seal(&m, g.keys("alice"), [i; 8]);
+            assert_eq!(g.send("10.0.0.2", packet.as_bytes()), SpaOutcome::Granted);
+        }
+        let next = g.packet("alice", "10.0.0.2", &[TCP22]);
+        assert_eq!(g.send("10.0.0.2", &next), SpaOutcome::CacheFull);
+        g.gate.now += 61_000;
+        let later = g.packet("alice", "10.0.0.2", &[TCP22]);
+        assert_eq!(g.send("10.0.0.2", &later), SpaOutcome::Granted);
+    }
+
+    #[test]
+    fn a_reload_ends_a_removed_users_grants_and_keeps_the_others() {
+        let mut g = spa_gate("", &[("alice", ""), ("bob", "")]);
+        let alice = g.packet("alice", "10.0.0.2", &[TCP22]);
+        let bob = g.packet("bob", "10.0.0.3", &[TCP22]);
+        assert_eq!(g.send("10.0.0.2", &alice), SpaOutcome::Granted);
+        assert_eq!(g.send("10.0.0.3", &bob), SpaOutcome::Granted);
+        let (lines, _) = user(g.dir.path(), "bob", "");
+        let text = format!(
+            "[[policy]]\nname = \"spa\"\nopen_ports = [22, \"53/udp\", 8080]\ngrant_timeout = \"30s\"\n[policy.spa]\n{lines}"
+        );
+        let config = loader::parse(&text, Path::new("test.toml")).unwrap();
+        g.gate.engine.reload(&config.policies);
+        g.gate.expire();
+        let revoked: Vec<(IpAddr, EventKind)> =
+            g.gate.events.drain(..).map(|e| (e.src, e.kind)).collect();
+        assert_eq!(
+            revoked,
+            vec![(
+                ip("10.0.0.2"),
+                EventKind::Revoked(RevokeReason::UserRemoved)
+            )]
+        );
+        assert_eq!(g.gate.syn("10.0.0.2", 22), NO_GRANT);
+        assert_eq!(g.gate.syn("10.0.0.3", 22), ACCEPT);
+    }
+
+    #[test]
+    fn an_spa_grant_names_its_user() {
+        let mut g = spa_gate("", &[("alice", "")]);
+        let packet = g.packet("alice", "10.0.0.2", &[TCP22]);
+        let flow = NewFlow {
+            src: ip("10.0.0.2"),
+            dst_port: FlowPort::udp(crate::spa::DEFAULT_PORT),
+        };
+        g.gate.engine.decide(
+            flow,
+            &packet,
+            Timestamp::from_millis(0),
+            &mut g.gate.events,
+            &mut NoScripts,
+        );
+        let grant = g
+            .gate
+            .events
+            .iter()
+            .find(|e| e.kind == EventKind::Granted)
+            .unwrap();
+        let policies = g.gate.engine.policies();
+        assert_eq!(
+            policies.user_name(grant.policy, grant.grant.user.unwrap()),
+            Some("alice")
+        );
+    }
 }

@@ -16,6 +16,8 @@ pub struct NewFlow {
 pub enum Verdict {
     Accept,
     Reject,
+    /// Dropped with no answer: an SPA port looks like nothing to a scanner.
+    Drop,
 }
 
 impl Verdict {
@@ -23,6 +25,7 @@ impl Verdict {
         match self {
             Verdict::Accept => "accept",
             Verdict::Reject => "reject",
+            Verdict::Drop => "drop",
         }
     }
 }
@@ -44,22 +47,26 @@ pub enum Reason {
     Unparsable,
     /// Deciding panicked; the packet was rejected and the worker went on.
     Failed,
+    /// A single packet authorization datagram, granting or not: dropped.
+    Spa,
 }
 
 impl Reason {
     /// Every reason, in declaration order: `reason as usize` indexes it.
-    pub const ALL: [Reason; 6] = [
+    pub const ALL: [Reason; 7] = [
         Reason::Granted,
         Reason::Knock,
         Reason::Close,
         Reason::NoGrant,
         Reason::Unparsable,
         Reason::Failed,
+        Reason::Spa,
     ];
 
     pub fn verdict(self) -> Verdict {
         match self {
             Reason::Granted => Verdict::Accept,
+            Reason::Spa => Verdict::Drop,
             _ => Verdict::Reject,
         }
     }
@@ -72,6 +79,7 @@ impl Reason {
             Reason::NoGrant => "no_grant",
             Reason::Unparsable => "unparsable",
             Reason::Failed => "failed",
+            Reason::Spa => "spa",
         }
     }
 }

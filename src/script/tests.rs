@@ -67,6 +67,7 @@ impl Gate {
         };
         self.engine.decide(
             syn,
+            &[],
             Timestamp::from_millis(self.now),
             &mut self.events,
             &mut self.scripts,

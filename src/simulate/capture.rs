@@ -12,11 +12,13 @@ use pcap_file::{DataLink, PcapError};
 use crate::packet::{self, FlowFacts, Link};
 
 /// One captured TCP segment or UDP datagram.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Packet {
     /// Capture time, from the Unix epoch.
     pub time: Duration,
     pub flow: FlowFacts,
+    /// What a UDP datagram carries (an SPA port reads it); empty for TCP.
+    pub payload: Vec<u8>,
 }
 
 #[derive(Debug, Default)]
@@ -78,7 +80,11 @@ fn link(datalink: DataLink, path: &Path) -> Result<Link, CaptureError> {
 impl Capture {
     fn add(&mut self, link: Link, time: Duration, frame: &[u8]) {
         match packet::parse_frame(link, frame) {
-            Some(flow) => self.packets.push(Packet { time, flow }),
+            Some(flow) => self.packets.push(Packet {
+                time,
+                flow,
+                payload: packet::frame_payload(link, frame).to_vec(),
+            }),
             None => self.skipped += 1,
         }
     }

@@ -263,9 +263,13 @@ impl Simulation<'_> {
             self.next_expiry = Some(now.saturating_add(EXPIRE_INTERVAL));
         }
         let syn = packet.flow.new_flow();
-        let decision = self
-            .engine
-            .decide(syn, now, &mut self.events, &mut self.scripts);
+        let decision = self.engine.decide(
+            syn,
+            &packet.payload,
+            now,
+            &mut self.events,
+            &mut self.scripts,
+        );
         self.report.new_flows += 1;
         *self
             .report
@@ -313,6 +317,7 @@ impl Simulation<'_> {
                 steps => format!("/{steps}"),
             };
             let change = match kind {
+                EventKind::Spa { outcome, .. } => format!("spa {}", outcome.as_str()),
                 EventKind::Advanced { stage } => {
                     track.progressed = true;
                     track.ended = None;

@@ -72,6 +72,7 @@ pub fn sweep(config: &Config, interval: Duration) -> Vec<SweepResult> {
                     syn: true,
                     ack: false,
                 },
+                payload: Vec::new(),
             })
             .collect();
         let report = simulate(config, order.as_str(), &packets, &Options::default());
