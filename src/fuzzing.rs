@@ -18,13 +18,14 @@ use crate::listeners::Nodes;
 pub type Target = fn(&[u8]);
 
 /// Every target, by the name of its corpus folder (`fuzz/corpus/NAME`).
-pub const TARGETS: [(&str, Target); 6] = [
+pub const TARGETS: [(&str, Target); 7] = [
     ("queue_packet", queue_packet),
     ("cluster_record", cluster_record),
     ("control_request", control_request),
     ("configuration", configuration),
     ("capture", capture),
     ("state_file", state_file),
+    ("spa_packet", spa_packet),
 ];
 
 /// A netlink datagram from the queue, as the worker reads it: each queued
@@ -198,4 +199,19 @@ fn fixtures() -> PathBuf {
         dir
     })
     .clone()
+}
+
+/// An SPA datagram, as the gate reads one: the HMAC check, then (as if it
+/// had passed) the decryption and the plaintext's fields. The input is also
+/// read as a plaintext; what it decodes to must encode back to itself.
+pub fn spa_packet(data: &[u8]) {
+    use crate::spa::{authentic, open, Keys, Message};
+    static KEYS: OnceLock<Keys> = OnceLock::new();
+    let keys = KEYS.get_or_init(|| Keys::new(&[1; 32], &[2; 64]));
+    let _ = authentic(data, keys);
+    let _ = open(data, keys);
+    if let Ok(message) = Message::decode(data) {
+        let again = Message::decode(&message.encode());
+        assert_eq!(again.as_ref(), Ok(&message), "a decoded message re-encodes");
+    }
 }

@@ -81,7 +81,7 @@ pub fn read<'a>(text: &'a str, path: &'a Path) -> Result<Document<'a>, ConfigErr
         let mut given = knocks.iter().flatten();
         match (given.next(), given.next()) {
             (Some(_), None) => {}
-            (Some(_), Some((field, span))) => {
+            (Some((field, span)), Some(_)) => {
                 let message =
                     "give one of sequence, [policy.rotating], [policy.script] or [policy.spa]";
                 return Err(errors.at(Some(span.clone()), key(field), message));

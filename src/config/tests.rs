@@ -63,7 +63,7 @@ fn unknown_keys_are_refused() {
     assert_eq!(
         error(&format!("{SSH}colour = \"blue\"\n")),
         "knockq.toml:6: policy[0].colour: unknown field `colour`, expected one of `name`, `sequence`, `rotating`, \
-         `script`, `step_timeout`, `open_ports`, `close_port`, `grant_timeout`, `strict`, `allow_weak_sequence`, \
+         `script`, `spa`, `step_timeout`, `open_ports`, `close_port`, `grant_timeout`, `strict`, `allow_weak_sequence`, \
          `on_grant`, `on_revoke`, `scope`, `offline`"
     );
     assert!(error(&format!("[queue]\nnumber = 1\n{SSH}"))
@@ -367,11 +367,11 @@ fn rotating_settings_are_checked() {
             "[policy.rotating]",
             "sequence = [1111, 2222]\n[policy.rotating]"
         )),
-        "knockq.toml:5: policy[0].sequence: give one of sequence, [policy.rotating] or [policy.script]"
+        "knockq.toml:5: policy[0].sequence: give one of sequence, [policy.rotating], [policy.script] or [policy.spa]"
     );
     assert_eq!(
         fixture.error(&OPS.replace("[policy.rotating]\nsecret_file = \"ops.key\"\nports = \"20000-59999\"\n", "")),
-        "knockq.toml:2: policy[0].sequence: no knock: give a sequence of ports, a [policy.rotating] or a [policy.script] table"
+        "knockq.toml:2: policy[0].sequence: no knock: give a sequence of ports, a [policy.rotating], a [policy.script] or a [policy.spa] table"
     );
 }
 

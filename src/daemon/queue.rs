@@ -274,7 +274,7 @@ mod tests {
             attributes(&message),
             [
                 (NFQA_CFG_CMD, vec![1, 0, 0, 0]),
-                (NFQA_CFG_PARAMS, vec![0, 0, 0, 128, 2]),
+                (NFQA_CFG_PARAMS, vec![0, 0, 6, 64, 2]),
                 (NFQA_CFG_QUEUE_MAXLEN, 8192u32.to_be_bytes().to_vec()),
                 (NFQA_CFG_FLAGS, vec![0, 0, 0, 1]),
                 (NFQA_CFG_MASK, vec![0, 0, 0, 1]),

@@ -9,8 +9,6 @@ use sha2::{Digest, Sha256, Sha384, Sha512};
 use super::{base64_decode, base64_encode};
 use crate::flow::{FlowPort, Proto};
 
-/// What fwknop 2.x writes in the version field.
-pub const PROTOCOL_VERSION: &str = "3.0.0";
 /// Longest user name fwknop sends.
 const MAX_USER: usize = 64;
 

@@ -12,6 +12,7 @@ mod resilience;
 mod rules;
 mod scripts;
 mod simulate;
+mod spa;
 mod udp;
 mod util;
 mod vm;

@@ -1,0 +1,209 @@
+//! Single packet authorization end to end: Debian's `fwknop` client opens
+//! the gate with one datagram, and the very next connect succeeds; replays
+//! and forgeries, sent from other addresses, gain nothing.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+use crate::util::*;
+
+/// Two users: alice may open 22 from anywhere; bob only 22, only from the
+/// second client address.
+fn policy(dir: &Path) -> String {
+    format!(
+        r#"[[policy]]
+name = "spa"
+open_ports = [22, 8080]
+grant_timeout = "30s"
+
+[policy.spa]
+users_dir = "{users}"
+
+[[policy.spa.user]]
+name = "alice"
+key_file = "alice.key"
+hmac_key_file = "alice.hmac"
+"#,
+        users = dir.join("users").display()
+    )
+}
+
+/// Keys as `fwknop --key-gen` makes them, written as knockq's key files
+/// in `dir` as `NAME.key` and `NAME.hmac`; their base64 text.
+fn fwknop_keys(dir: &Path, name: &str) -> (String, String) {
+    let out = run(std::process::Command::new("fwknop")
+        .arg("--key-gen")
+        .env("HOME", dir));
+    let text = text(&out.stdout);
+    let field = |key: &str| {
+        let line = text.lines().find(|l| l.starts_with(key)).unwrap();
+        line.split_once(' ').unwrap().1.trim().to_owned()
+    };
+    let keys = (field("KEY_BASE64:"), field("HMAC_KEY_BASE64:"));
+    for (file, value) in [("key", &keys.0), ("hmac", &keys.1)] {
+        let path = dir.join(format!("{name}.{file}"));
+        fs::write(&path, format!("{value}\n")).unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    keys
+}
+
+/// The `fwknop` command that sends `user`'s packet asking for `access`,
+/// with `options` (`-a ADDRESS` or `-s`, `-f SECONDS`…), saving the packet
+/// to `save`.
+fn fwknop(
+    net: &Net,
+    user: &str,
+    keys: &(String, String),
+    access: &str,
+    options: &str,
+    save: &str,
+) -> String {
+    format!(
+        "HOME={home} fwknop -A {access} {options} -D {GATE4} -U {user} --use-hmac \
+         --key-base64-rijndael {} --key-base64-hmac {} --no-save-args -B {save}",
+        keys.0,
+        keys.1,
+        home = net.dir.path().display(),
+    )
+}
+
+/// Sends the saved packet `file` again from `src`, by nc.
+fn replay(net: &Net, file: &str, src: &str) {
+    let out = net.in_client(&format!(
+        "tr -d '\\n' < {file} | nc -u -w 1 -s {src} {GATE4} 62201"
+    ));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
+/// `knockq_spa_packets_total` for `outcome`, as a scrape says.
+fn spa_count(net: &Net, outcome: &str) -> u64 {
+    let (_, metrics) = net.http_get(9724, "/metrics");
+    let series = format!("knockq_spa_packets_total{{outcome=\"{outcome}\",policy=\"spa\"}} ");
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(&series))
+        .map_or(0, |value| value.trim().parse().unwrap())
+}
+
+#[test]
+fn fwknops_client_opens_the_gate_for_the_very_next_connect() {
+    if !can_run(
+        "fwknops_client_opens_the_gate_for_the_very_next_connect",
+        true,
+        &["fwknop", "nc"],
+    ) {
+        return;
+    }
+    let mut net = Net::new();
+    let dir = net.dir.path().to_owned();
+    fs::create_dir(dir.join("users")).unwrap();
+    let alice = fwknop_keys(&dir, "alice");
+    let bob = fwknop_keys(&dir, "bob");
+    fs::write(
+        dir.join("users/bob.toml"),
+        format!(
+            "name = \"bob\"\nkey_file = \"{d}/bob.key\"\nhmac_key_file = \"{d}/bob.hmac\"\n\
+             sources = [\"{}/32\"]\nopen_ports = [22]\n",
+            CLIENTS4[1],
+            d = dir.display()
+        ),
+    )
+    .unwrap();
+    net.listen(&[22, 8080]);
+    let gate = net.start_gate(&policy(&dir), IPV4_RULES);
+    let src = CLIENTS4[0];
+    assert!(net.connect(src, 22).is_rejected());
+
+    // The packet, then a connect at once: no sleep, no retry.
+    let sent = dir.join("alice-1.spa").display().to_string();
+    let send = fwknop(&net, "alice", &alice, "tcp/22", &format!("-a {src}"), &sent);
+    let out = net.in_client(&format!("{send} && nc -z -w 2 -s {src} {GATE4} 22"));
+    assert!(
+        out.status.success(),
+        "the connect right after the packet: {}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    gate.wait_for_log(&format!(
+        "event=grant src={src} policy=spa ports=22 user=alice"
+    ));
+    assert!(net.connect(src, 8080).is_rejected(), "not asked for");
+    assert_eq!(spa_count(&net, "granted"), 1);
+
+    // The captured packet again: from its own address, then from another.
+    replay(&net, &sent, src);
+    gate.wait_for_log("reason=replayed");
+    replay(&net, &sent, CLIENTS4[2]);
+    gate.wait_for_log("reason=refused_address");
+    assert!(net.connect(CLIENTS4[2], 22).is_rejected());
+
+    // -s: "my packet's source", for 5 seconds by --fw-timeout.
+    let sent = dir.join("alice-2.spa").display().to_string();
+    let send = fwknop(&net, "alice", &alice, "tcp/22", "-s -f 5", &sent);
+    let out = net.in_client(&format!("{send} && nc -z -w 2 -s {src} {GATE4} 22"));
+    assert!(out.status.success(), "-s: {}", text(&out.stderr));
+    replay(&net, &sent, CLIENTS4[2]);
+    gate.wait_for_log(&format!(
+        "event=spa_refused src={} policy=spa reason=replayed",
+        CLIENTS4[2]
+    ));
+    assert!(
+        net.connect(CLIENTS4[2], 22).is_rejected(),
+        "a replay from elsewhere"
+    );
+    gate.wait_for_log(&format!("event=revoke src={src} policy=spa reason=timeout"));
+    assert!(net.connect(src, 22).is_rejected(), "5 s later");
+
+    // bob: only port 22, only from his address.
+    let bob_src = CLIENTS4[1];
+    let sent = dir.join("bob-1.spa").display().to_string();
+    let send = fwknop(&net, "bob", &bob, "tcp/8080", "-s", &sent);
+    // fwknop sends from the client's first address: outside bob's
+    // sources, so only alice's key is tried, and fails.
+    net.in_client(&send);
+    gate.wait_for_log(&format!(
+        "event=spa_refused src={src} policy=spa reason=bad_hmac"
+    ));
+    replay(&net, &sent, bob_src);
+    gate.wait_for_log(&format!(
+        "event=spa_refused src={bob_src} policy=spa reason=refused_port"
+    ));
+    assert!(net.connect(bob_src, 8080).is_rejected());
+
+    // Forgeries: the wrong keys, a flipped byte, a cut packet, noise.
+    let wrong = fwknop_keys(&dir, "mallory");
+    let sent = dir.join("mallory.spa").display().to_string();
+    net.in_client(&fwknop(
+        &net,
+        "alice",
+        &wrong,
+        "tcp/22",
+        &format!("-a {src}"),
+        &sent,
+    ));
+    let good = dir.join("alice-3.spa").display().to_string();
+    let send = fwknop(&net, "alice", &alice, "tcp/22", "-s", &good);
+    let out = net.in_client(&format!("{} -T", send));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let packet = fs::read_to_string(&good).unwrap();
+    let packet = packet.trim_end();
+    let mut flipped = packet.as_bytes().to_vec();
+    flipped[40] = if flipped[40] == b'A' { b'B' } else { b'A' };
+    let variants = [
+        ("flipped", String::from_utf8(flipped).unwrap()),
+        ("cut", packet[..packet.len() - 10].to_owned()),
+        ("noise", "x".repeat(1500)),
+    ];
+    for (name, bytes) in &variants {
+        let file = dir.join(format!("{name}.spa"));
+        fs::write(&file, bytes).unwrap();
+        replay(&net, &file.display().to_string(), CLIENTS4[3]);
+    }
+    // Bob's from outside his sources, mallory's and the three variants.
+    wait_for("the forgeries counted", || spa_count(&net, "bad_hmac") == 5);
+    assert!(net.connect(CLIENTS4[3], 22).is_rejected());
+    assert_eq!(spa_count(&net, "granted"), 2);
+    assert_eq!(net.pending_packets(), 0);
+}
