@@ -73,6 +73,9 @@ pub struct SourceEntry {
     /// The cluster node the grant was made on, when not this one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub origin: Option<String>,
+    /// The SPA user of an SPA grant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -135,6 +138,7 @@ fn carry_out(
                     policy: s.policy,
                     origin: (s.status.grant.is_some() && !s.origin.is_local())
                         .then(|| nodes.name(s.origin).to_string()),
+                    user: s.status.grant.and(s.user),
                     grant: s.status.grant.map(GrantEntry::from),
                     progress: s.status.progress.map(|p| ProgressEntry {
                         stage: p.stage,

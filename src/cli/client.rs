@@ -67,6 +67,26 @@ impl ClientArgs {
         }
     }
 
+    /// Sends the profile's SPA datagram to `addr`, if it has one.
+    fn send_spa(
+        &self,
+        profile: Option<&Profile>,
+        host: &str,
+        addr: IpAddr,
+    ) -> Result<(), ClientError> {
+        let Some(spa) = profile.and_then(|p| p.spa.as_ref()) else {
+            return Ok(());
+        };
+        crate::client::spa::send(addr, spa)?;
+        if self.verbose {
+            eprintln!(
+                "knockq: sent {host} ({addr}) an SPA packet for {} to port {}/udp",
+                spa.user, spa.port
+            );
+        }
+        Ok(())
+    }
+
     /// Knocks `ports` at `addr`, saying what happened if asked to.
     fn send(&self, host: &str, addr: IpAddr, ports: &[FlowPort]) -> Result<(), ClientError> {
         knock::send(addr, ports, self.options(), |port, answer| {
@@ -103,6 +123,7 @@ pub fn knock(
         (None, true) => return Err(usage("give the ports to knock, or a --profile")),
     };
     let addr = args.resolve(&host)?;
+    args.send_spa(profile.as_ref(), &host, addr)?;
     args.send(&host, addr, &ports)
 }
 
@@ -136,6 +157,8 @@ pub fn connect(request: Connect, args: &ClientArgs) -> Result<(), ClientError> {
         (None, true) => Vec::new(),
     };
     let addr = args.resolve(&host)?;
+    // The gate decides the datagram before the connection's SYN arrives.
+    args.send_spa(profile.as_ref(), &host, addr)?;
     args.send(&host, addr, &knock)?;
     let stream = relay::connect(addr, port, args.timeout, request.patience)?;
     if close_port.is_some() {
@@ -150,4 +173,42 @@ pub fn connect(request: Connect, args: &ClientArgs) -> Result<(), ClientError> {
         args.send(&host, addr, &[close_port])?;
     }
     relayed
+}
+
+/// Writes `user`'s two SPA key files into `dir`; what to paste where: the
+/// gate's user stanza, knockq's client profile, and `~/.fwknoprc`'s.
+pub fn spa_keygen(dir: &std::path::Path, user: &str) -> anyhow::Result<String> {
+    let key_file = dir.join(format!("{user}.key"));
+    let hmac_file = dir.join(format!("{user}.hmac"));
+    let (key, hmac) = crate::spa::Keys::generate(&key_file, &hmac_file)?;
+    Ok(format!(
+        "# wrote {key} and {hmac} (mode 0600)\n\
+         \n\
+         # The gate, in the [policy.spa] of its policy:\n\
+         [[policy.spa.user]]\n\
+         name = \"{user}\"\n\
+         key_file = \"{key}\"\n\
+         hmac_key_file = \"{hmac}\"\n\
+         \n\
+         # knockq's client, ~/.config/knockq/client.toml:\n\
+         [profile.NAME.spa]\n\
+         user = \"{user}\"\n\
+         key_file = \"{key}\"\n\
+         hmac_key_file = \"{hmac}\"\n\
+         access = [22]\n\
+         \n\
+         # fwknop's client, ~/.fwknoprc:\n\
+         [NAME]\n\
+         SPA_SERVER          GATE\n\
+         ACCESS              tcp/22\n\
+         ALLOW_IP            source\n\
+         SPOOF_USER          {user}\n\
+         USE_HMAC            Y\n\
+         KEY_BASE64          {key_base64}\n\
+         HMAC_KEY_BASE64     {hmac_base64}\n",
+        key = key_file.display(),
+        hmac = hmac_file.display(),
+        key_base64 = key,
+        hmac_base64 = hmac,
+    ))
 }

@@ -88,6 +88,11 @@ fn table(sources: &[SourceEntry]) -> String {
                 Some(node) => format!("{grant} from {node}"),
                 None => grant,
             };
+            // An SPA grant says whose it is.
+            let grant = match &s.user {
+                Some(user) => format!("{grant}, user {user}"),
+                None => grant,
+            };
             let progress = s.progress.map_or_else(
                 || "-".to_owned(),
                 |p| {
@@ -160,6 +165,7 @@ mod tests {
                 }),
                 progress: None,
                 origin: None,
+                user: Some("alice".into()),
             },
             SourceEntry {
                 prefix: None,
@@ -172,12 +178,13 @@ mod tests {
                     seconds_left: 4.5,
                 }),
                 origin: None,
+                user: None,
             },
         ];
         assert_eq!(
             table(&sources),
             "SOURCE    POLICY     GRANT                  KNOCKS\n\
-             10.0.0.2  ssh        for 1h                 -\n\
+             10.0.0.2  ssh        for 1h, user alice     -\n\
              fd00::33  admin-web  until the close knock  1/3, next within 5s\n"
         );
         assert_eq!(table(&[]), "no tracked sources\n");

@@ -161,8 +161,16 @@ enum Command {
         #[command(flatten)]
         client: client::ClientArgs,
     },
-    /// Write a new secret for rotating sequences (mode 0600; never overwrites).
-    Keygen { file: PathBuf },
+    /// Write a new secret for rotating sequences (mode 0600; never
+    /// overwrites), or with --spa USER the two SPA keys of USER into the
+    /// directory FILE (default: here) as USER.key and USER.hmac.
+    Keygen {
+        #[arg(required_unless_present = "spa")]
+        file: Option<PathBuf>,
+        /// Write an SPA user's keys, and print the gate's and fwknop's stanzas.
+        #[arg(long, value_name = "USER")]
+        spa: Option<String>,
+    },
     /// Write man pages or shell completions into DIR (for packaging).
     #[command(hide = true)]
     Generate {
@@ -321,7 +329,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("{}", file.display());
             }
         }
-        Command::Keygen { file } => {
+        Command::Keygen {
+            file,
+            spa: Some(user),
+        } => {
+            let dir = file.unwrap_or_else(|| PathBuf::from("."));
+            print!("{}", client::spa_keygen(&dir, &user)?);
+        }
+        Command::Keygen { file, spa: None } => {
+            let file = file.expect("clap requires FILE without --spa");
             crate::rotating::keygen(&file)?;
             eprintln!(
                 "knockq: wrote a new secret to {} (mode 0600); give the gate and each client a copy",

@@ -10,6 +10,7 @@
 pub mod knock;
 pub mod profile;
 pub mod relay;
+pub mod spa;
 pub mod windows;
 
 use std::io;
@@ -48,9 +49,10 @@ pub enum ClientError {
 /// [`windows::pick`]), after waiting for it if need be.
 pub fn profile_sequence(profile: &Profile) -> Vec<FlowPort> {
     let rotating = match &profile.knock {
-        Knock::Fixed(sequence) => return sequence.clone(),
-        Knock::Rotating(rotating) => rotating,
-        Knock::Script(_) | Knock::Spa(_) => {
+        None => return Vec::new(),
+        Some(Knock::Fixed(sequence)) => return sequence.clone(),
+        Some(Knock::Rotating(rotating)) => rotating,
+        Some(Knock::Script(_) | Knock::Spa(_)) => {
             unreachable!("client profiles have no script or SPA knock")
         }
     };

@@ -7,6 +7,15 @@
 //! sequence = [1111, 2222]
 //! close_port = 3333
 //! port = 22
+//!
+//! [profile.spa]
+//! host = "gate.example.org"
+//! port = 22
+//! [profile.spa.spa]
+//! user = "alice"
+//! key_file = "alice.key"
+//! hmac_key_file = "alice.hmac"
+//! access = [22]
 //! ```
 
 use std::collections::BTreeMap;
@@ -15,8 +24,10 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use toml::Spanned;
 
+use super::spa::{Source, SpaProfile};
 use crate::config::{ConfigError, ErrorContext, Knock, RawRotating};
 use crate::flow::FlowPort;
+use crate::spa::Keys;
 
 /// One way to knock one host.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,7 +36,10 @@ pub struct Profile {
     pub host: String,
     /// The gate's policy name, which rotating sequences are derived from.
     pub policy: String,
-    pub knock: Knock,
+    /// Ports to knock; `None` for a profile that sends only SPA.
+    pub knock: Option<Knock>,
+    /// A single packet authorization datagram, sent before any knock.
+    pub spa: Option<SpaProfile>,
     pub close_port: Option<FlowPort>,
     /// The port `knockq connect` connects to when none is given.
     pub port: Option<u16>,
@@ -45,8 +59,61 @@ struct RawProfile {
     policy: Option<String>,
     sequence: Option<Spanned<Vec<FlowPort>>>,
     rotating: Option<Spanned<RawRotating>>,
+    spa: Option<Spanned<RawSpaProfile>>,
     close_port: Option<FlowPort>,
     port: Option<FlowPort>,
+}
+
+/// `[profile.NAME.spa]`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSpaProfile {
+    user: Spanned<String>,
+    key_file: Spanned<PathBuf>,
+    hmac_key_file: Spanned<PathBuf>,
+    access: Spanned<Vec<FlowPort>>,
+    #[serde(default = "default_source")]
+    source: Spanned<String>,
+    #[serde(default = "default_spa_port")]
+    port: u16,
+    #[serde(default, deserialize_with = "crate::config::optional_duration")]
+    timeout: Option<std::time::Duration>,
+}
+
+fn default_source() -> Spanned<String> {
+    Spanned::new(0..0, "auto".to_owned())
+}
+
+fn default_spa_port() -> u16 {
+    crate::spa::DEFAULT_PORT
+}
+
+impl RawSpaProfile {
+    fn read(
+        &self,
+        errors: &ErrorContext,
+        key: &dyn Fn(&str) -> String,
+    ) -> Result<SpaProfile, ConfigError> {
+        let keys = Keys::load(
+            &errors.relative_path(self.key_file.get_ref()),
+            &errors.relative_path(self.hmac_key_file.get_ref()),
+        )
+        .map_err(|e| errors.spanned(&self.key_file, key("spa.key_file"), e.to_string()))?;
+        if self.access.get_ref().is_empty() {
+            let message = "give the ports to open, such as [22]".to_owned();
+            return Err(errors.spanned(&self.access, key("spa.access"), message));
+        }
+        let source = Source::parse(self.source.get_ref())
+            .map_err(|message| errors.spanned(&self.source, key("spa.source"), message))?;
+        Ok(SpaProfile {
+            user: self.user.get_ref().clone(),
+            keys,
+            access: self.access.get_ref().clone(),
+            source,
+            port: self.port,
+            timeout: self.timeout,
+        })
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -111,22 +178,29 @@ pub fn load(path: &Path, name: &str) -> Result<Profile, ProfileError> {
 impl RawProfile {
     fn validate(self, name: &str, errors: &ErrorContext) -> Result<Profile, ConfigError> {
         let key = |field: &str| format!("profile.{name}.{field}");
+        let spa = self
+            .spa
+            .as_ref()
+            .map(|spa| spa.get_ref().read(errors, &key))
+            .transpose()?;
         let knock = match (self.sequence, &self.rotating) {
             (Some(sequence), None) if sequence.get_ref().is_empty() => {
                 let message = "the sequence is empty".to_owned();
                 return Err(errors.spanned(&sequence, key("sequence"), message));
             }
-            (Some(sequence), None) => Knock::Fixed(sequence.into_inner()),
+            (Some(sequence), None) => Some(Knock::Fixed(sequence.into_inner())),
             (None, Some(rotating)) => {
                 crate::engine::check_rotating(rotating.get_ref(), errors, &key)?;
-                Knock::Rotating(rotating.get_ref().read(errors, &key)?)
+                Some(Knock::Rotating(rotating.get_ref().read(errors, &key)?))
             }
             (Some(sequence), Some(_)) => {
                 let message = "give either sequence or a rotating table, not both".to_owned();
                 return Err(errors.spanned(&sequence, key("sequence"), message));
             }
+            (None, None) if spa.is_some() => None,
             (None, None) => {
-                let message = "no knock: give a sequence or a rotating table".to_owned();
+                let message =
+                    "no knock: give a sequence, a rotating table or an spa table".to_owned();
                 return Err(errors.at(None, key("sequence"), &message));
             }
         };
@@ -135,6 +209,7 @@ impl RawProfile {
             host: self.host,
             policy: self.policy.unwrap_or_else(|| name.to_owned()),
             knock,
+            spa,
             close_port: self.close_port,
             port: self.port.map(FlowPort::number),
         })
@@ -185,7 +260,7 @@ ports = "20000-29999"
         assert_eq!(web.policy, "web");
         assert_eq!(
             web.knock,
-            Knock::Fixed(vec![FlowPort::tcp(1111), FlowPort::tcp(2222)])
+            Some(Knock::Fixed(vec![FlowPort::tcp(1111), FlowPort::tcp(2222)]))
         );
         assert_eq!(
             (web.close_port, web.port),
@@ -194,7 +269,7 @@ ports = "20000-29999"
         let ops = load(&path, "ops").unwrap();
         assert_eq!(ops.policy, "operations");
         assert_eq!(
-            ops.knock.describe(),
+            ops.knock.unwrap().describe(),
             "rotating: 4 ports of 20000-29999 every 1m"
         );
     }
@@ -215,11 +290,11 @@ ports = "20000-29999"
                 "web"
             ),
             "client.toml:4: profile.web.color: unknown field `color`, expected one of \
-             `host`, `policy`, `sequence`, `rotating`, `close_port`, `port`"
+             `host`, `policy`, `sequence`, `rotating`, `spa`, `close_port`, `port`"
         );
         assert_eq!(
             error("[profile.web]\nhost = \"h\"\n", "web"),
-            "client.toml: profile.web.sequence: no knock: give a sequence or a rotating table"
+            "client.toml: profile.web.sequence: no knock: give a sequence, a rotating table or an spa table"
         );
         assert_eq!(
             error("[profile.web]\nhost = \"h\"\nsequence = [0]\n", "web"),
@@ -237,6 +312,45 @@ ports = "20000-29999"
         assert!(
             missing.starts_with("client.toml:4: profile.ops.rotating.secret_file: secret file "),
             "{missing}"
+        );
+    }
+
+    #[test]
+    fn an_spa_profile_loads_its_keys_and_source() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        crate::spa::Keys::generate(&dir.path().join("a.key"), &dir.path().join("a.hmac")).unwrap();
+        let text =
+            "[profile.spa]\nhost = \"gate\"\nport = 22\n[profile.spa.spa]\nuser = \"alice\"\n\
+                    key_file = \"a.key\"\nhmac_key_file = \"a.hmac\"\naccess = [22, \"53/udp\"]\n";
+        let path = write(
+            dir.path(),
+            &format!("{text}source = \"0.0.0.0\"\ntimeout = \"5m\"\n"),
+        );
+        let profile = load(&path, "spa").unwrap();
+        assert_eq!(profile.knock, None);
+        let spa = profile.spa.unwrap();
+        assert_eq!(spa.user, "alice");
+        assert_eq!(spa.access, vec![FlowPort::tcp(22), FlowPort::udp(53)]);
+        assert_eq!(spa.source, Source::Any);
+        assert_eq!(spa.port, crate::spa::DEFAULT_PORT);
+        assert_eq!(spa.timeout, Some(std::time::Duration::from_secs(300)));
+        let path = write(dir.path(), &format!("{text}source = \"here\"\n"));
+        let err = load(&path, "spa").unwrap_err().to_string();
+        assert!(
+            err.ends_with("client.toml:9: profile.spa.spa.source: source \"here\" is not \"auto\", \"0.0.0.0\" or an address"),
+            "{err}"
+        );
+        std::fs::set_permissions(
+            dir.path().join("a.key"),
+            std::fs::Permissions::from_mode(0o644),
+        )
+        .unwrap();
+        let path = write(dir.path(), text);
+        let err = load(&path, "spa").unwrap_err().to_string();
+        assert!(
+            err.contains("profile.spa.spa.key_file: secret file"),
+            "{err}"
         );
     }
 }

@@ -230,6 +230,7 @@ pub fn take(
                 ports: grant_ports(policy, &ports).map_err(Refusal::grant)?,
                 stage: 0,
                 origin: Origin::LOCAL,
+                user: None,
             };
             // A write time from the future is taken as now.
             Taken::Grant {

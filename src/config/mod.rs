@@ -24,7 +24,7 @@ use std::time::Duration;
 use crate::flow::{FlowPort, PortRange, Proto};
 use crate::rotating::{Rotating, Secret};
 pub use cluster::{ClusterConfig, Offline, Scope};
-pub(crate) use file::{ErrorContext, RawPolicy, RawRotating, RawScript};
+pub(crate) use file::{optional_duration, ErrorContext, RawPolicy, RawRotating, RawScript};
 pub use read::{read, Document};
 pub use sections::*;
 pub(crate) use spa::RawSpa;

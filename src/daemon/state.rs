@@ -22,9 +22,9 @@ use crate::engine::{
 use crate::flow::{FlowPort, PortRange};
 use crate::listeners::Nodes;
 
-const FORMAT_VERSION: u32 = 3;
+const FORMAT_VERSION: u32 = 4;
 /// Version 2 files (before network grants, port subsets and script
-/// stages) read the same, without them.
+/// stages) and version 3 (before SPA) read the same, without them.
 const OLDEST_READABLE_VERSION: u32 = 2;
 /// Refused grants described in the log at most; the rest are counted.
 const MAX_DESCRIBED_REFUSALS: usize = 20;
@@ -37,6 +37,9 @@ struct StateFile {
     saved_at: f64,
     grants: Vec<SavedGrant>,
     spent: Vec<SavedSpent>,
+    /// Version 4 on.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    spa_replays: Vec<SavedReplay>,
 }
 
 #[derive(Debug, PartialEq, Serialize, Deserialize)]
@@ -62,6 +65,9 @@ struct SavedGrant {
     /// The cluster node the grant was made on, when not this one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     origin: Option<String>,
+    /// The SPA user an SPA grant is for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    user: Option<String>,
 }
 
 fn is_zero(stage: &u8) -> bool {
@@ -75,6 +81,18 @@ struct SavedSpent {
     policy: String,
     knock: String,
     window: u64,
+}
+
+/// An SPA packet accepted, kept until it is too old to pass anyway.
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SavedReplay {
+    policy: String,
+    knock: String,
+    /// The SHA-256 of the datagram, in hex.
+    sha256: String,
+    /// Unix seconds after which the packet fails the age check.
+    until: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -149,6 +167,7 @@ impl StateStore {
                     open_ports: policy.open_ports.clone(),
                     close_port: policy.close_port,
                     seconds_left: left.duration().map(|d| d.as_secs_f64()),
+                    user: s.user,
                 })
             })
             .collect();
@@ -164,12 +183,26 @@ impl StateStore {
                 })
             })
             .collect();
+        let spa_replays = engine
+            .spa_replays()
+            .into_iter()
+            .filter_map(|(key, digest, until)| {
+                let policy = policies.get(key)?;
+                Some(SavedReplay {
+                    policy: policy.name.clone(),
+                    knock: policy.knock.identity(),
+                    sha256: hex::encode(digest),
+                    until,
+                })
+            })
+            .collect();
         let count = grants.len();
         let file = StateFile {
             version: FORMAT_VERSION,
             saved_at: unix_now(),
             grants,
             spent,
+            spa_replays,
         };
         let text = serde_json::to_vec_pretty(&file).expect("the state serialises");
         self.write_atomically(&text)
@@ -246,6 +279,14 @@ impl StateStore {
         for spent in &file.spent {
             if let Some(key) = same_knock(&policies, &spent.policy, &spent.knock) {
                 engine.restore_spent(key, spent.window);
+            }
+        }
+        for replay in &file.spa_replays {
+            let mut digest = [0u8; 32];
+            let read = hex::decode_to_slice(&replay.sha256, &mut digest).is_ok();
+            if let (Some(key), true) = (same_knock(&policies, &replay.policy, &replay.knock), read)
+            {
+                engine.restore_spa_replay(key, digest, replay.until);
             }
         }
         let mut refusals = Vec::new();
@@ -356,6 +397,13 @@ fn restorable(
         None => PortMask::ALL,
         Some(ports) => grant_ports(policy, ports).map_err(|e| (e.reason(), e.to_string()))?,
     };
+    let user = match &grant.user {
+        None => None,
+        Some(name) => Some(policies.user_key(key, name).ok_or_else(|| {
+            let why = format!("SPA user \"{name}\" is not in force here");
+            ("user_removed", why)
+        })?),
+    };
     Ok(GrantRecord {
         src: grant.source,
         prefix: grant.prefix,
@@ -367,6 +415,7 @@ fn restorable(
             .origin
             .as_deref()
             .map_or(Origin::LOCAL, |name| nodes.origin(name)),
+        user,
     })
 }
 
@@ -428,6 +477,7 @@ mod tests {
             ports: PortMask::ALL,
             stage: 0,
             origin: nodes.origin("bastion-2"),
+            user: None,
         };
         before
             .adopt(shared, Timestamp::from_millis(1), &mut Vec::new())
@@ -586,6 +636,7 @@ mod tests {
             ports: None,
             stage: 0,
             origin: None,
+            user: None,
         };
         let file = StateFile {
             version: FORMAT_VERSION,
@@ -598,6 +649,7 @@ mod tests {
                 grant("web", "1111 2222", Some(100.0)),
             ],
             spent: Vec::new(),
+            spa_replays: Vec::new(),
         };
         let valid = still_valid(file, &policies, &Nodes::new(""), 1030.0);
         let lefts: Vec<GrantLeft> = valid

@@ -112,6 +112,7 @@ mod tests {
             ports: PortMask::ALL,
             stage: 0,
             origin: Origin::LOCAL,
+            user: None,
         }
     }
 

@@ -11,7 +11,7 @@ use super::bounds;
 use super::prefixes::PrefixGrant;
 use super::{
     source, Engine, Event, EventKind, EventSink, GrantLeft, GrantScope, Origin, PolicyKey,
-    PortMask, RevokeReason, Timestamp,
+    PortMask, RevokeReason, Timestamp, UserKey,
 };
 use crate::flow::{FlowPort, PortRange};
 
@@ -100,6 +100,7 @@ impl Engine {
             ports,
             stage,
             origin,
+            user,
         } = bounds::bound(policy, record)?;
         let end = match left {
             GrantLeft::For(left) => now.saturating_add(left),
@@ -124,7 +125,7 @@ impl Engine {
         self.sources
             .update(src, true, events, |source, events| {
                 let slot = source.slot_or_insert(key, now);
-                slot.put_grant(end, ports, stage, origin, kind, &mut |kind, grant| {
+                slot.put_grant(end, ports, stage, origin, user, kind, &mut |kind, grant| {
                     events.event(Event {
                         src,
                         policy: key,
@@ -230,6 +231,8 @@ pub struct GrantRecord {
     /// A script policy's stage.
     pub stage: u8,
     pub origin: Origin,
+    /// The SPA user an SPA grant is for.
+    pub user: Option<UserKey>,
 }
 
 /// Why a grant was not put in place. Past a grant by hand, each but the

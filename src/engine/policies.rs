@@ -146,6 +146,16 @@ impl Policies {
         Some(spa.users[index].name.as_str())
     }
 
+    /// The key of policy `key`'s SPA user `name`, if in force.
+    pub fn user_key(&self, key: PolicyKey, name: &str) -> Option<UserKey> {
+        let (id, policy) = self.find(key)?;
+        let Knock::Spa(spa) = &policy.knock else {
+            return None;
+        };
+        let index = spa.users.iter().position(|u| u.name == name)?;
+        Some(self.user_keys(id)[index])
+    }
+
     pub fn key(&self, id: PolicyId) -> PolicyKey {
         self.keys[usize::from(id)]
     }

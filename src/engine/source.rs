@@ -357,11 +357,13 @@ impl PolicyState {
         ports: PortMask,
         stage: u8,
         origin: Origin,
+        user: Option<UserKey>,
         kind: EventKind,
         emit: &mut impl FnMut(EventKind, GrantScope),
     ) {
         self.ports = ports;
         self.origin = origin;
+        self.user = user;
         if stage > 0 {
             self.stage = stage;
         }

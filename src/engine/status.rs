@@ -18,6 +18,8 @@ pub struct SourceStatus {
     pub status: PolicyStatus,
     /// The node the grant was made on.
     pub origin: Origin,
+    /// The SPA user of an SPA grant.
+    pub user: Option<String>,
 }
 
 impl Engine {
@@ -59,6 +61,10 @@ impl Engine {
                         },
                         status,
                         origin: slot.origin(),
+                        user: slot
+                            .user()
+                            .and_then(|user| policies.user_name(slot.policy, user))
+                            .map(str::to_owned),
                     });
                 }
             }
@@ -78,6 +84,7 @@ impl Engine {
                     ports: grant.ports,
                 },
                 origin: grant.origin,
+                user: None,
             });
         }
         statuses.sort_by(|a, b| (a.src, a.prefix, &a.policy).cmp(&(b.src, b.prefix, &b.policy)));

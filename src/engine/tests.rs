@@ -546,6 +546,7 @@ fn status_shows_progress_and_grants_with_time_left() {
                 policy: "ssh".into(),
                 stage: 0,
                 origin: Origin::LOCAL,
+                user: None,
                 status: PolicyStatus {
                     progress: None,
                     grant: Some(GrantLeft::For(Duration::from_secs(3596))),
@@ -558,6 +559,7 @@ fn status_shows_progress_and_grants_with_time_left() {
                 policy: "ssh".into(),
                 stage: 0,
                 origin: Origin::LOCAL,
+                user: None,
                 status: PolicyStatus {
                     progress: Some(Progress {
                         stage: 1,
@@ -700,6 +702,7 @@ fn restored_grants_keep_the_time_they_had_left() {
         ports: PortMask::ALL,
         stage: 0,
         origin: Origin::LOCAL,
+        user: None,
     };
     gate.engine
         .restore(restore("10.0.0.2", left), now, &mut gate.events)
@@ -829,6 +832,7 @@ fn a_grant_of_another_node_keeps_its_origin_and_ends_by_a_cluster_revoke() {
         ports: PortMask::ALL,
         stage: 0,
         origin: Origin(2),
+        user: None,
     };
     let now = Timestamp::from_millis(gate.now);
     gate.engine.adopt(shared, now, &mut gate.events).unwrap();

@@ -310,6 +310,7 @@ fn network_grants_are_bounded_and_restored() {
                 ports: crate::engine::PortMask::ALL,
                 stage: 0,
                 origin: crate::engine::Origin::LOCAL,
+                user: None,
             },
             Timestamp::from_millis(restored.now),
             &mut Vec::new(),

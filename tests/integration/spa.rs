@@ -207,3 +207,100 @@ fn fwknops_client_opens_the_gate_for_the_very_next_connect() {
     assert_eq!(spa_count(&net, "granted"), 2);
     assert_eq!(net.pending_packets(), 0);
 }
+
+/// A client configuration with profile `gate`: `user`'s keys in `dir`,
+/// asking for 22 for `source`.
+fn client_profile(dir: &Path, user: &str, source: &str) -> std::path::PathBuf {
+    let path = dir.join(format!("client-{user}.toml"));
+    fs::write(
+        &path,
+        format!(
+            "[profile.gate]\nhost = \"{GATE4}\"\nport = 22\n[profile.gate.spa]\nuser = \"{user}\"\n\
+             key_file = \"{user}.key\"\nhmac_key_file = \"{user}.hmac\"\naccess = [22]\nsource = \"{source}\"\n"
+        ),
+    )
+    .unwrap();
+    path
+}
+
+#[test]
+fn knockqs_client_opens_knockq_and_fwknopd() {
+    if !can_run(
+        "knockqs_client_opens_knockq_and_fwknopd",
+        true,
+        &["fwknop", "fwknopd", "nc", "iptables"],
+    ) {
+        return;
+    }
+    let mut net = Net::new();
+    let dir = net.dir.path().to_owned();
+    fs::create_dir(dir.join("users")).unwrap();
+    let alice = fwknop_keys(&dir, "alice");
+    net.listen(&[22]);
+    let src = CLIENTS4[0];
+    let knockq = env!("CARGO_BIN_EXE_knockq");
+
+    // knockq's client against knockq: the connect right after the packet.
+    let gate = net.start_gate(&policy(&dir), IPV4_RULES);
+    let profile = client_profile(&dir, "alice", "auto");
+    let out = net.in_client(&format!(
+        "{knockq} knock --profile gate --client-config {} -v && nc -z -w 2 -s {src} {GATE4} 22",
+        profile.display()
+    ));
+    assert!(
+        out.status.success(),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    gate.wait_for_log(&format!(
+        "event=grant src={src} policy=spa ports=22 user=alice"
+    ));
+    let status = net.knockq_control("status");
+    assert!(
+        text(&status.stdout).contains("user alice"),
+        "{}",
+        text(&status.stdout)
+    );
+    drop(gate);
+    net.in_gate("iptables -F && iptables -X");
+
+    // knockq's client against Debian's fwknopd, with its own access.conf
+    // and iptables: port 22 rejected until fwknopd's rule lets the source in.
+    fs::write(
+        dir.join("access.conf"),
+        format!(
+            "SOURCE ANY\nKEY_BASE64 {}\nHMAC_KEY_BASE64 {}\nFW_ACCESS_TIMEOUT 30\n",
+            alice.0, alice.1
+        ),
+    )
+    .unwrap();
+    fs::write(dir.join("fwknopd.conf"), "").unwrap();
+    let out = net.in_gate(&format!("iptables -A INPUT -p tcp --dport 22 -j REJECT"));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(net.connect(src, 22).is_rejected());
+    let run_dir = dir.join("fwknopd-run");
+    fs::create_dir(&run_dir).unwrap();
+    let (conf, access, run) = (
+        dir.join("fwknopd.conf").display().to_string(),
+        dir.join("access.conf").display().to_string(),
+        run_dir.display().to_string(),
+    );
+    net.spawn_in_gate(
+        "fwknopd",
+        &["-f", "-i", "veth0", "-c", &conf, "-a", &access, "-r", &run],
+    );
+    wait_for("fwknopd's chain", || {
+        text(&net.in_gate("iptables -S").stdout).contains("FWKNOP_INPUT")
+    });
+    let any = client_profile(&dir, "alice", "0.0.0.0");
+    let out = net.in_client(&format!(
+        "{knockq} knock --profile gate --client-config {}",
+        any.display()
+    ));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // fwknopd sniffs, then runs iptables: the port opens a moment later.
+    wait_for("fwknopd to open 22", || net.connect(src, 22) == Reply::Open);
+    let log = fs::read_to_string(dir.join("fwknopd.log")).unwrap();
+    assert!(log.contains("alice") || log.contains(src), "{log}");
+}
