@@ -60,6 +60,13 @@ enum Change {
         src: IpAddr,
         window: u64,
     },
+    /// A cluster SPA policy's packet, to claim by its digest; `event` is
+    /// the engine's `SpaClaim`, with the grant it waits to open.
+    SpaClaim {
+        policy: String,
+        digest: u128,
+        event: Event,
+    },
 }
 
 /// The workers' side of the cluster: queues changes for its thread.
@@ -153,6 +160,13 @@ impl GrantListener for Cluster {
                     policy: policy.name.clone(),
                     src: event.src,
                     window,
+                }
+            }
+            EventKind::SpaClaim { digest } if matches!(policy.knock, Knock::Spa(_)) => {
+                Change::SpaClaim {
+                    policy: policy.name.clone(),
+                    digest,
+                    event: *event,
                 }
             }
             _ => return,

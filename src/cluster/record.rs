@@ -8,6 +8,9 @@
 //!   node that was away learns of it when it reads the prefix again.
 //! - `PREFIX/windows/POLICY/WINDOW`: a rotating window claimed by a node,
 //!   with a lease for as long as the window is accepted.
+//! - `PREFIX/spa/POLICY/DIGEST`: an SPA packet claimed by a node, by the
+//!   first 16 bytes of its SHA-256 in hex, with a lease for as long as the
+//!   packet could pass the age check.
 //! - `PREFIX/nodes/NAME`: the running instance that holds node name NAME,
 //!   with a lease it renews: a second instance under the same name sees it
 //!   and stays out of the fleet until the name is free.
@@ -99,6 +102,7 @@ pub struct NodeName {
 pub struct Keys {
     grants: String,
     windows: String,
+    spa: String,
     nodes: String,
 }
 
@@ -107,6 +111,7 @@ impl Keys {
         Keys {
             grants: format!("{prefix}/grants/"),
             windows: format!("{prefix}/windows/"),
+            spa: format!("{prefix}/spa/"),
             nodes: format!("{prefix}/nodes/"),
         }
     }
@@ -127,6 +132,10 @@ impl Keys {
 
     pub fn window(&self, policy: &str, window: u64) -> String {
         format!("{}{policy}/{window}", self.windows)
+    }
+
+    pub fn spa_packet(&self, policy: &str, digest: u128) -> String {
+        format!("{}{policy}/{digest:032x}", self.spa)
     }
 
     /// The policy and subject of a grant's key.

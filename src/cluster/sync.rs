@@ -344,6 +344,12 @@ impl Sync {
     /// A change while etcd is away: grant changes wait, claims cannot be made.
     fn offline(&mut self, change: Change) {
         match change {
+            Change::SpaClaim { policy, event, .. } => {
+                self.count("claim_refused", None);
+                let src = event.src;
+                warn!(event = %"claim_refused", %src, %policy, "SPA packet refused: etcd cannot be reached to claim it");
+                self.spa_claimed(&event, None);
+            }
             Change::Claim { policy, src, .. } => {
                 let local = self
                     .policy(&policy)
@@ -377,6 +383,11 @@ impl Sync {
                 src,
                 window,
             } => self.claim(client, policy, *src, *window).await,
+            Change::SpaClaim {
+                policy,
+                digest,
+                event,
+            } => self.claim_spa(client, policy, *digest, event).await,
             change => self.publish(client, change).await,
         };
         if result.is_err() {
@@ -437,7 +448,9 @@ impl Sync {
                     "revoke",
                 )
             }
-            Change::Claim { .. } => unreachable!("claims are not published"),
+            Change::Claim { .. } | Change::SpaClaim { .. } => {
+                unreachable!("claims are not published")
+            }
         };
         let options = match ttl {
             Some(ttl) => {
@@ -482,6 +495,43 @@ impl Sync {
             self.replayed(policy, src);
         }
         Ok(())
+    }
+
+    /// Claims a cluster SPA policy's packet by its digest: the first node
+    /// to claim it grants, every other refuses a replay.
+    async fn claim_spa(
+        &mut self,
+        client: &mut Client,
+        policy: &str,
+        digest: u128,
+        event: &Event,
+    ) -> Result<(), etcd_client::Error> {
+        let policies = self.engine.policies();
+        let max_age = match policies.get(event.policy).map(|p| &p.knock) {
+            Some(Knock::Spa(spa)) => spa.max_age,
+            _ => return Ok(()),
+        };
+        // A packet passes the age check for max_age either side of now.
+        let ttl = seconds(2 * max_age.as_millis() as u64 + 1000);
+        let lease = client.lease_grant(ttl, None).await?.id();
+        let key = self.keys.spa_packet(policy, digest);
+        let txn = Txn::new()
+            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(
+                key,
+                self.config.node.clone(),
+                Some(PutOptions::new().with_lease(lease)),
+            )]);
+        let claimed = client.txn(txn).await?.succeeded();
+        self.count(if claimed { "claim" } else { "replay" }, None);
+        self.spa_claimed(event, Some(claimed));
+        Ok(())
+    }
+
+    fn spa_claimed(&mut self, event: &Event, claimed: Option<bool>) {
+        self.engine
+            .spa_claimed(event, claimed, self.clock.now(), &mut self.events);
+        (self.report)(&self.engine, &mut self.events);
     }
 
     /// A cluster rotating policy's period and offline setting.

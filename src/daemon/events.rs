@@ -76,7 +76,10 @@ impl EventReport {
         let wall = engine.wall_clock();
         for event in events.drain(..) {
             let heard = event.kind.changes_grant()
-                || matches!(event.kind, EventKind::Claim { .. } | EventKind::Replayed);
+                || matches!(
+                    event.kind,
+                    EventKind::Claim { .. } | EventKind::SpaClaim { .. } | EventKind::Replayed
+                );
             if let (true, Some(policy)) = (heard, policies.get(event.policy)) {
                 for listener in &self.listeners {
                     listener.grant_event(policy, &event, wall);
@@ -120,6 +123,9 @@ impl EventReport {
             EventKind::Evicted => return debug!(event = %"evict", %src, policy = %name),
             EventKind::Claim { window } => {
                 return debug!(event = %"claim", %src, policy = %name, window);
+            }
+            EventKind::SpaClaim { .. } => {
+                return debug!(event = %"spa_claim", %src, policy = %name);
             }
             EventKind::Spa { outcome, untried } => {
                 // A grant says so on its own line.

@@ -308,7 +308,10 @@ impl Metrics {
                         counter.inc_by(u64::from(untried));
                     }
                 }
-                EventKind::Refreshed | EventKind::Evicted | EventKind::Claim { .. } => {}
+                EventKind::Refreshed
+                | EventKind::Evicted
+                | EventKind::Claim { .. }
+                | EventKind::SpaClaim { .. } => {}
             }
         }
     }

@@ -79,6 +79,12 @@ pub enum EventKind {
     Claim {
         window: u64,
     },
+    /// A cluster policy's SPA packet passed every check here: the grant
+    /// the event is about waits for the cluster to claim the packet's
+    /// digest (its first 16 bytes), so that no other node takes it too.
+    SpaClaim {
+        digest: u128,
+    },
     /// A grant saved before a restart was put back.
     Restored,
     Revoked(RevokeReason),
@@ -116,10 +122,13 @@ pub enum SpaOutcome {
     Malformed,
     /// The replay cache is full of packets still young enough to pass.
     CacheFull,
+    /// A cluster policy's packet, refused: etcd could not be reached to
+    /// claim it.
+    Unclaimed,
 }
 
 impl SpaOutcome {
-    pub const ALL: [SpaOutcome; 12] = [
+    pub const ALL: [SpaOutcome; 13] = [
         SpaOutcome::Granted,
         SpaOutcome::BadHmac,
         SpaOutcome::Replayed,
@@ -132,6 +141,7 @@ impl SpaOutcome {
         SpaOutcome::ExpiredUser,
         SpaOutcome::Malformed,
         SpaOutcome::CacheFull,
+        SpaOutcome::Unclaimed,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -148,6 +158,7 @@ impl SpaOutcome {
             SpaOutcome::ExpiredUser => "expired_user",
             SpaOutcome::Malformed => "malformed",
             SpaOutcome::CacheFull => "cache_full",
+            SpaOutcome::Unclaimed => "unclaimed",
         }
     }
 }

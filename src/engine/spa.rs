@@ -15,7 +15,7 @@ use super::{
     Decision, Engine, Event, EventKind, EventSink, GrantScope, Origin, Policies, PolicyId,
     PolicyKey, PortMask, Reason, SpaOutcome, Timestamp,
 };
-use crate::config::{Knock, Policy, Spa, SpaUser};
+use crate::config::{Knock, Policy, Scope, Spa, SpaUser};
 use crate::flow::PortRange;
 use crate::spa::{self, Refusal};
 
@@ -95,28 +95,27 @@ impl Engine {
                 match self.authorize(key, policy, spa, user, src, payload, unix_secs) {
                     Err(outcome) => outcome,
                     Ok(grant) => {
-                        let user = policies.user_keys(id)[index];
-                        let end = source::grant_end(grant.duration, now);
-                        let opened = self.sources.update(src, true, events, |state, events| {
-                            state.slot_or_insert(key, now).spa_grant(
-                                end,
-                                grant.ports,
-                                user,
-                                &mut |kind, grant| {
-                                    events.event(Event {
-                                        src,
-                                        policy: key,
-                                        kind,
-                                        grant,
-                                    })
-                                },
-                            )
-                        });
-                        match opened {
-                            Some(()) => SpaOutcome::Granted,
-                            // A table full of grants: nothing to open with.
-                            None => SpaOutcome::CacheFull,
+                        let scope = GrantScope {
+                            prefix: None,
+                            ports: grant.ports,
+                            until: source::grant_end(grant.duration, now),
+                            origin: Origin::LOCAL,
+                            user: Some(policies.user_keys(id)[index]),
+                        };
+                        if policy.scope == Scope::Cluster {
+                            // The cluster claims it, then says what became of it.
+                            let digest = u128::from_be_bytes(
+                                grant.digest[..16].try_into().expect("16 bytes"),
+                            );
+                            events.event(Event {
+                                src,
+                                policy: key,
+                                kind: EventKind::SpaClaim { digest },
+                                grant: scope,
+                            });
+                            return Decision::reject(Reason::Spa);
                         }
+                        self.open_spa_grant(src, key, scope, now, events)
                     }
                 }
             }
@@ -206,7 +205,74 @@ impl Engine {
         Ok(SpaGrant {
             ports: mask,
             duration,
+            digest,
         })
+    }
+
+    /// Opens the SPA grant `scope` for `src` under policy `key`; the
+    /// outcome.
+    fn open_spa_grant(
+        &self,
+        src: IpAddr,
+        key: PolicyKey,
+        scope: GrantScope,
+        now: Timestamp,
+        events: &mut impl EventSink,
+    ) -> SpaOutcome {
+        let user = scope.user.expect("an SPA grant has its user");
+        let opened = self.sources.update(src, true, events, |state, events| {
+            state.slot_or_insert(key, now).spa_grant(
+                scope.until,
+                scope.ports,
+                user,
+                &mut |kind, grant| {
+                    events.event(Event {
+                        src,
+                        policy: key,
+                        kind,
+                        grant,
+                    })
+                },
+            )
+        });
+        match opened {
+            Some(()) => SpaOutcome::Granted,
+            // A table full of grants: nothing to open with.
+            None => SpaOutcome::CacheFull,
+        }
+    }
+
+    /// What became of a cluster policy's packet (an `SpaClaim` event): the
+    /// cluster claimed it (`Some(true)`), another node had (`Some(false)`),
+    /// or etcd could not be reached (`None`). Its grant opens only if
+    /// claimed and its policy is still in force.
+    pub fn spa_claimed(
+        &self,
+        claim: &Event,
+        claimed: Option<bool>,
+        now: Timestamp,
+        events: &mut impl EventSink,
+    ) {
+        let in_force = self.policies.load().get(claim.policy).is_some();
+        let outcome = match claimed {
+            Some(true) if in_force => {
+                self.open_spa_grant(claim.src, claim.policy, claim.grant, now, events)
+            }
+            Some(true) => return,
+            Some(false) => SpaOutcome::Replayed,
+            None => SpaOutcome::Unclaimed,
+        };
+        events.event(Event {
+            kind: EventKind::Spa {
+                outcome,
+                untried: 0,
+            },
+            grant: GrantScope {
+                user: None,
+                ..claim.grant
+            },
+            ..*claim
+        });
     }
 
     /// The digests of accepted SPA packets still young enough to pass.
@@ -224,6 +290,8 @@ struct SpaGrant {
     ports: PortMask,
     /// `None`: until closed.
     duration: Option<Duration>,
+    /// The SHA-256 of the datagram.
+    digest: [u8; 32],
 }
 
 /// The user whose HMAC key authenticates `payload`, among those that may

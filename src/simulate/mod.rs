@@ -368,6 +368,10 @@ impl Simulation<'_> {
                 EventKind::Claim { window } => {
                     format!("window {window} completed; its grant waits for the cluster's claim, not simulated")
                 }
+                EventKind::SpaClaim { .. } => {
+                    "SPA packet accepted; its grant waits for the cluster's claim, not simulated"
+                        .to_owned()
+                }
             };
             if self.options.timeline {
                 self.report.timeline.push(Change {

@@ -975,3 +975,83 @@ fn a_second_instance_under_a_taken_node_name_stays_out_until_the_name_is_free() 
     fleet.knock(later, 2, &[1111, 2222]);
     fleet.eventually(later, 1, true, 5);
 }
+
+#[test]
+fn an_spa_packet_accepted_on_one_gate_is_a_replay_on_another() {
+    if !can_run_fleet("an_spa_packet_accepted_on_one_gate_is_a_replay_on_another")
+        || !can_run(
+            "an_spa_packet_accepted_on_one_gate_is_a_replay_on_another",
+            true,
+            &["fwknop"],
+        )
+    {
+        return;
+    }
+    let keys = TempDir::new().unwrap();
+    let (key, hmac) = (
+        keys.path().join("alice.key"),
+        keys.path().join("alice.hmac"),
+    );
+    let (key_base64, hmac_base64) = knockq::spa::Keys::generate(&key, &hmac).unwrap();
+    let policies = format!(
+        "[[policy]]\nname = \"spa\"\nopen_ports = [22]\ngrant_timeout = \"60s\"\nscope = \"cluster\"\n\
+         [policy.spa]\n[[policy.spa.user]]\nname = \"alice\"\nkey_file = \"{}\"\nhmac_key_file = \"{}\"\n",
+        key.display(),
+        hmac.display()
+    );
+    let fleet = Fleet::new(1, Transport::Plain, &policies);
+    for gate in 0..2 {
+        fleet.wait_until_in_sync(gate);
+    }
+    let [sender, replayer, ..] = SOURCES;
+    let packet = keys.path().join("packet");
+    let out = in_namespace(
+        &fleet.ns("client"),
+        &format!(
+            "HOME={home} fwknop -A tcp/22 -s -D {gate} -U alice --use-hmac --key-base64-rijndael {key_base64} \
+             --key-base64-hmac {hmac_base64} --no-save-args -B {packet}",
+            home = keys.path().display(),
+            gate = GATES[0],
+            packet = packet.display(),
+        ),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // The grant follows the packet's claim, one etcd round trip later, and
+    // reaches every gate.
+    fleet.eventually(sender, 0, true, 5);
+    fleet.eventually(sender, 1, true, 5);
+    // The same packet, from another address, to another gate.
+    let out = in_namespace(
+        &fleet.ns("client"),
+        &format!(
+            "tr -d '\\n' < {} | nc -u -w 1 -s {replayer} {} 62201",
+            packet.display(),
+            GATES[1]
+        ),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    fleet.gate(1).wait_for_log(&format!(
+        "event=spa_refused src={replayer} policy=spa reason=replayed"
+    ));
+    assert!(
+        fleet.connect(replayer, 1, 22).is_rejected(),
+        "a replay on another gate"
+    );
+    let metrics = fleet.metrics(1);
+    assert_eq!(
+        sample(
+            &metrics,
+            r#"knockq_spa_packets_total{outcome="replayed",policy="spa"}"#
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            r#"knockq_cluster_events_total{kind="replay",origin="gate-2"}"#
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+}

@@ -1,12 +1,13 @@
 //! What the gate promises under stress: reloads, restarts, crashes, floods
 //! and port sweeps, on the real kernel.
 
-use std::os::unix::process::CommandExt;
-use std::process::{Child, Command, Stdio};
 use std::thread::sleep;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::util::*;
+
+/// What the SYN flood sends, from random sources: first knocks.
+const SYNS_TO_1111: &str = "tcp(sp=drnd(), dp=1111, seq=drnd(), syn, window=64240)";
 
 const TWO_POLICIES: &str = r#"
 [[policy]]
@@ -104,71 +105,6 @@ fn sighup_with_a_changed_config_swaps_policies_and_keeps_unchanged_grants() {
     );
 }
 
-/// A started `trafgen` flooding the gate with SYNs to 1111 from random
-/// sources; stopped on drop.
-struct Flood(Child);
-
-impl Flood {
-    fn start(net: &Net) -> Flood {
-        // Replies to the random sources leave through the client side, which
-        // drops them: no neighbour lookups per source.
-        sh_ok(&format!(
-            "ip -n {} route add default via {}",
-            net.gate, CLIENTS4[0]
-        ));
-        let mac = |ns: &str, dev: &str| {
-            let out = sh_ok(&format!("ip -n {ns} -br link show {dev}"));
-            String::from_utf8(out.stdout)
-                .unwrap()
-                .split_whitespace()
-                .nth(2)
-                .unwrap()
-                .to_owned()
-        };
-        let config = net.dir.path().join("flood.cfg");
-        std::fs::write(
-            &config,
-            format!(
-                "{{\n  eth(da={}, sa={}),\n  ipv4(saddr=drnd(), daddr={GATE4}, ttl=64),\n  \
-                 tcp(sp=drnd(), dp=1111, seq=drnd(), syn, window=64240),\n}}\n",
-                mac(&net.gate, "veth0"),
-                mac(&net.client, "veth1")
-            ),
-        )
-        .unwrap();
-        // One core for the generator, one for the gate. trafgen forks its
-        // senders: give it a process group of its own to stop them all.
-        let child = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &net.client,
-                "trafgen",
-                "--cpus",
-                "1",
-                "-q",
-                "-o",
-                "veth1",
-                "-i",
-            ])
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .process_group(0)
-            .spawn()
-            .unwrap();
-        Flood(child)
-    }
-}
-
-impl Drop for Flood {
-    fn drop(&mut self) {
-        // SAFETY: kill has no memory preconditions; the group is our child's.
-        unsafe { libc::kill(-(self.0.id() as libc::pid_t), libc::SIGKILL) };
-        let _ = self.0.wait();
-    }
-}
-
 fn metric(net: &Net, name: &str) -> f64 {
     let (_, body) = net.http_get(9724, "/metrics");
     sample(&body, name).unwrap_or_else(|| panic!("no {name} in\n{body}"))
@@ -215,7 +151,7 @@ fn a_spoofed_syn_flood_neither_overflows_state_nor_locks_users_out() {
     let [before, during, ..] = CLIENTS4;
     net.knock(before, &[1111, 2222]);
 
-    let flood = Flood::start(&net);
+    let flood = Flood::start(&net, SYNS_TO_1111, None);
     let started = Instant::now();
     let mut knocked = false;
     let mut checks = 0;

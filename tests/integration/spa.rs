@@ -5,6 +5,7 @@
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
+use std::time::Instant;
 
 use crate::util::*;
 
@@ -112,7 +113,9 @@ fn fwknops_client_opens_the_gate_for_the_very_next_connect() {
     )
     .unwrap();
     net.listen(&[22, 8080]);
-    let gate = net.start_gate(&policy(&dir), IPV4_RULES);
+    let config = net.config(&policy(&dir));
+    net.load_rules(&config, "iptables");
+    let gate = net.start_daemon(&config);
     let src = CLIENTS4[0];
     assert!(net.connect(src, 22).is_rejected());
 
@@ -138,6 +141,15 @@ fn fwknops_client_opens_the_gate_for_the_very_next_connect() {
     replay(&net, &sent, CLIENTS4[2]);
     gate.wait_for_log("reason=refused_address");
     assert!(net.connect(CLIENTS4[2], 22).is_rejected());
+
+    // After a restart, the packet is still spent; its grant is back.
+    assert!(gate.stop(libc::SIGTERM).success());
+    let gate = net.start_daemon(&config);
+    replay(&net, &sent, src);
+    gate.wait_for_log(&format!(
+        "event=spa_refused src={src} policy=spa reason=replayed"
+    ));
+    assert_eq!(net.connect(src, 22), Reply::Open, "the restored grant");
 
     // -s: "my packet's source", for 5 seconds by --fw-timeout.
     let sent = dir.join("alice-2.spa").display().to_string();
@@ -204,7 +216,8 @@ fn fwknops_client_opens_the_gate_for_the_very_next_connect() {
     // Bob's from outside his sources, mallory's and the three variants.
     wait_for("the forgeries counted", || spa_count(&net, "bad_hmac") == 5);
     assert!(net.connect(CLIENTS4[3], 22).is_rejected());
-    assert_eq!(spa_count(&net, "granted"), 2);
+    // Since the restart: the -s packet alone.
+    assert_eq!(spa_count(&net, "granted"), 1);
     assert_eq!(net.pending_packets(), 0);
 }
 
@@ -303,4 +316,61 @@ fn knockqs_client_opens_knockq_and_fwknopd() {
     wait_for("fwknopd to open 22", || net.connect(src, 22) == Reply::Open);
     let log = fs::read_to_string(dir.join("fwknopd.log")).unwrap();
     assert!(log.contains("alice") || log.contains(src), "{log}");
+}
+
+#[test]
+fn a_real_client_gets_in_during_a_flood_of_forged_packets() {
+    let test = "a_real_client_gets_in_during_a_flood_of_forged_packets";
+    if !can_run(test, true, &["fwknop", "nc", "trafgen"]) {
+        return;
+    }
+    let mut net = Net::alone();
+    let dir = net.dir.path().to_owned();
+    fs::create_dir(dir.join("users")).unwrap();
+    let alice = fwknop_keys(&dir, "alice");
+    net.listen(&[22]);
+    let config = net.config(&policy(&dir));
+    net.load_rules(&config, "iptables");
+    // Per-packet debug lines would log the whole flood.
+    let _gate = net.start_daemon_logging(&config, &[], "info");
+    // The forgery: a real packet with one character changed, so that
+    // every copy costs the gate a whole HMAC, as a forger's best would.
+    let made = dir.join("made.spa").display().to_string();
+    let out = net.in_client(&format!(
+        "{} -T",
+        fwknop(&net, "alice", &alice, "tcp/22", "-s", &made)
+    ));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let mut forged = fs::read_to_string(&made).unwrap().trim_end().to_owned();
+    let flipped = if forged.ends_with('A') { "B" } else { "A" };
+    forged.replace_range(forged.len() - 1.., flipped);
+    let flood = Flood::start(
+        &net,
+        &format!("udp(sp=drnd(), dp=62201), \"{forged}\""),
+        Some("100000pps"),
+    );
+    wait_for("the flood to reach the gate", || {
+        spa_count(&net, "bad_hmac") > 10_000
+    });
+    let src = CLIENTS4[0];
+    let sent = dir.join("during.spa").display().to_string();
+    let send = fwknop(&net, "alice", &alice, "tcp/22", &format!("-a {src}"), &sent);
+    let started = Instant::now();
+    let out = net.in_client(&send);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // The connects of a user who tries again at once, for a second.
+    let opened = (0..20).any(|_| net.connect_within(src, 22, 1) == Reply::Open);
+    let took = started.elapsed();
+    let forged_decided = spa_count(&net, "bad_hmac");
+    drop(flood);
+    assert!(opened, "no way in within 20 tries during the flood");
+    assert_eq!(spa_count(&net, "granted"), 1);
+    eprintln!(
+        "knockq: the real packet got in {} ms after it was sent, with {forged_decided} forged packets decided",
+        took.as_millis()
+    );
+    assert!(
+        forged_decided > 100_000,
+        "{forged_decided} forged packets decided"
+    );
 }

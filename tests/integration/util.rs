@@ -2,6 +2,7 @@
 //! a gate on one side of a veth pair and clients on the other.
 
 use std::fs;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -731,5 +732,75 @@ pub fn wait_for(what: &str, mut ready: impl FnMut() -> bool) {
     while !ready() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         sleep(Duration::from_millis(20));
+    }
+}
+
+/// A started `trafgen` flooding the gate with `transport` (trafgen's text
+/// for the transport header and payload) over IPv4 from random sources, as
+/// fast as it can or at `rate` (`100000pps`); stopped on drop.
+pub struct Flood(Child);
+
+impl Flood {
+    pub fn start(net: &Net, transport: &str, rate: Option<&str>) -> Flood {
+        // Replies to the random sources leave through the client side, which
+        // drops them: no neighbour lookups per source.
+        sh_ok(&format!(
+            "ip -n {} route add default via {}",
+            net.gate, CLIENTS4[0]
+        ));
+        let mac = |ns: &str, dev: &str| {
+            let out = sh_ok(&format!("ip -n {ns} -br link show {dev}"));
+            String::from_utf8(out.stdout)
+                .unwrap()
+                .split_whitespace()
+                .nth(2)
+                .unwrap()
+                .to_owned()
+        };
+        let config = net.dir.path().join("flood.cfg");
+        fs::write(
+            &config,
+            format!(
+                "{{\n  eth(da={}, sa={}),\n  ipv4(saddr=drnd(), daddr={GATE4}, ttl=64),\n  {transport},\n}}\n",
+                mac(&net.gate, "veth0"),
+                mac(&net.client, "veth1")
+            ),
+        )
+        .unwrap();
+        let mut command = Command::new("ip");
+        // One core for the generator, one for the gate.
+        command.args([
+            "netns",
+            "exec",
+            &net.client,
+            "trafgen",
+            "--cpus",
+            "1",
+            "-q",
+            "-o",
+            "veth1",
+        ]);
+        if let Some(rate) = rate {
+            command.args(["-b", rate]);
+        }
+        // trafgen forks its senders: give it a process group of its own to
+        // stop them all.
+        let child = command
+            .arg("-i")
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        Flood(child)
+    }
+}
+
+impl Drop for Flood {
+    fn drop(&mut self) {
+        // SAFETY: kill has no memory preconditions; the group is our child's.
+        unsafe { libc::kill(-(self.0.id() as libc::pid_t), libc::SIGKILL) };
+        let _ = self.0.wait();
     }
 }
