@@ -1,5 +1,5 @@
 # knockq: `make demo` shows the gate working, `make test` runs every test.
-.PHONY: demo test rules bench deb fuzz
+.PHONY: demo test rules bench bench-spa deb fuzz
 
 demo:
 	scripts/demo
@@ -25,6 +25,14 @@ bench:
 	scripts/install-deps
 	cargo build --release --locked --bin knockq --example nfq_floor
 	python3 scripts/bench.py
+
+# knockq's single packet authorization against Debian's fwknopd (root; see
+# BENCHMARKS.md), and the engine's SPA costs on one core.
+bench-spa:
+	scripts/install-deps
+	cargo build --release --locked --bin knockq
+	python3 scripts/bench_spa.py
+	cargo bench --locked --bench spa
 
 # The Debian package: target/debian/knockq_<version>_amd64.deb, with the man
 # pages and completions generated from the command line's definition.

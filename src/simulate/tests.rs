@@ -525,3 +525,78 @@ fn udp_datagrams_are_decided_once_per_flow_as_conntrack_keeps_them() {
     assert_eq!(verdicts, want);
     assert_eq!(report.new_flows, 7);
 }
+
+#[test]
+fn spa_captures_replay_with_the_key_files_as_the_gate_decided_them() {
+    use std::os::unix::fs::PermissionsExt;
+    // fwknop's own packet for alice at 10.0.0.2, made at Unix 1796653647.
+    let testdata = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/testdata/spa/");
+    let keys = std::fs::read_to_string(format!("{testdata}fwknop-keys.txt")).unwrap();
+    let packet = std::fs::read_to_string(format!("{testdata}alice-access.txt")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    for (file, field) in [
+        ("alice.key", "KEY_BASE64:"),
+        ("alice.hmac", "HMAC_KEY_BASE64:"),
+    ] {
+        let line = keys.lines().find(|l| l.starts_with(field)).unwrap();
+        let path = dir.path().join(file);
+        std::fs::write(&path, line.split_once(' ').unwrap().1).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let text = format!(
+        "[[policy]]\nname = \"spa\"\nopen_ports = [22]\ngrant_timeout = \"30s\"\n[policy.spa]\n\
+         [[policy.spa.user]]\nname = \"alice\"\nkey_file = \"{d}/alice.key\"\nhmac_key_file = \"{d}/alice.hmac\"\n",
+        d = dir.path().display()
+    );
+    let made = 1_796_653_647.0;
+    let header = PcapHeader {
+        datalink: DataLink::ETHERNET,
+        ..Default::default()
+    };
+    let mut writer = PcapWriter::with_header(Vec::new(), header).unwrap();
+    let mut add = |at: f64, src: [u8; 4], data: &[u8], tcp: bool| {
+        let ip = PacketBuilder::ethernet2([2; 6], [4; 6]).ipv4(src, [10, 0, 0, 1], 64);
+        let mut bytes = Vec::new();
+        match tcp {
+            true => ip
+                .tcp(40000, 22, 1, 64240)
+                .syn()
+                .write(&mut bytes, &[])
+                .unwrap(),
+            false => ip.udp(40000, 62201).write(&mut bytes, data).unwrap(),
+        }
+        let time = Duration::from_secs_f64(made + at);
+        writer
+            .write_packet(&PcapPacket::new(time, bytes.len() as u32, &bytes))
+            .unwrap();
+    };
+    let datagram = packet.trim_end().as_bytes();
+    add(1.0, [10, 0, 0, 2], &[], true);
+    add(2.0, [10, 0, 0, 2], datagram, false);
+    add(2.001, [10, 0, 0, 2], &[], true);
+    // The same packet again, and from elsewhere.
+    add(3.0, [10, 0, 0, 2], datagram, false);
+    add(4.0, [10, 0, 0, 9], datagram, false);
+    add(4.001, [10, 0, 0, 9], &[], true);
+    let capture = writer.into_writer();
+    let options = Options {
+        verdicts: true,
+        ..Options::default()
+    };
+    let report = run(&text, &capture, &options);
+    let verdicts: Vec<(String, &str)> = report
+        .packets
+        .iter()
+        .map(|p| (p.source.to_string(), p.reason))
+        .collect();
+    let want = [
+        ("10.0.0.2", "no_grant"),
+        ("10.0.0.2", "spa"),
+        ("10.0.0.2", "granted"),
+        ("10.0.0.2", "spa"),
+        ("10.0.0.9", "spa"),
+        ("10.0.0.9", "no_grant"),
+    ]
+    .map(|(src, reason)| (src.to_owned(), reason));
+    assert_eq!(verdicts, want);
+}
