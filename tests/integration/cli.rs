@@ -405,3 +405,54 @@ fn check_compiles_scripts_and_names_their_ports() {
         "{summary}"
     );
 }
+
+#[test]
+fn keygen_spa_writes_a_users_keys_and_the_stanzas_that_use_them() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let out = run(knockq().args(["keygen", "--spa", "alice"]).arg(dir.path()));
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    for file in ["alice.key", "alice.hmac"] {
+        let mode = std::fs::metadata(dir.path().join(file))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{file}");
+    }
+    let printed = text(&out.stdout);
+    let key = std::fs::read_to_string(dir.path().join("alice.key")).unwrap();
+    assert!(
+        printed.contains(&format!("KEY_BASE64          {}", key.trim_end())),
+        "{printed}"
+    );
+    // The gate's stanza, pasted under a policy, is a configuration.
+    let stanza: String = printed
+        .split("\n\n")
+        .find(|part| part.contains("[[policy.spa.user]]"))
+        .unwrap()
+        .lines()
+        .filter(|line| !line.starts_with('#'))
+        .map(|line| format!("{line}\n"))
+        .collect();
+    let config = dir.path().join("knockq.toml");
+    std::fs::write(
+        &config,
+        format!("[[policy]]\nname = \"spa\"\nopen_ports = [22]\n[policy.spa]\n{stanza}"),
+    )
+    .unwrap();
+    let out = run(knockq().arg("check").arg("--config").arg(&config));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    // Never over an existing key.
+    let out = run(knockq().args(["keygen", "--spa", "alice"]).arg(dir.path()));
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("alice.key")).unwrap(),
+        key
+    );
+}

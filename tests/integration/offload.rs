@@ -14,6 +14,7 @@ use crate::util::*;
 const AGAIN_WITH_OFFLOAD: &[&str] = &[
     "gate::",
     "udp::",
+    "spa::",
     "rules::",
     "scripts::",
     "simulate::",
