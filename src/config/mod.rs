@@ -27,7 +27,7 @@ pub use cluster::{ClusterConfig, Offline, Scope};
 pub(crate) use file::{optional_duration, ErrorContext, RawPolicy, RawRotating, RawScript};
 pub use read::{read, Document};
 pub use sections::*;
-pub(crate) use spa::RawSpa;
+pub(crate) use spa::{field, RawSpa};
 pub use spa::{Spa, SpaUser};
 
 /// A configuration, as its file says it: read, its structure checked and
@@ -122,7 +122,10 @@ impl Policy {
             Knock::Fixed(sequence) => sequence.iter().copied().map(PortRange::single).collect(),
             Knock::Rotating(rotating) => vec![rotating.ports],
             Knock::Script(script) => script.knock_ports.clone(),
-            Knock::Spa(spa) => vec![PortRange::single(FlowPort::udp(spa.port))],
+            Knock::Spa(spa) => std::iter::once(spa.port)
+                .chain(spa.users.iter().filter_map(|user| user.port))
+                .map(|port| PortRange::single(FlowPort::udp(port)))
+                .collect(),
         };
         knock
             .into_iter()

@@ -102,6 +102,14 @@ pub fn read<'a>(text: &'a str, path: &'a Path) -> Result<Document<'a>, ConfigErr
         }
         check_scope(policy, cluster.is_some(), &errors, &key)?;
     }
+    // Users in files of their own are part of the structure: the engine
+    // checks their ports with every other.
+    for (i, policy) in raw.policies.iter_mut().enumerate() {
+        if let Some(spa) = &mut policy.spa {
+            let key = |field: &str| format!("policy[{i}].{field}");
+            spa.get_mut().read_users_dir(&errors, &key)?;
+        }
+    }
     Ok(Document {
         errors,
         raw,

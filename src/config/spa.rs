@@ -47,6 +47,9 @@ pub struct SpaUser {
     /// Refuse packets that leave the address to the packet's source
     /// (`0.0.0.0`, the client's `-s`).
     pub require_source_address: bool,
+    /// A UDP port of the user's own (the client's `-p`): its packets find
+    /// the user's key at once, and the policy's port tries no user with one.
+    pub port: Option<u16>,
 }
 
 impl SpaUser {
@@ -69,6 +72,16 @@ pub(crate) struct RawSpa {
     #[serde(default, rename = "user")]
     users: Vec<RawUser>,
     users_dir: Option<Spanned<PathBuf>>,
+    /// The users of `users_dir`, read with the structure.
+    #[serde(skip)]
+    dir_users: Vec<UserFile>,
+}
+
+/// A user's file of `users_dir`: its text, for errors, and the user.
+struct UserFile {
+    path: PathBuf,
+    text: String,
+    user: RawUser,
 }
 
 fn default_port() -> Spanned<u16> {
@@ -89,8 +102,9 @@ fn default_replay_cache() -> Spanned<usize> {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawUser {
+pub(crate) struct RawUser {
     name: Spanned<String>,
+    pub(crate) port: Option<Spanned<u16>>,
     key_file: Spanned<PathBuf>,
     hmac_key_file: Spanned<PathBuf>,
     #[serde(default)]
@@ -104,9 +118,72 @@ struct RawUser {
 }
 
 impl RawSpa {
-    /// The settings, with every user read: those inline, then one per
-    /// `*.toml` file of `users_dir`, in name order. `open_ports` are the
-    /// policy's.
+    /// Reads the users of `users_dir`, one per `*.toml` file, in name
+    /// order; errors name the file they are in.
+    pub(crate) fn read_users_dir(
+        &mut self,
+        errors: &ErrorContext,
+        key: &dyn Fn(&str) -> String,
+    ) -> Result<(), ConfigError> {
+        let Some(dir) = &self.users_dir else {
+            return Ok(());
+        };
+        let path = errors.relative_path(dir.get_ref());
+        let listing = std::fs::read_dir(&path).map_err(|e| {
+            let message = format!("{}: {e}", path.display());
+            errors.spanned(dir, key("spa.users_dir"), message)
+        })?;
+        let mut files: Vec<PathBuf> = listing
+            .filter_map(Result::ok)
+            .map(|entry| entry.path())
+            .filter(|file| file.extension().is_some_and(|e| e == "toml"))
+            .collect();
+        files.sort();
+        for path in files {
+            let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+                path: path.clone(),
+                source,
+            })?;
+            let user = ErrorContext {
+                text: &text,
+                path: &path,
+            }
+            .deserialize(&text)?;
+            self.dir_users.push(UserFile { path, text, user });
+        }
+        Ok(())
+    }
+
+    /// Every user, inline then from `users_dir`: the user, the context its
+    /// errors are told in, and its key (`policy[0].spa.user[1]`, or empty
+    /// in a file of its own).
+    pub(crate) fn users<'a>(
+        &'a self,
+        errors: &'a ErrorContext<'a>,
+        key: &'a dyn Fn(&str) -> String,
+    ) -> impl Iterator<Item = (&'a RawUser, ErrorContext<'a>, String)> {
+        let inline = self.users.iter().enumerate().map(move |(i, user)| {
+            let context = ErrorContext {
+                text: errors.text,
+                path: errors.path,
+            };
+            (user, context, key(&format!("spa.user[{i}]")))
+        });
+        let files = self.dir_users.iter().map(|file| {
+            let context = ErrorContext {
+                text: &file.text,
+                path: &file.path,
+            };
+            (&file.user, context, String::new())
+        });
+        inline.chain(files)
+    }
+
+    pub(crate) fn port(&self) -> &Spanned<u16> {
+        &self.port
+    }
+
+    /// The settings, with every user read. `open_ports` are the policy's.
     pub(crate) fn read(
         &self,
         open_ports: &[PortRange],
@@ -133,43 +210,14 @@ impl RawSpa {
         }
         let mut users = Vec::new();
         let mut seen: HashMap<String, String> = HashMap::new();
-        let mut add = |raw: &RawUser, errors: &ErrorContext, key: String| {
-            let user = raw.read(open_ports, errors, &key)?;
-            let here = errors.path.display().to_string();
+        for (raw, context, user_key) in self.users(errors, key) {
+            let user = raw.read(open_ports, &context, &user_key)?;
+            let here = context.path.display().to_string();
             if let Some(first) = seen.insert(user.name.clone(), here) {
                 let message = format!("user \"{}\" is already given in {first}", user.name);
-                return Err(errors.spanned(&raw.name, format!("{key}.name"), message));
+                return Err(context.spanned(&raw.name, field(&user_key, "name"), message));
             }
             users.push(user);
-            Ok(())
-        };
-        for (i, raw) in self.users.iter().enumerate() {
-            add(raw, errors, key(&format!("spa.user[{i}]")))?;
-        }
-        if let Some(dir) = &self.users_dir {
-            let path = errors.relative_path(dir.get_ref());
-            let listing = std::fs::read_dir(&path).map_err(|e| {
-                let message = format!("{}: {e}", path.display());
-                errors.spanned(dir, key("spa.users_dir"), message)
-            })?;
-            let mut files: Vec<PathBuf> = listing
-                .filter_map(Result::ok)
-                .map(|entry| entry.path())
-                .filter(|file| file.extension().is_some_and(|e| e == "toml"))
-                .collect();
-            files.sort();
-            for file in files {
-                let text = std::fs::read_to_string(&file).map_err(|source| ConfigError::Read {
-                    path: file.clone(),
-                    source,
-                })?;
-                let file_errors = ErrorContext {
-                    text: &text,
-                    path: &file,
-                };
-                let raw: RawUser = file_errors.deserialize(&text)?;
-                add(&raw, &file_errors, String::new())?;
-            }
         }
         Ok(Spa {
             port: *self.port.get_ref(),
@@ -181,6 +229,14 @@ impl RawSpa {
     }
 }
 
+/// `KEY.FIELD`, or `FIELD` alone for a user in a file of its own.
+pub(crate) fn field(key: &str, field: &str) -> String {
+    match key {
+        "" => field.to_owned(),
+        key => format!("{key}.{field}"),
+    }
+}
+
 impl RawUser {
     fn read(
         &self,
@@ -188,10 +244,7 @@ impl RawUser {
         errors: &ErrorContext,
         key: &str,
     ) -> Result<SpaUser, ConfigError> {
-        let key = |field: &str| match key {
-            "" => field.to_owned(),
-            key => format!("{key}.{field}"),
-        };
+        let key = |name: &str| field(key, name);
         let name = self.name.get_ref();
         if name.is_empty()
             || name.len() > 64
@@ -237,6 +290,7 @@ impl RawUser {
             max_timeout: self.max_timeout,
             expires,
             require_source_address: self.require_source_address,
+            port: self.port.as_ref().map(|p| *p.get_ref()),
         })
     }
 }

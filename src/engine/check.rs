@@ -11,7 +11,9 @@ use std::time::Duration;
 use toml::Spanned;
 
 use super::{PolicySet, PortMask};
-use crate::config::{ConfigError, Document, ErrorContext, RawPolicy, RawRotating, RawScript};
+use crate::config::{
+    field, ConfigError, Document, ErrorContext, RawPolicy, RawRotating, RawScript,
+};
 use crate::flow::{FlowPort, PortRange};
 
 /// Longest sequence accepted; the engine counts stages in a byte.
@@ -96,12 +98,33 @@ pub fn check(document: &Document) -> Result<(), ConfigError> {
                 let message = format!("an SPA policy opens at most {} ports", PortMask::MAX_PORTS);
                 return Err(errors.spanned(&policy.open_ports, key("open_ports"), message));
             }
-            let port = FlowPort::udp(*spa.get_ref().port.get_ref());
+            let spa = spa.get_ref();
+            let port = FlowPort::udp(*spa.port().get_ref());
             if let Some(conflict) = roles.role_of(port) {
                 let message = format!("SPA port {port} is also {conflict}");
-                return Err(errors.spanned(&spa.get_ref().port, key("spa.port"), message));
+                return Err(errors.spanned(spa.port(), key("spa.port"), message));
             }
             roles.claimed.insert(port, PortUse::Knock(name));
+            // A user's own port is the policy's too; users may share one.
+            for (user, context, user_key) in spa.users(errors, &key) {
+                let Some(own) = &user.port else {
+                    continue;
+                };
+                let port = FlowPort::udp(*own.get_ref());
+                let conflict = match roles.role_of(port) {
+                    _ if own.get_ref() == &0 => {
+                        Some("port 0, which cannot receive packets".to_owned())
+                    }
+                    Some(PortUse::Knock(owner)) if owner == name => None,
+                    Some(conflict) => Some(format!("also {conflict}")),
+                    None => None,
+                };
+                if let Some(conflict) = conflict {
+                    let message = format!("the user's port {port} is {conflict}");
+                    return Err(context.spanned(own, field(&user_key, "port"), message));
+                }
+                roles.claimed.insert(port, PortUse::Knock(name));
+            }
         }
         if let Some(close) = &policy.close_port {
             let port = *close.get_ref();

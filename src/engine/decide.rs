@@ -35,7 +35,8 @@ impl Engine {
         let wall = self.wall_clock();
         let role = policies.role(syn.dst_port, now, wall);
         if let PortRole::Spa { policy } = role {
-            return self.decide_spa(&policies, policy, syn.src, payload, now, events);
+            let port = syn.dst_port.number();
+            return self.decide_spa(&policies, policy, syn.src, port, payload, now, events);
         }
         // Only the first port of a sequence starts tracking a stranger; a
         // script's knock does once the script says so.

@@ -147,7 +147,10 @@ impl PortMap {
                     }
                 }
                 Knock::Spa(spa) => {
-                    roles[FlowPort::udp(spa.port).index()] = PortRole::Spa { policy: id };
+                    let own = spa.users.iter().filter_map(|user| user.port);
+                    for port in std::iter::once(spa.port).chain(own) {
+                        roles[FlowPort::udp(port).index()] = PortRole::Spa { policy: id };
+                    }
                 }
             }
         }

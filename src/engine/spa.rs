@@ -77,6 +77,7 @@ impl Engine {
         policies: &Policies,
         id: PolicyId,
         src: IpAddr,
+        port: u16,
         payload: &[u8],
         now: Timestamp,
         events: &mut impl EventSink,
@@ -86,7 +87,7 @@ impl Engine {
             unreachable!("an SPA port belongs to an SPA policy");
         };
         let key = policies.key(id);
-        let (user, untried) = find_user(spa, src, payload);
+        let (user, untried) = find_user(spa, src, port, payload);
         let outcome = match user {
             Err(outcome) => outcome,
             Ok(index) => {
@@ -294,13 +295,22 @@ struct SpaGrant {
     digest: [u8; 32],
 }
 
-/// The user whose HMAC key authenticates `payload`, among those that may
+/// The user whose HMAC key authenticates `payload`, among those that send
+/// to `port` (their own, or the policy's for users without one) and may
 /// send from `src`, trying at most `max_candidates`; and how many the cap
 /// left untried.
-fn find_user(spa: &Spa, src: IpAddr, payload: &[u8]) -> (Result<usize, SpaOutcome>, u16) {
+fn find_user(
+    spa: &Spa,
+    src: IpAddr,
+    port: u16,
+    payload: &[u8],
+) -> (Result<usize, SpaOutcome>, u16) {
     let mut candidates = 0usize;
     let mut tried = 0usize;
     for (index, user) in spa.users.iter().enumerate() {
+        if user.port.unwrap_or(spa.port) != port {
+            continue;
+        }
         if !user.sources.is_empty() && !user.sources.iter().any(|net| net.contains(&src)) {
             continue;
         }

@@ -1198,9 +1198,14 @@ mod spa {
 
         /// Sends `datagram` from `src`; what became of it.
         fn send(&mut self, src: &str, datagram: &[u8]) -> SpaOutcome {
+            self.send_to(src, crate::spa::DEFAULT_PORT, datagram)
+        }
+
+        /// The same, to UDP `port`.
+        fn send_to(&mut self, src: &str, port: u16, datagram: &[u8]) -> SpaOutcome {
             let flow = NewFlow {
                 src: ip(src),
-                dst_port: FlowPort::udp(crate::spa::DEFAULT_PORT),
+                dst_port: FlowPort::udp(port),
             };
             let decision = self.gate.engine.decide(
                 flow,
@@ -1444,6 +1449,66 @@ mod spa {
         assert_eq!(
             policies.user_name(grant.policy, grant.grant.user.unwrap()),
             Some("alice")
+        );
+    }
+
+    #[test]
+    fn a_user_with_a_port_of_their_own_is_found_there_alone() {
+        let mut g = spa_gate("", &[("alice", ""), ("bob", "port = 62202")]);
+        let bob = g.packet("bob", "10.0.0.3", &[TCP22]);
+        assert_eq!(g.send_to("10.0.0.3", 62202, &bob), SpaOutcome::Granted);
+        assert_eq!(g.gate.syn("10.0.0.3", 22), ACCEPT);
+        let bob = g.packet("bob", "10.0.0.4", &[TCP22]);
+        assert_eq!(
+            g.send("10.0.0.4", &bob),
+            SpaOutcome::BadHmac,
+            "not on the shared port"
+        );
+        let alice = g.packet("alice", "10.0.0.2", &[TCP22]);
+        assert_eq!(
+            g.send_to("10.0.0.2", 62202, &alice),
+            SpaOutcome::BadHmac,
+            "only bob is tried there"
+        );
+        assert_eq!(g.send("10.0.0.2", &alice), SpaOutcome::Granted);
+    }
+
+    #[test]
+    fn a_users_port_with_another_role_is_refused_where_it_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let (lines, _) = user(dir.path(), "bob", "port = 22");
+        let text = format!(
+            "[[policy]]\nname = \"spa\"\nopen_ports = [22, \"22/udp\"]\n[policy.spa]\n{lines}"
+        );
+        let err = loader::parse(&text, Path::new("test.toml"))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "test.toml:9: policy[0].spa.user[0].port: the user's port 22/udp is also an open port of policy \"spa\""
+        );
+        let users = dir.path().join("users");
+        std::fs::create_dir(&users).unwrap();
+        let (lines, _) = user(dir.path(), "carol", "port = 7000");
+        std::fs::write(
+            users.join("carol.toml"),
+            lines.replace("[[policy.spa.user]]\n", ""),
+        )
+        .unwrap();
+        let text = format!(
+            "[[policy]]\nname = \"knock\"\nsequence = [\"7000/udp\", 8000]\nopen_ports = [22]\n\n\
+             [[policy]]\nname = \"spa\"\nopen_ports = [22]\n[policy.spa]\nusers_dir = \"{}\"\n",
+            users.display()
+        );
+        let err = loader::parse(&text, Path::new("test.toml"))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            format!(
+                "{}:4: port: the user's port 7000/udp is also a knock port of policy \"knock\"",
+                users.join("carol.toml").display()
+            )
         );
     }
 }
