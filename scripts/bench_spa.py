@@ -11,8 +11,9 @@ same namespaces (`make bench-spa`, as root; see BENCHMARKS.md).
    KNOCKQ_BENCH_RATE datagrams a second (100,000) for KNOCKQ_BENCH_SECONDS
    (10): plain UDP knocks to a sequence's first port, as the baseline, and
    forged SPA packets (a real packet with its last character changed, so
-   every copy costs a whole HMAC) with 1 user, 1,000 users of whom the
-   default 16 are tried, and 1,000 users all tried.
+   every copy costs a whole HMAC) with 1 user, 1,000 users on the shared
+   port of whom the default 16 are tried, 1,000 users all tried, and 1,000
+   users on ports of their own, flooded on one of them.
 
 `cargo bench --bench spa` gives the engine's own cost of each, on one core.
 """
@@ -31,6 +32,8 @@ from bench import CLIENT, FLOODER, GATE, KNOCKQ, TICKS, Net, sh  # noqa: E402
 ROUNDS = int(os.environ.get("KNOCKQ_BENCH_ROUNDS", "10"))
 RATE = os.environ.get("KNOCKQ_BENCH_RATE", "100000")
 SECONDS = int(os.environ.get("KNOCKQ_BENCH_SECONDS", "10"))
+# Users with ports of their own get OWN_PORTS + n; the flood goes to one.
+OWN_PORTS = 40000
 
 PROBE = r"""
 import socket, sys, time
@@ -75,7 +78,7 @@ def make_packet(net, workdir, key, hmac, src, name):
     return path
 
 
-def spa_config(workdir, users, tried):
+def spa_config(workdir, users, tried, own_ports=False):
     text = ("[[policy]]\nname = \"udp\"\nsequence = [\"7000/udp\", \"8000/udp\"]\nopen_ports = [2222]\n\n"
             f"[[policy]]\nname = \"spa\"\nopen_ports = [22]\ngrant_timeout = \"60s\"\n[policy.spa]\n"
             f"max_candidates = {tried}\n"
@@ -83,12 +86,14 @@ def spa_config(workdir, users, tried):
     for n in range(1, users):
         text += (f"[[policy.spa.user]]\nname = \"u{n}\"\nkey_file = \"u{n}.key\"\n"
                  f"hmac_key_file = \"u{n}.hmac\"\n")
+        if own_ports:
+            text += f"port = {OWN_PORTS + n}\n"
         for ext in ("key", "hmac"):
             path = workdir / f"u{n}.{ext}"
             if not path.exists():
                 path.write_text(sh("head -c 32 /dev/urandom | base64").stdout)
                 path.chmod(0o600)
-    config = workdir / f"knockq-{users}-{tried}.toml"
+    config = workdir / f"knockq-{users}-{tried}-{own_ports}.toml"
     config.write_text(text)
     return config
 
@@ -114,13 +119,15 @@ def start_fwknopd(net, workdir, key, hmac):
     (workdir / "fwknopd.conf").write_text("")
     (workdir / "run").mkdir(exist_ok=True)
     net.run(net.gate, "iptables -A INPUT -p tcp --dport 22 -j REJECT")
+    log = open(workdir / "fwknopd.log", "w")
     process = net.spawn(net.gate, ["fwknopd", "-f", "-i", "veth0", "-c", workdir / "fwknopd.conf",
                                    "-a", workdir / "access.conf", "-r", workdir / "run"],
-                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                        stdout=log, stderr=subprocess.STDOUT)
+    # It sniffs from its main loop on: a packet sent before is not seen.
     deadline = time.time() + 10
-    while "FWKNOP_INPUT" not in net.run(net.gate, "iptables -S").stdout:
+    while "main event loop" not in (workdir / "fwknopd.log").read_text():
         if time.time() > deadline:
-            raise RuntimeError("fwknopd did not set up its chain")
+            raise RuntimeError("fwknopd did not start sniffing")
         time.sleep(0.05)
     return process
 
@@ -159,19 +166,20 @@ def metric(net, name):
     return sum(float(line.split()[-1]) for line in body.splitlines() if line.startswith(name))
 
 
-def flood_cost(kind, users, tried):
+def flood_cost(kind, users, tried, own_ports=False):
     """The daemon's CPU µs per decided datagram under the flood."""
     net = Net(f"kqspaf-{users}")
     workdir = Path(tempfile.mkdtemp(prefix="knockq-bench-spa-"))
     try:
         key, hmac = keys(workdir)
-        process = start_knockq(net, workdir, spa_config(workdir, users, tried))
+        process = start_knockq(net, workdir, spa_config(workdir, users, tried, own_ports))
         if kind == "knock":
             payload, port, counted = '"x"', 7000, 'knockq_verdicts_total{proto="udp",reason="knock"'
         else:
             packet = make_packet(net, workdir, key, hmac, CLIENT, "made.spa").read_text().strip()
             forged = packet[:-1] + ("B" if packet.endswith("A") else "A")
-            payload, port, counted = f'"{forged}"', 62201, 'knockq_spa_packets_total{outcome="bad_hmac"'
+            port = OWN_PORTS + users // 2 if own_ports else 62201
+            payload, counted = f'"{forged}"', 'knockq_spa_packets_total{outcome="bad_hmac"'
         config = workdir / "flood.cfg"
         config.write_text("{\n  eth(da=%s, sa=%s),\n  ipv4(saddr=drnd(), daddr=%s, ttl=64),\n"
                           "  udp(sp=drnd(), dp=%d), %s,\n}\n"
@@ -206,10 +214,14 @@ def main():
               f"| {refused[len(refused) // 2]} (max {refused[-1]}) |")
     print(f"\nDaemon CPU per datagram, flood of {RATE}/s for {SECONDS} s")
     baseline = None
-    for kind, users, tried in (("knock", 1, 16), ("forged", 1, 16), ("forged", 1000, 16), ("forged", 1000, 1000)):
-        cost, rate = flood_cost(kind, users, tried)
+    cases = (("knock", 1, 16, False), ("forged", 1, 16, False), ("forged", 1000, 16, False),
+             ("forged", 1000, 1000, False), ("forged", 1000, 16, True))
+    for kind, users, tried, own_ports in cases:
+        cost, rate = flood_cost(kind, users, tried, own_ports)
         baseline = baseline or cost
-        label = "plain UDP knocks" if kind == "knock" else f"forged SPA, {users} users, {tried} tried"
+        label = ("plain UDP knocks" if kind == "knock" else
+                 f"forged SPA, {users} users on ports of their own" if own_ports else
+                 f"forged SPA, {users} users, {tried} tried")
         print(f"| {label} | {rate:,.0f}/s | {cost:.2f} µs | {cost / baseline:.2f} |")
 
 
