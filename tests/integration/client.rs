@@ -260,12 +260,12 @@ fn a_second_knock_in_a_spent_window_falls_back_to_the_previous_one() {
 }
 
 /// sshd in the gate namespace: key-only, keys generated for the test.
-struct Ssh {
+pub struct Ssh {
     identity: PathBuf,
     known_hosts: PathBuf,
 }
 
-fn start_sshd(net: &mut Net) -> Ssh {
+pub fn start_sshd(net: &mut Net) -> Ssh {
     let dir = net.dir.path().to_owned();
     let d = dir.display();
     sh_ok(&format!(
@@ -306,14 +306,19 @@ PidFile {d}/sshd.pid
 
 impl Ssh {
     /// `ssh OPTIONS root@gate echo …` from the client namespace.
-    fn run(&self, net: &Net, options: &str) -> Output {
-        net.in_client(&format!(
+    pub fn run(&self, net: &Net, options: &str) -> Output {
+        net.in_client(&self.command(options))
+    }
+
+    /// The command line of [`Ssh::run`], which prints `through-42`.
+    pub fn command(&self, options: &str) -> String {
+        format!(
             "ssh -F /dev/null -i {} -o IdentitiesOnly=yes -o BatchMode=yes \
              -o UserKnownHostsFile={} -o StrictHostKeyChecking=accept-new \
              -o ConnectTimeout=5 {options} root@{GATE4} 'echo through-$((6 * 7))'",
             self.identity.display(),
             self.known_hosts.display()
-        ))
+        )
     }
 }
 

@@ -103,6 +103,16 @@ fn fwknops_client_opens_the_gate_for_the_very_next_connect() {
     fs::create_dir(dir.join("users")).unwrap();
     let alice = fwknop_keys(&dir, "alice");
     let bob = fwknop_keys(&dir, "bob");
+    let carol = fwknop_keys(&dir, "carol");
+    fs::write(
+        dir.join("users/carol.toml"),
+        format!(
+            "name = \"carol\"\nkey_file = \"{d}/carol.key\"\nhmac_key_file = \"{d}/carol.hmac\"\n\
+             expires = \"2020-01-01\"\n",
+            d = dir.display()
+        ),
+    )
+    .unwrap();
     fs::write(
         dir.join("users/bob.toml"),
         format!(
@@ -185,6 +195,80 @@ fn fwknops_client_opens_the_gate_for_the_very_next_connect() {
     ));
     assert!(net.connect(bob_src, 8080).is_rejected());
 
+    // A reload that removes bob's file ends his grant, not alice's.
+    let sent = dir.join("bob-2.spa").display().to_string();
+    let out = net.in_client(&format!(
+        "{} -T",
+        fwknop(&net, "bob", &bob, "tcp/22", "-s", &sent)
+    ));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    replay(&net, &sent, bob_src);
+    gate.wait_for_log(&format!(
+        "event=grant src={bob_src} policy=spa ports=22 user=bob"
+    ));
+    let sent = dir.join("alice-4.spa").display().to_string();
+    net.in_client(&fwknop(
+        &net,
+        "alice",
+        &alice,
+        "tcp/22",
+        &format!("-a {src}"),
+        &sent,
+    ));
+    gate.wait_for_log(&format!(
+        "event=refresh src={src} policy=spa ports=22 user=alice"
+    ));
+    fs::remove_file(dir.join("users/bob.toml")).unwrap();
+    gate.signal(libc::SIGHUP);
+    gate.wait_for_log(&format!(
+        "event=revoke src={bob_src} policy=spa reason=user_removed"
+    ));
+    assert!(net.connect(bob_src, 22).is_rejected(), "bob, removed");
+    assert_eq!(net.connect(src, 22), Reply::Open, "alice, kept");
+
+    // Refused, each for its reason: carol has expired; mallory is no user
+    // (alice's keys, another name); a packet made 10 minutes ago; a legacy
+    // packet without an HMAC.
+    let sent = dir.join("carol.spa").display().to_string();
+    net.in_client(&fwknop(
+        &net,
+        "carol",
+        &carol,
+        "tcp/22",
+        &format!("-a {src}"),
+        &sent,
+    ));
+    gate.wait_for_log(&format!(
+        "event=spa_refused src={src} policy=spa reason=expired_user"
+    ));
+    let sent = dir.join("mallory-name.spa").display().to_string();
+    net.in_client(&fwknop(
+        &net,
+        "mallory",
+        &alice,
+        "tcp/22",
+        &format!("-a {src}"),
+        &sent,
+    ));
+    gate.wait_for_log(&format!(
+        "event=spa_refused src={src} policy=spa reason=unknown_user"
+    ));
+    let sent = dir.join("old.spa").display().to_string();
+    let old = fwknop(&net, "alice", &alice, "tcp/22", &format!("-a {src}"), &sent);
+    net.in_client(&old.replace(" fwknop ", " faketime -f -10m fwknop "));
+    gate.wait_for_log(&format!(
+        "event=spa_refused src={src} policy=spa reason=too_old"
+    ));
+    let sent = dir.join("legacy.spa").display().to_string();
+    let legacy = fwknop(&net, "alice", &alice, "tcp/22", &format!("-a {src}"), &sent);
+    let legacy = legacy
+        .replace(" --use-hmac", "")
+        .replace(&format!(" --key-base64-hmac {}", alice.1), "");
+    net.in_client(&legacy);
+    wait_for("the legacy packet counted", || {
+        spa_count(&net, "bad_hmac") == 2
+    });
+
     // Forgeries: the wrong keys, a flipped byte, a cut packet, noise.
     let wrong = fwknop_keys(&dir, "mallory");
     let sent = dir.join("mallory.spa").display().to_string();
@@ -214,11 +298,12 @@ fn fwknops_client_opens_the_gate_for_the_very_next_connect() {
         fs::write(&file, bytes).unwrap();
         replay(&net, &file.display().to_string(), CLIENTS4[3]);
     }
-    // Bob's from outside his sources, mallory's and the three variants.
-    wait_for("the forgeries counted", || spa_count(&net, "bad_hmac") == 5);
+    // Bob's from outside his sources, the legacy packet, mallory's keys
+    // and the three variants.
+    wait_for("the forgeries counted", || spa_count(&net, "bad_hmac") == 6);
     assert!(net.connect(CLIENTS4[3], 22).is_rejected());
-    // Since the restart: the -s packet alone.
-    assert_eq!(spa_count(&net, "granted"), 1);
+    // Since the restart: the -s packet, bob's and alice's again.
+    assert_eq!(spa_count(&net, "granted"), 3);
     assert_eq!(net.pending_packets(), 0);
 }
 
@@ -379,4 +464,45 @@ fn a_real_client_gets_in_during_a_flood_of_forged_packets() {
         "knockq: the real packet got in {} ms after it was sent, with {forged_decided} forged packets decided",
         took.as_millis()
     );
+}
+
+#[test]
+fn ssh_goes_through_right_after_the_packet_and_with_knockq_connect() {
+    let test = "ssh_goes_through_right_after_the_packet_and_with_knockq_connect";
+    if !can_run(
+        test,
+        true,
+        &["fwknop", "ssh", "ssh-keygen", "/usr/sbin/sshd"],
+    ) {
+        return;
+    }
+    let mut net = Net::new();
+    let dir = net.dir.path().to_owned();
+    fs::create_dir(dir.join("users")).unwrap();
+    let alice = fwknop_keys(&dir, "alice");
+    let ssh = crate::client::start_sshd(&mut net);
+    let _gate = net.start_gate(&policy(&dir), IPV4_RULES);
+    let src = CLIENTS4[0];
+    assert!(!ssh.run(&net, "").status.success(), "ssh without a packet");
+
+    // fwknop's packet, then ssh at once.
+    let sent = dir.join("alice.spa").display().to_string();
+    let send = fwknop(&net, "alice", &alice, "tcp/22", &format!("-a {src}"), &sent);
+    let out = net.in_client(&format!("{send} && {}", ssh.command("")));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "through-42\n");
+
+    // knockq connect as ssh's ProxyCommand sends the packet, then connects.
+    let out = net.knockq_control(&format!("revoke {src}"));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(!ssh.run(&net, "").status.success(), "ssh after the revoke");
+    let profile = client_profile(&dir, "alice", "auto");
+    let bin = env!("CARGO_BIN_EXE_knockq");
+    let proxy = format!(
+        "-o ProxyCommand='{bin} connect --profile gate --client-config {} %h %p'",
+        profile.display()
+    );
+    let out = ssh.run(&net, &proxy);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "through-42\n");
 }
