@@ -228,7 +228,7 @@ fn fwknops_client_opens_the_gate_for_the_very_next_connect() {
 
     // Refused, each for its reason: carol has expired; mallory is no user
     // (alice's keys, another name); a packet made 10 minutes ago; a legacy
-    // packet without an HMAC.
+    // packet without an HMAC, and one in GPG mode.
     let sent = dir.join("carol.spa").display().to_string();
     net.in_client(&fwknop(
         &net,
@@ -268,6 +268,35 @@ fn fwknops_client_opens_the_gate_for_the_very_next_connect() {
     wait_for("the legacy packet counted", || {
         spa_count(&net, "bad_hmac") == 2
     });
+    // A GPG-mode packet, for a key made here.
+    let gpg = dir.join("gnupg");
+    let out = run(std::process::Command::new("sh").arg("-c").arg(format!(
+        "mkdir -m 700 {g} && GNUPGHOME={g} gpg --batch --passphrase '' \
+         --quick-gen-key 'gate <gate@knockq.test>' default default never",
+        g = gpg.display()
+    )));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let sent = dir.join("gpg.spa").display().to_string();
+    let out = net.in_client(&format!(
+        "HOME={d} GNUPGHOME={g} fwknop -A tcp/22 -a {src} -D {GATE4} --gpg-encryption \
+         --gpg-recipient-key gate@knockq.test --gpg-home-dir {g} --gpg-no-signing-pw \
+         --no-save-args -T -B {sent}",
+        d = dir.display(),
+        g = gpg.display()
+    ));
+    // fwknop's test mode then fails to read back its own packet, which
+    // it cannot decrypt without a signature: the packet was written.
+    let packet = fs::read_to_string(&sent).unwrap_or_default();
+    assert!(
+        packet.len() > 500,
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    replay(&net, &sent, src);
+    wait_for("the GPG packet counted", || {
+        spa_count(&net, "bad_hmac") == 3
+    });
 
     // Forgeries: the wrong keys, a flipped byte, a cut packet, noise.
     let wrong = fwknop_keys(&dir, "mallory");
@@ -298,9 +327,9 @@ fn fwknops_client_opens_the_gate_for_the_very_next_connect() {
         fs::write(&file, bytes).unwrap();
         replay(&net, &file.display().to_string(), CLIENTS4[3]);
     }
-    // Bob's from outside his sources, the legacy packet, mallory's keys
-    // and the three variants.
-    wait_for("the forgeries counted", || spa_count(&net, "bad_hmac") == 6);
+    // Bob's from outside his sources, the legacy and GPG packets,
+    // mallory's keys and the three variants.
+    wait_for("the forgeries counted", || spa_count(&net, "bad_hmac") == 7);
     assert!(net.connect(CLIENTS4[3], 22).is_rejected());
     // Since the restart: the -s packet, bob's and alice's again.
     assert_eq!(spa_count(&net, "granted"), 3);
