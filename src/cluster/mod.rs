@@ -21,7 +21,9 @@ use std::thread;
 use tokio::sync::mpsc;
 
 use crate::config::{ClusterConfig, Knock, Policy, Scope};
-use crate::engine::{Engine, Event, EventKind, RevokeReason, WallClock, GRANT_UNTIL_CLOSED};
+use crate::engine::{
+    Engine, Event, EventKind, RevokeReason, UserKey, WallClock, GRANT_UNTIL_CLOSED,
+};
 use crate::flow::PortRange;
 use crate::listeners::{Clock, GrantListener, Nodes};
 pub use metrics::ClusterMetrics;
@@ -48,6 +50,8 @@ enum Change {
         ports: Vec<PortRange>,
         /// Unix milliseconds; `None`: until the close knock.
         until: Option<u64>,
+        /// An SPA grant's user, named in the record.
+        user: Option<UserKey>,
     },
     Revoke {
         policy: String,
@@ -143,18 +147,22 @@ impl GrantListener for Cluster {
                     subject,
                     ports: event.grant.ports.ports(&policy.open_ports).collect(),
                     until,
+                    user: event.grant.user,
                 }
             }
-            // A close knock or an operator here ends the grant everywhere,
-            // wherever it was made; timeouts end it everywhere by themselves.
-            EventKind::Revoked(reason @ (RevokeReason::CloseKnock | RevokeReason::Admin)) => {
-                Change::Revoke {
-                    policy: policy.name.clone(),
-                    subject,
-                    reason,
-                    until,
-                }
-            }
+            // A close knock, an operator or a user's removal here ends the
+            // grant everywhere, wherever it was made; timeouts end it
+            // everywhere by themselves.
+            EventKind::Revoked(
+                reason @ (RevokeReason::CloseKnock
+                | RevokeReason::Admin
+                | RevokeReason::UserRemoved),
+            ) => Change::Revoke {
+                policy: policy.name.clone(),
+                subject,
+                reason,
+                until,
+            },
             EventKind::Claim { window } if matches!(policy.knock, Knock::Rotating(_)) => {
                 Change::Claim {
                     policy: policy.name.clone(),

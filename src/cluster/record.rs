@@ -72,6 +72,9 @@ pub enum Shared {
         until: Option<u64>,
         /// When it was written, in Unix milliseconds: the propagation's start.
         at: u64,
+        /// The SPA user an SPA grant is for.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        user: Option<String>,
     },
     Revoked {
         node: String,
@@ -225,6 +228,7 @@ pub fn take(
             ports,
             until,
             at,
+            user,
         } => {
             let left = match until {
                 None => GrantLeft::UntilClosed,
@@ -239,7 +243,17 @@ pub fn take(
                 ports: grant_ports(policy, &ports).map_err(Refusal::grant)?,
                 stage: 0,
                 origin: Origin::LOCAL,
-                user: None,
+                user: user
+                    .map(|name| {
+                        policies.user_key(policy_key, &name).ok_or_else(|| {
+                            let why = format!(
+                                "no SPA user \"{name}\" of policy \"{}\" here",
+                                policy.name
+                            );
+                            Refusal::new("user", why)
+                        })
+                    })
+                    .transpose()?,
             };
             // A write time from the future is taken as now.
             Taken::Grant {
@@ -290,6 +304,7 @@ mod tests {
             ],
             until: None,
             at: 1,
+            user: None,
         };
         let text = serde_json::to_string(&granted).unwrap();
         assert_eq!(

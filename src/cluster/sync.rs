@@ -410,6 +410,7 @@ impl Sync {
                 subject,
                 ports,
                 until,
+                user,
             } => {
                 let ttl = match until {
                     // Ended while it waited.
@@ -417,11 +418,17 @@ impl Sync {
                     Some(until) => Some(seconds(until - now)),
                     None => None,
                 };
+                let policies = self.engine.policies();
+                let user = user.and_then(|user| {
+                    let name = policies.user_name(policies.by_name(policy)?, user)?;
+                    Some(name.to_owned())
+                });
                 let value = Shared::Granted {
                     node,
                     ports: ports.clone(),
                     until: *until,
                     at: now,
+                    user,
                 };
                 (self.keys.grant(policy, *subject), value, ttl, "grant")
             }

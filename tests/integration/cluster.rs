@@ -1020,6 +1020,8 @@ fn an_spa_packet_accepted_on_one_gate_is_a_replay_on_another() {
     // reaches every gate.
     fleet.eventually(sender, 0, true, 5);
     fleet.eventually(sender, 1, true, 5);
+    let status = fleet.control(1, "status");
+    assert!(status.contains("user alice"), "{status}");
     // The same packet, from another address, to another gate.
     let out = in_namespace(
         &fleet.ns("client"),
@@ -1053,5 +1055,39 @@ fn an_spa_packet_accepted_on_one_gate_is_a_replay_on_another() {
         ),
         Some(1.0),
         "{metrics}"
+    );
+
+    // Alice removed on the gate that granted her: her grant ends on every gate.
+    let config = fs::read_to_string(fleet.config_path(0)).unwrap();
+    let users = config.find("[[policy.spa.user]]").unwrap();
+    fs::write(fleet.config_path(0), &config[..users]).unwrap();
+    fleet.gate(0).signal(libc::SIGHUP);
+    fleet.gate(0).wait_for_log(&format!(
+        "event=revoke src={sender} policy=spa reason=user_removed"
+    ));
+    fleet.eventually(sender, 1, false, 5);
+
+    // A record naming a user a gate does not have grants nothing there.
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let record = format!(
+        r#"{{"state":"granted","node":"seed","ports":[22],"until":{},"at":{now},"user":"mallory"}}"#,
+        now + 60_000
+    );
+    succeeded(
+        fleet.etcdctl(&format!("put /knockq/grants/spa/{replayer} '{record}'")),
+        "a record for mallory",
+    );
+    wait_for("the record to be refused", || {
+        sample(
+            &fleet.metrics(1),
+            r#"knockq_cluster_records_refused_total{reason="user"}"#,
+        ) == Some(1.0)
+    });
+    assert!(
+        fleet.connect(replayer, 1, 22).is_rejected(),
+        "mallory's record"
     );
 }
