@@ -127,6 +127,11 @@ pub fn run(
         )
     };
     let mut main_report = report();
+    // Caught from before the queues are bound: a SIGTERM that comes once
+    // they are, during the set-up below, waits for the loop and stops the
+    // gate cleanly rather than killing it with its queues bound.
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])
+        .map_err(DaemonError::Threads)?;
 
     // Set-up that must happen while this is the only thread: finding each
     // queue's socket and binding the control socket under a narrow umask.
@@ -173,8 +178,6 @@ pub fn run(
     }
 
     let (stop_tx, stop_rx) = channel::unbounded();
-    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])
-        .map_err(DaemonError::Threads)?;
     let signal_tx = stop_tx.clone();
     thread::Builder::new()
         .name("knockq-signals".into())
