@@ -485,16 +485,8 @@ impl Sync {
         };
         // A window is accepted while it or the next is current.
         let ttl = seconds(3 * period.as_millis() as u64);
-        let lease = client.lease_grant(ttl, None).await?.id();
         let key = self.keys.window(policy, window);
-        let txn = Txn::new()
-            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(
-                key,
-                self.config.node.clone(),
-                Some(PutOptions::new().with_lease(lease)),
-            )]);
-        if client.txn(txn).await?.succeeded() {
+        if self.create_if_absent(client, key, ttl).await? {
             self.count("claim", None);
             self.grant_claimed(policy, src);
         } else {
@@ -502,6 +494,25 @@ impl Sync {
             self.replayed(policy, src);
         }
         Ok(())
+    }
+
+    /// Writes this node's name at `key` for `ttl` seconds unless the key
+    /// exists: whether it did not, and this node claimed it.
+    async fn create_if_absent(
+        &self,
+        client: &mut Client,
+        key: String,
+        ttl: i64,
+    ) -> Result<bool, etcd_client::Error> {
+        let lease = client.lease_grant(ttl, None).await?.id();
+        let txn = Txn::new()
+            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(
+                key,
+                self.config.node.clone(),
+                Some(PutOptions::new().with_lease(lease)),
+            )]);
+        Ok(client.txn(txn).await?.succeeded())
     }
 
     /// Claims a cluster SPA policy's packet by its digest: the first node
@@ -520,16 +531,8 @@ impl Sync {
         };
         // A packet passes the age check for max_age either side of now.
         let ttl = seconds(2 * max_age.as_millis() as u64 + 1000);
-        let lease = client.lease_grant(ttl, None).await?.id();
         let key = self.keys.spa_packet(policy, digest);
-        let txn = Txn::new()
-            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(
-                key,
-                self.config.node.clone(),
-                Some(PutOptions::new().with_lease(lease)),
-            )]);
-        let claimed = client.txn(txn).await?.succeeded();
+        let claimed = self.create_if_absent(client, key, ttl).await?;
         self.count(if claimed { "claim" } else { "replay" }, None);
         self.spa_claimed(event, Some(claimed));
         Ok(())

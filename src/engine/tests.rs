@@ -1201,19 +1201,25 @@ mod spa {
             self.send_to(src, crate::spa::DEFAULT_PORT, datagram)
         }
 
-        /// The same, to UDP `port`.
-        fn send_to(&mut self, src: &str, port: u16, datagram: &[u8]) -> SpaOutcome {
+        /// Decides `datagram` from `src` to UDP `port`, leaving its events
+        /// in the gate's list.
+        fn deliver(&mut self, src: &str, port: u16, datagram: &[u8]) -> Decision {
             let flow = NewFlow {
                 src: ip(src),
                 dst_port: FlowPort::udp(port),
             };
-            let decision = self.gate.engine.decide(
+            self.gate.engine.decide(
                 flow,
                 datagram,
                 Timestamp::from_millis(self.gate.now),
                 &mut self.gate.events,
                 &mut NoScripts,
-            );
+            )
+        }
+
+        /// The same, to UDP `port`.
+        fn send_to(&mut self, src: &str, port: u16, datagram: &[u8]) -> SpaOutcome {
+            let decision = self.deliver(src, port, datagram);
             assert_eq!(
                 decision.verdict(),
                 Verdict::Drop,
@@ -1358,17 +1364,7 @@ mod spa {
             &[("alice", ""), ("bob", ""), ("carol", "")],
         );
         let packet = g.packet("carol", "10.0.0.2", &[TCP22]);
-        let flow = NewFlow {
-            src: ip("10.0.0.2"),
-            dst_port: FlowPort::udp(crate::spa::DEFAULT_PORT),
-        };
-        g.gate.engine.decide(
-            flow,
-            &packet,
-            Timestamp::from_millis(0),
-            &mut g.gate.events,
-            &mut NoScripts,
-        );
+        g.deliver("10.0.0.2", crate::spa::DEFAULT_PORT, &packet);
         let untried: Vec<(SpaOutcome, u16)> = g
             .gate
             .events
@@ -1428,17 +1424,7 @@ mod spa {
     fn an_spa_grant_names_its_user() {
         let mut g = spa_gate("", &[("alice", "")]);
         let packet = g.packet("alice", "10.0.0.2", &[TCP22]);
-        let flow = NewFlow {
-            src: ip("10.0.0.2"),
-            dst_port: FlowPort::udp(crate::spa::DEFAULT_PORT),
-        };
-        g.gate.engine.decide(
-            flow,
-            &packet,
-            Timestamp::from_millis(0),
-            &mut g.gate.events,
-            &mut NoScripts,
-        );
+        g.deliver("10.0.0.2", crate::spa::DEFAULT_PORT, &packet);
         let grant = g
             .gate
             .events
